@@ -1,0 +1,80 @@
+"""The ``distcl`` command line.
+
+    distcl run [CONFIG] [--preset smoke|cpu|paper] [--out DIR] [--set key.sub=value ...] [--data-dir DIR]
+    distcl report OUT
+
+Exit codes: 0 done, 1 the run failed (message on stderr), 2 bad input (nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distcl.config import PRESETS, ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distcl", description="Continual training of diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a continual training run")
+    run.add_argument("config", nargs="?", help="YAML/JSON config file (fields of distcl.config.RunConfig)")
+    run.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset config")
+    run.add_argument("--out", help="output directory (default: runs/<name>); rerun to resume")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, e.g. --set train.replay_lambda=1.0 (repeatable)")  # fmt: skip
+    run.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (searched first)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    report = sub.add_parser("report", help="Markdown table and PNG plots of a run's metrics")
+    report.add_argument("out", help="a run's output directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return _report(args)
+
+
+def _run(args) -> int:
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    try:
+        cfg = load_config(args.config, args.preset, overrides)
+    except ConfigError as err:
+        print(f"distcl: config error: {err}", file=sys.stderr)
+        return 2
+    from distcl.continual import run_continual  # heavy imports only once the config is valid
+    from distcl.data import DataError
+
+    out = Path(args.out or Path("runs") / cfg.name)
+    try:
+        metrics = run_continual(cfg, out, progress=not args.no_progress)
+    except ConfigError as err:
+        print(f"distcl: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, RuntimeError, FileNotFoundError) as err:
+        print(f"distcl: run failed: {err}", file=sys.stderr)
+        return 1
+    print(f"[distcl] done: {metrics}")
+    return 0
+
+
+def _report(args) -> int:
+    from distcl.report import load_metrics, metrics_table, plot_metrics
+
+    try:
+        df = load_metrics(Path(args.out))
+    except FileNotFoundError as err:
+        print(f"distcl: {err}", file=sys.stderr)
+        return 2
+    print(metrics_table(df))
+    for path in plot_metrics(df, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

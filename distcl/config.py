@@ -1,0 +1,287 @@
+"""Typed run configuration: dataclasses, presets, loading from YAML and ``key=value`` overrides, validation.
+
+Every error is a :class:`ConfigError` that names the field (dotted path) and the allowed values.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+STRATEGIES = ("finetune", "joint", "gr", "gd", "partial_generation", "gaussian", "lwf")
+DEVICES = ("auto", "cpu", "cuda")
+FEATURE_EXTRACTORS = ("auto", "fmnist", "inception")
+
+
+class ConfigError(ValueError):
+    """A config field is wrong. ``str(err)`` reads ``<field>: <what is wrong> (allowed: ...)``."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class DataConfig:
+    data_dir: Optional[str] = None  # searched first; then $DISTCL_DATA, the Debian package, the cache dir
+    num_tasks: int = 5
+    classes_per_task: int = 2
+    class_order: Optional[list[int]] = None  # None: torch.manual_seed(seed); torch.randperm(10)
+    train_per_class: Optional[int] = None  # cap on training images per class (None: all 6000)
+    test_per_class: Optional[int] = None  # cap on test images per class (None: all 1000)
+
+    def validate(self) -> None:
+        _check(self.num_tasks >= 1, "data.num_tasks", f"{self.num_tasks} (allowed: >= 1)")
+        _check(self.classes_per_task >= 1, "data.classes_per_task", f"{self.classes_per_task} (allowed: >= 1)")
+        _check(
+            self.num_tasks * self.classes_per_task <= 10,
+            "data.num_tasks",
+            f"{self.num_tasks} tasks x {self.classes_per_task} classes exceeds the 10 Fashion-MNIST classes",
+        )
+        if self.class_order is not None:
+            _check(
+                sorted(self.class_order) == sorted(set(self.class_order))
+                and all(0 <= c <= 9 for c in self.class_order)
+                and len(self.class_order) >= self.num_tasks * self.classes_per_task,
+                "data.class_order",
+                f"{self.class_order} (allowed: distinct labels in 0..9, at least num_tasks x classes_per_task of them)",
+            )
+        for name in ("train_per_class", "test_per_class"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"data.{name}", f"{value} (allowed: null or >= 1)")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # a key of distcl.models.UNET_PRESETS
+    sample_size: Optional[int] = None  # None: the preset's own size
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    rescale_zero_terminal_snr: bool = False
+
+    def validate(self) -> None:
+        from distcl.models import UNET_PRESETS, sample_size_multiple
+
+        _check(self.preset in UNET_PRESETS, "model.preset", f"{self.preset!r} (allowed: {', '.join(UNET_PRESETS)})")
+        if self.sample_size is not None:
+            multiple = sample_size_multiple(self.preset)
+            _check(
+                self.sample_size >= multiple and self.sample_size % multiple == 0,
+                "model.sample_size",
+                f"{self.sample_size} does not fit preset {self.preset!r} (allowed: positive multiples of {multiple})",
+            )
+        _check(self.num_train_timesteps >= 2, "model.num_train_timesteps", f"{self.num_train_timesteps} (allowed: >= 2)")
+        _check(
+            0 < self.beta_start < self.beta_end < 1,
+            "model.beta_start",
+            f"{self.beta_start}..{self.beta_end} (allowed: 0 < beta_start < beta_end < 1)",
+        )
+
+
+@dataclass
+class TrainConfig:
+    strategy: str = "gd"
+    replay_lambda: float = 3.0  # lambda in L_replay = lambda * MSE(pred', target')
+    task_weighting: bool = True  # L = (1-w) L_data + w L_replay with w = 1 - 1/(k+1); off: L_data + L_replay
+    teacher_steps: int = 2  # DDIM steps of the teacher's replay generation
+    teacher_eta: float = 0.0
+    epochs: float = 100.0  # per task, over that task's training data (all data seen so far for joint)
+    max_steps: Optional[int] = None  # cap on optimizer steps per task
+    batch_size: int = 128  # B real images; replay adds B items
+    lr: float = 2e-4
+    grad_clip: float = 1.0
+    ema_decay: Optional[float] = None  # None: no EMA (the reference's choice)
+    log_every: int = 10
+
+    def validate(self) -> None:
+        _check(self.strategy in STRATEGIES, "train.strategy", f"{self.strategy!r} (allowed: {', '.join(STRATEGIES)})")
+        _check(self.replay_lambda >= 0, "train.replay_lambda", f"{self.replay_lambda} (allowed: >= 0)")
+        _check(self.teacher_steps >= 1, "train.teacher_steps", f"{self.teacher_steps} (allowed: >= 1)")
+        _check(0 <= self.teacher_eta <= 1, "train.teacher_eta", f"{self.teacher_eta} (allowed: 0 <= eta <= 1)")
+        _check(self.epochs > 0, "train.epochs", f"{self.epochs} (allowed: > 0)")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"{self.max_steps} (allowed: null or >= 1)")
+        _check(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} (allowed: >= 1)")
+        _check(self.lr > 0, "train.lr", f"{self.lr} (allowed: > 0)")
+        _check(self.grad_clip > 0, "train.grad_clip", f"{self.grad_clip} (allowed: > 0)")
+        _check(
+            self.ema_decay is None or 0 < self.ema_decay < 1,
+            "train.ema_decay",
+            f"{self.ema_decay} (allowed: null or 0 < decay < 1)",
+        )
+        _check(self.log_every >= 1, "train.log_every", f"{self.log_every} (allowed: >= 1)")
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 10000  # generated samples for FID / KLD after every task
+    steps: int = 10  # DDIM steps of the evaluation samples
+    eta: float = 0.0
+    batch_size: int = 500
+    feature_extractor: str = "auto"  # auto: Inception when its weights are on disk, else the Fashion-MNIST CNN
+    classifier_epochs: int = 2  # training of the cached Fashion-MNIST evaluation classifier
+
+    def validate(self) -> None:
+        _check(self.num_samples >= 2, "eval.num_samples", f"{self.num_samples} (allowed: >= 2)")
+        _check(self.steps >= 1, "eval.steps", f"{self.steps} (allowed: >= 1)")
+        _check(0 <= self.eta <= 1, "eval.eta", f"{self.eta} (allowed: 0 <= eta <= 1)")
+        _check(self.batch_size >= 1, "eval.batch_size", f"{self.batch_size} (allowed: >= 1)")
+        _check(
+            self.feature_extractor in FEATURE_EXTRACTORS,
+            "eval.feature_extractor",
+            f"{self.feature_extractor!r} (allowed: {', '.join(FEATURE_EXTRACTORS)})",
+        )
+        _check(self.classifier_epochs >= 1, "eval.classifier_epochs", f"{self.classifier_epochs} (allowed: >= 1)")
+
+
+@dataclass
+class RunConfig:
+    name: str = "distcl"
+    seed: int = 42
+    device: str = "auto"  # auto: cuda when available, else cpu
+    cache_dir: Optional[str] = None  # None: $DISTCL_CACHE or ~/.cache/distcl
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a non-empty name without '/')")
+        _check(self.seed >= 0, "seed", f"{self.seed} (allowed: >= 0)")
+        _check(self.device in DEVICES, "device", f"{self.device!r} (allowed: {', '.join(DEVICES)})")
+        for section in (self.data, self.model, self.train, self.eval):
+            section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # All 5 tasks with gd on a 16x16 tiny UNet; a few minutes at most on 2 CPU cores.
+    "smoke": {
+        "name": "smoke",
+        "model": {"preset": "tiny"},
+        "data": {"train_per_class": 300, "test_per_class": 100},
+        "train": {"strategy": "gd", "batch_size": 32, "max_steps": 25, "log_every": 5},
+        "eval": {"num_samples": 200, "steps": 10, "batch_size": 200},
+    },
+    # The benchmark scale on 2 CPU cores (see benchmarks/).
+    "cpu": {
+        "name": "cpu",
+        "model": {"preset": "small"},
+        "data": {"train_per_class": 2000, "test_per_class": 500},
+        "train": {"strategy": "gd", "batch_size": 64, "epochs": 2.0},
+        "eval": {"num_samples": 1000, "steps": 10},
+    },
+    # The reference's scale (Masip et al.): needs a GPU.
+    "paper": {
+        "name": "paper",
+        "model": {"preset": "paper"},
+        "train": {"strategy": "gd", "batch_size": 128, "epochs": 100.0, "replay_lambda": 3.0, "teacher_steps": 2},
+        "eval": {"num_samples": 10000, "steps": 10},
+    },
+}
+
+
+def load_config(
+    path: Optional[str | Path] = None, preset: Optional[str] = None, overrides: Optional[list[str]] = None
+) -> RunConfig:
+    """Defaults <- preset <- YAML/JSON file <- ``key.sub=value`` overrides, then validate."""
+    merged: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError("preset", f"{preset!r} (allowed: {', '.join(PRESETS)})")
+        _deep_update(merged, copy.deepcopy(PRESETS[preset]))
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("config", f"file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError("config", f"{path} is not valid YAML/JSON: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("config", f"{path} must hold a mapping of fields, not {type(loaded).__name__}")
+        _deep_update(merged, loaded)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--set", f"{item!r} (allowed form: key.sub=value)")
+        node = merged
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, "is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    cfg = from_dict(RunConfig, merged)
+    cfg.validate()
+    return cfg
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by field name."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown field (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{name}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, name)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, f"expected a list of {inner.__name__}, got {value!r}")
+        return [_coerce(inner, v, name) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {name}")
+
+
+def _deep_update(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(name, message)

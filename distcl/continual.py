@@ -1,0 +1,167 @@
+"""The continual run: for task k, train the student (teacher = frozen student after k-1), save, evaluate; resume.
+
+Outputs under OUT: config.yaml, task_<k>/ (diffusers DDIMPipeline: UNet + scheduler, safetensors),
+samples/task_<k>.png, metrics.parquet (long form), train_log.parquet, evaluator.json.
+A task whose task_<k>/ exists is never retrained; one without metrics is (re-)evaluated.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+from diffusers import DDIMPipeline, UNet2DModel
+
+from distcl.config import ConfigError, RunConfig
+from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate
+from distcl.evaluation import Evaluator
+from distcl.models import build_scheduler, build_unet
+from distcl.replay import REPLAY_ITEM_STRATEGIES, Teacher
+from distcl.training import (
+    data_batches,
+    inline_replay,
+    resolve_device,
+    seeded_generator,
+    steps_per_task,
+    train_task,
+)
+
+TEACHER_STRATEGIES = REPLAY_ITEM_STRATEGIES + ("lwf",)
+
+
+def task_dir(out: Path, k: int) -> Path:
+    return out / f"task_{k}"
+
+
+def save_checkpoint(unet: UNet2DModel, scheduler, directory: Path) -> None:
+    """``DDIMPipeline(unet, scheduler).save_pretrained`` into a temporary folder, then an atomic rename."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, directory)
+
+
+def load_unet(directory: Path, device: torch.device) -> UNet2DModel:
+    return UNet2DModel.from_pretrained(directory / "unet").to(device)
+
+
+def append_rows(path: Path, rows: list[dict], task: int) -> None:
+    """Rewrite the Parquet table at ``path`` with its rows of ``task`` replaced by ``rows`` (atomically)."""
+    table = pa.Table.from_pylist(rows)
+    if path.exists():
+        old = pq.read_table(path)
+        old = old.filter(pa.compute.not_equal(old["task"], task))
+        table = pa.concat_tables([old, table], promote_options="default")
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def evaluated_tasks(out: Path) -> set[int]:
+    path = out / "metrics.parquet"
+    return set(pq.read_table(path, columns=["task"])["task"].to_pylist()) if path.exists() else set()
+
+
+def prepare_out(cfg: RunConfig, out: Path) -> None:
+    """Create OUT and write config.yaml; refuse an OUT that holds a run of another config."""
+    resolved = cfg.to_dict()
+    config_path = out / "config.yaml"
+    if config_path.exists():
+        previous = yaml.safe_load(config_path.read_text())
+        if previous != resolved:
+            changed = sorted(_diff(previous, resolved))
+            raise ConfigError("--out", f"{out} holds a run with another config (differs in {', '.join(changed)}); "
+                                       "use another --out or the same config to resume")  # fmt: skip
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) | set(b):
+            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+TaskTrainer = Callable[..., list[dict]]
+
+
+def train_task_inline(cfg: RunConfig, k: int, student: UNet2DModel, teacher: Optional[Teacher],
+                      images: torch.Tensor, scheduler, progress: bool = True) -> list[dict]:  # fmt: skip
+    """Task k in this process: replay made by the teacher on the trainer's own device (the reference's way)."""
+    strategy = cfg.train.strategy
+    replay = None
+    if teacher is not None and strategy in REPLAY_ITEM_STRATEGIES:
+        replay = inline_replay(teacher, strategy, cfg.train.batch_size, cfg.seed, k)
+    return train_task(
+        student,
+        data_batches(images, cfg.train.batch_size, seeded_generator(cfg.seed, "data", k)),
+        replay,
+        task=k,
+        steps=steps_per_task(len(images), cfg.train),
+        train_cfg=cfg.train,
+        scheduler=scheduler,
+        generator=seeded_generator(cfg.seed, "noise", k),
+        lwf_teacher=teacher if strategy == "lwf" else None,
+        progress=progress,
+    )
+
+
+def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_inline, progress: bool = True,
+                  log: Callable[[str], None] = print) -> Path:  # fmt: skip
+    """Run (or resume) all tasks of ``cfg`` into ``out``; returns the metrics table's path."""
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    cache = cache_dir(cfg.cache_dir)
+    scheduler = build_scheduler(cfg.model)
+    fresh = build_unet(cfg.model)  # validates the architecture before anything is written
+    splits = load_fashion_mnist(locate(cfg.data.data_dir, cfg.cache_dir))
+    scenario: Scenario = build_scenario(splits, cfg.data, cfg.seed, fresh.config.sample_size)
+    prepare_out(cfg, out)
+    evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache, device, progress)
+    (out / "evaluator.json").write_text(json.dumps(evaluator.describe(), indent=2))
+    log(f"[distcl] {cfg.name}: tasks {scenario.tasks}, strategy {cfg.train.strategy}, device {device}, "
+        f"evaluation classifier test accuracy {evaluator.classifier_accuracy:.4f}")  # fmt: skip
+    done_eval = evaluated_tasks(out)
+    for k in range(cfg.data.num_tasks):
+        directory = task_dir(out, k)
+        if not directory.exists():
+            start = time.perf_counter()
+            if k == 0:
+                torch.manual_seed(cfg.seed)
+                student = build_unet(cfg.model).to(device)
+            else:
+                student = load_unet(task_dir(out, k - 1), device)
+            teacher = None
+            if k > 0 and cfg.train.strategy in TEACHER_STRATEGIES:
+                frozen = copy.deepcopy(student).eval().requires_grad_(False)
+                teacher = Teacher(frozen, scheduler, cfg.train.teacher_steps, cfg.train.teacher_eta)
+            images = scenario.train_images(k, joint=cfg.train.strategy == "joint")
+            rows = train_fn(cfg, k, student, teacher, images, scheduler, progress=progress)
+            append_rows(out / "train_log.parquet", rows, k)
+            save_checkpoint(student, scheduler, directory)
+            log(f"[distcl] task {k} {scenario.tasks[k]}: trained {rows[-1]['step'] + 1} steps in "
+                f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}")  # fmt: skip
+        if k not in done_eval:
+            start = time.perf_counter()
+            unet = load_unet(directory, device).eval()
+            metrics = evaluator.evaluate(unet, scheduler, scenario.test_split(k), seeded_generator(cfg.seed, "eval", k),
+                                         out / "samples" / f"task_{k}.png")  # fmt: skip
+            rows = [
+                {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k, "metric": m, "value": v}
+                for m, v in metrics.items()
+            ]
+            append_rows(out / "metrics.parquet", rows, k)
+            log(f"[distcl] task {k} evaluated in {time.perf_counter() - start:.1f}s: "
+                + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))  # fmt: skip
+    return out / "metrics.parquet"

@@ -1,0 +1,86 @@
+"""Replay items for continual training: inputs x_t', timesteps t' and targets, for every strategy.
+
+| strategy           | replay input inp'                                   | target'              |
+|--------------------|-----------------------------------------------------|----------------------|
+| finetune, joint    | none                                                | -                    |
+| gr                 | noise(DDIM_teacher(x_T; n, eta), eps', t')          | eps' (the true noise)|
+| gd                 | same as gr                                          | eps_teacher(inp', t')|
+| partial_generation | teacher DDIM from T stopped at t' (on its n-grid)   | eps_teacher(inp', t')|
+| gaussian           | N(0, I)                                             | eps_teacher(inp', t')|
+| lwf                | the current data's x_t (no extra items)             | eps_teacher(x_t, t)  |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from distcl.diffusion import add_noise, ddim_sample, sampling_timesteps
+
+REPLAY_ITEM_STRATEGIES = ("gr", "gd", "partial_generation", "gaussian")  # add B teacher-made items per step
+
+
+@dataclass
+class Teacher:
+    """The frozen model after the previous task, with the DDIM settings of its replay generation."""
+
+    unet: UNet2DModel
+    scheduler: DDIMScheduler
+    steps: int
+    eta: float = 0.0
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t).sample
+
+
+@dataclass
+class ReplayBatch:
+    inputs: torch.Tensor  # x_t' [B, C, H, W]
+    timesteps: torch.Tensor  # t' [B], int64
+    targets: torch.Tensor  # [B, C, H, W]
+
+    def to(self, device) -> "ReplayBatch":
+        return ReplayBatch(self.inputs.to(device), self.timesteps.to(device), self.targets.to(device))
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+@torch.no_grad()
+def make_replay(teacher: Teacher, strategy: str, n: int, generator: torch.Generator) -> ReplayBatch:
+    """``n`` replay items of ``strategy``; every random draw comes from ``generator`` (a CPU generator), in the
+    order x_T, t', eps' (gr, gd), x_T, stop index (partial_generation), inp', t' (gaussian)."""
+    if strategy not in REPLAY_ITEM_STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} makes no replay items (allowed: {', '.join(REPLAY_ITEM_STRATEGIES)})")
+    cfg = teacher.unet.config
+    device = teacher.unet.device
+    shape = (n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    T = teacher.scheduler.config.num_train_timesteps
+
+    def randn():
+        return torch.randn(shape, generator=generator).to(device)
+
+    if strategy in ("gr", "gd"):
+        x0_hat = ddim_sample(teacher.unet, teacher.scheduler, randn(), teacher.steps, teacher.eta, generator)
+        t = torch.randint(0, T, (n,), generator=generator).to(device)
+        eps = randn()
+        inputs = add_noise(x0_hat, eps, t, teacher.scheduler.alphas_cumprod)
+        targets = eps if strategy == "gr" else teacher.eps(inputs, t)
+    elif strategy == "partial_generation":
+        x_T = randn()
+        grid = sampling_timesteps(teacher.scheduler, teacher.steps)
+        t = grid[torch.randint(0, len(grid), (n,), generator=generator)].to(device)
+        inputs = ddim_sample(teacher.unet, teacher.scheduler, x_T, teacher.steps, teacher.eta, generator, stop_at=t)
+        targets = teacher.eps(inputs, t)
+    else:  # gaussian
+        inputs = randn()
+        t = torch.randint(0, T, (n,), generator=generator).to(device)
+        targets = teacher.eps(inputs, t)
+    return ReplayBatch(inputs, t.long(), targets)
+
+
+@torch.no_grad()
+def replay_on_data(teacher: Teacher, x_t: torch.Tensor, t: torch.Tensor) -> ReplayBatch:
+    """LwF-style targets on the current data's own noisy inputs: eps_teacher(x_t, t)."""
+    return ReplayBatch(x_t, t, teacher.eps(x_t, t))

@@ -1,0 +1,50 @@
+"""Parquet results -> Markdown tables and PNG plots (no LaTeX needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+PLOTTED_METRICS = ("fid", "kld")
+
+
+def load_metrics(out: Path) -> pd.DataFrame:
+    path = Path(out) / "metrics.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {out} a distcl run directory?")
+    return pd.read_parquet(path)
+
+
+def metrics_table(df: pd.DataFrame) -> str:
+    """One row per (run, strategy, task), one column per metric, as a Markdown table."""
+    wide = df.pivot_table(index=["run", "strategy", "task"], columns="metric", values="value").reset_index()
+    wide.columns.name = None
+    return wide.to_markdown(index=False, floatfmt=".4f")
+
+
+def plot_metrics(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """``<metric>.png``: the metric against task, one line per (run, strategy)."""
+    paths = []
+    for metric in PLOTTED_METRICS:
+        sub = df[df.metric == metric]
+        if sub.empty:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for (run, strategy), group in sub.groupby(["run", "strategy"]):
+            group = group.sort_values("task")
+            ax.plot(group.task, group.value, marker="o", label=f"{run} ({strategy})")
+        ax.set_xlabel("task")
+        ax.set_ylabel(metric.upper())
+        ax.set_xticks(sorted(sub.task.unique()))
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{metric}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
