@@ -59,7 +59,7 @@ def append_rows(path: Path, rows: list[dict], task: int) -> None:
     if path.exists():
         old = pq.read_table(path)
         old = old.filter(pa.compute.not_equal(old["task"], task))
-        table = pa.concat_tables([old, table], promote_options="default")
+        table = pa.concat_tables([old, table], promote_options="permissive")
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)

@@ -52,12 +52,12 @@ def _find_file(directory: Path, stem: str) -> Optional[Path]:
 
 def locate(data_dir: Optional[str] = None, cache: Optional[str] = None, download: bool = True) -> Path:
     """The first directory holding all four files; else download into the cache dir (checksums verified)."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir} does not exist")
     searched = candidate_dirs(data_dir, cache)
     for directory in searched:
         if all(_find_file(directory, stem) for stem in FILES):
             return directory
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise DataError(f"--data-dir {data_dir} does not exist")
     target = searched[-1]
     if not download:
         raise DataError(f"Fashion-MNIST not found in {', '.join(map(str, searched))}")

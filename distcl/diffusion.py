@@ -38,6 +38,7 @@ def ddim_sample(
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - s^2) eps + s z, s = eta * sigma_t(DDIM).
     Returns x0; with ``stop_at`` (one grid timestep per item), returns item i's state x_{stop_at[i]}
     as it was when the loop reached that timestep, before the step from it.
+    abar_prev is that of t - T // steps (diffusers' rule; 1 below t = 0): on the grid when ``steps`` divides T.
     Works on a private copy of the scheduler: ``set_timesteps`` mutates it.
     """
     sched = DDIMScheduler.from_config(scheduler.config)

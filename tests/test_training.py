@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from distcl.config import ModelConfig, TrainConfig
+from distcl.models import build_scheduler
+from distcl.replay import Teacher
+from distcl.training import (
+    NonFiniteLossError,
+    data_batches,
+    derive_seed,
+    inline_replay,
+    seeded_generator,
+    steps_per_task,
+    train_task,
+)
+from tests.conftest import tiny_unet
+
+IMAGES = torch.rand(20, 1, 8, 8) * 2 - 1
+
+
+def run(strategy, steps=4, seed=0, images=IMAGES, task=1, **train):
+    cfg = TrainConfig(strategy=strategy, batch_size=4, log_every=2, **train)
+    student = tiny_unet(seed)
+    scheduler = build_scheduler(ModelConfig())
+    teacher = Teacher(tiny_unet(seed + 1).requires_grad_(False), scheduler, steps=2)
+    replay = inline_replay(teacher, strategy, 4, seed, task) if strategy in ("gr", "gd") else None
+    rows = train_task(
+        student, data_batches(images, 4, seeded_generator(seed, "data")), replay, task=task, steps=steps,
+        train_cfg=cfg, scheduler=scheduler, generator=seeded_generator(seed, "noise"),
+        lwf_teacher=teacher if strategy == "lwf" else None, progress=False,
+    )  # fmt: skip
+    return student, rows
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_training_is_deterministic_and_logs():
+    a, rows = run("gd")
+    b, _ = run("gd")
+    c, _ = run("gd", seed=1)
+    assert torch.equal(params(a), params(b)) and not torch.equal(params(a), params(c))
+    assert [r["step"] for r in rows] == [0, 2, 3]  # every log_every steps and the last
+    for r in rows:
+        assert r["task"] == 1 and r["loss_replay"] > 0 and r["step_s"] > 0 and r["replay_wait_s"] >= 0
+        w = 0.5  # task 1
+        assert r["loss"] == pytest.approx((1 - w) * r["loss_data"] + w * r["loss_replay"], rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "gr", "lwf"])
+def test_strategies_train(strategy):
+    student, rows = run(strategy, steps=2)
+    assert not torch.equal(params(student), params(tiny_unet(0)))
+    assert (rows[0]["loss_replay"] > 0) == (strategy != "finetune")
+
+
+def test_ema_weights_are_copied_in():
+    plain, _ = run("finetune", steps=3)
+    ema, _ = run("finetune", steps=3, ema_decay=0.5)
+    assert not torch.equal(params(plain), params(ema))
+
+
+def test_non_finite_loss_names_task_and_step():
+    images = IMAGES.clone()
+    images[:] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="at task 2 step 0"):
+        run("finetune", images=images, task=2)
+
+
+def test_data_batches_cover_each_epoch():
+    images = torch.arange(10.0).view(10, 1, 1, 1)
+    it = data_batches(images, 4, torch.Generator().manual_seed(0))
+    epoch = torch.cat([next(it) for _ in range(2)]).flatten()
+    assert len(set(epoch.tolist())) == 8  # no repeats within an epoch; the short batch is dropped
+
+
+def test_steps_per_task():
+    assert steps_per_task(1000, TrainConfig(epochs=2.0, batch_size=128)) == math.ceil(2000 / 128)
+    assert steps_per_task(1000, TrainConfig(epochs=2.0, batch_size=128, max_steps=5)) == 5
+
+
+def test_derive_seed_depends_on_every_part():
+    assert derive_seed(42, "replay", 1, 0) == derive_seed(42, "replay", 1, 0)
+    assert len({derive_seed(42, "replay", k, i) for k in range(3) for i in range(3)}) == 9
