@@ -1,6 +1,7 @@
 """The ``distcl`` command line.
 
     distcl run [CONFIG] [--preset smoke|cpu|paper] [--out DIR] [--set key.sub=value ...] [--data-dir DIR]
+               [--address RAY_ADDRESS] [--inline]
     distcl report OUT
 
 Exit codes: 0 done, 1 the run failed (message on stderr), 2 bad input (nothing written).
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a field, e.g. --set train.replay_lambda=1.0 (repeatable)")  # fmt: skip
     run.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (searched first)")
+    run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+    run.add_argument("--inline", action="store_true", help="no Ray: one process, replay made on the trainer")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     report = sub.add_parser("report", help="Markdown table and PNG plots of a run's metrics")
     report.add_argument("out", help="a run's output directory")
@@ -41,6 +44,10 @@ def _run(args) -> int:
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
+    if args.address:
+        overrides.append(f"runtime.address={args.address}")
+    if args.inline:
+        overrides.append("runtime.backend=inline")
     try:
         cfg = load_config(args.config, args.preset, overrides)
     except ConfigError as err:
@@ -51,7 +58,12 @@ def _run(args) -> int:
 
     out = Path(args.out or Path("runs") / cfg.name)
     try:
-        metrics = run_continual(cfg, out, progress=not args.no_progress)
+        if cfg.runtime.backend == "ray":
+            from distcl.runtime.pipeline import run
+
+            metrics = run(cfg, out, progress=not args.no_progress)
+        else:
+            metrics = run_continual(cfg, out, progress=not args.no_progress)
     except ConfigError as err:
         print(f"distcl: config error: {err}", file=sys.stderr)
         return 2

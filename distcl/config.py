@@ -17,6 +17,7 @@ import yaml
 STRATEGIES = ("finetune", "joint", "gr", "gd", "partial_generation", "gaussian", "lwf")
 DEVICES = ("auto", "cpu", "cuda")
 FEATURE_EXTRACTORS = ("auto", "fmnist", "inception")
+BACKENDS = ("ray", "inline")
 
 
 class ConfigError(ValueError):
@@ -141,6 +142,39 @@ class EvalConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """Where the work runs: the Ray layout (or ``inline``: one process, replay made on the trainer)."""
+
+    backend: str = "ray"
+    address: Optional[str] = None  # None: $RAY_ADDRESS when set, else a new local cluster
+    num_cpus: Optional[int] = None  # CPUs of a new local cluster (None: Ray's count)
+    num_workers: int = 1  # Ray Train workers; train.batch_size is split among them
+    cpus_per_worker: float = 1.0
+    use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
+    num_samplers: int = 2  # teacher sampler actors
+    sampler_cpus: float = 1.0
+    sampler_gpus: float = 0.0
+    sampler_resource: Optional[str] = None  # a custom resource each sampler actor needs one unit of
+    replay_depth: int = 4  # in-flight replay requests per Train worker
+    checkpoint_every: int = 50  # Train checkpoint every N steps (and at the end of each task)
+    max_failures: int = 1  # Train worker-group restarts per task
+    replay_timeout_s: float = 600.0  # longest wait for one replay batch before failing the task
+
+    def validate(self) -> None:
+        _check(self.backend in BACKENDS, "runtime.backend", f"{self.backend!r} (allowed: {', '.join(BACKENDS)})")
+        _check(self.num_cpus is None or self.num_cpus >= 1, "runtime.num_cpus", f"{self.num_cpus} (allowed: null or >= 1)")
+        _check(self.num_workers >= 1, "runtime.num_workers", f"{self.num_workers} (allowed: >= 1)")
+        _check(self.cpus_per_worker > 0, "runtime.cpus_per_worker", f"{self.cpus_per_worker} (allowed: > 0)")
+        _check(self.num_samplers >= 1, "runtime.num_samplers", f"{self.num_samplers} (allowed: >= 1)")
+        _check(self.sampler_cpus >= 0, "runtime.sampler_cpus", f"{self.sampler_cpus} (allowed: >= 0)")
+        _check(self.sampler_gpus >= 0, "runtime.sampler_gpus", f"{self.sampler_gpus} (allowed: >= 0)")
+        _check(self.replay_depth >= 1, "runtime.replay_depth", f"{self.replay_depth} (allowed: >= 1)")
+        _check(self.checkpoint_every >= 1, "runtime.checkpoint_every", f"{self.checkpoint_every} (allowed: >= 1)")
+        _check(self.max_failures >= 0, "runtime.max_failures", f"{self.max_failures} (allowed: >= 0)")
+        _check(self.replay_timeout_s > 0, "runtime.replay_timeout_s", f"{self.replay_timeout_s} (allowed: > 0)")
+
+
+@dataclass
 class RunConfig:
     name: str = "distcl"
     seed: int = 42
@@ -150,13 +184,21 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a non-empty name without '/')")
         _check(self.seed >= 0, "seed", f"{self.seed} (allowed: >= 0)")
         _check(self.device in DEVICES, "device", f"{self.device!r} (allowed: {', '.join(DEVICES)})")
-        for section in (self.data, self.model, self.train, self.eval):
+        for section in (self.data, self.model, self.train, self.eval, self.runtime):
             section.validate()
+        if self.runtime.backend == "ray":
+            _check(
+                self.train.batch_size % self.runtime.num_workers == 0,
+                "train.batch_size",
+                f"{self.train.batch_size} is split among {self.runtime.num_workers} Train workers "
+                f"(allowed: multiples of runtime.num_workers)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,16 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
-from diffusers import DDIMPipeline, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DModel
 
 from distcl.config import ConfigError, RunConfig
 from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate
 from distcl.evaluation import Evaluator
-from distcl.models import build_scheduler, build_unet
+from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
 from distcl.replay import REPLAY_ITEM_STRATEGIES, Teacher
 from distcl.training import (
-    data_batches,
-    inline_replay,
+    DataStream,
+    InlineReplay,
+    make_optimizer,
     resolve_device,
     seeded_generator,
     steps_per_task,
@@ -39,18 +40,6 @@ TEACHER_STRATEGIES = REPLAY_ITEM_STRATEGIES + ("lwf",)
 
 def task_dir(out: Path, k: int) -> Path:
     return out / f"task_{k}"
-
-
-def save_checkpoint(unet: UNet2DModel, scheduler, directory: Path) -> None:
-    """``DDIMPipeline(unet, scheduler).save_pretrained`` into a temporary folder, then an atomic rename."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, directory)
-
-
-def load_unet(directory: Path, device: torch.device) -> UNet2DModel:
-    return UNet2DModel.from_pretrained(directory / "unet").to(device)
 
 
 def append_rows(path: Path, rows: list[dict], task: int) -> None:
@@ -71,18 +60,26 @@ def evaluated_tasks(out: Path) -> set[int]:
 
 
 def prepare_out(cfg: RunConfig, out: Path) -> None:
-    """Create OUT and write config.yaml; refuse an OUT that holds a run of another config."""
+    """Create OUT and write config.yaml; refuse an OUT that holds a run of another config. The runtime layout
+    may change between resumes, except the number of Train workers (it shards data and replay)."""
     resolved = cfg.to_dict()
     config_path = out / "config.yaml"
     if config_path.exists():
-        previous = yaml.safe_load(config_path.read_text())
-        if previous != resolved:
-            changed = sorted(_diff(previous, resolved))
+        previous = _results_config(yaml.safe_load(config_path.read_text()))
+        if previous != _results_config(resolved):
+            changed = sorted(_diff(previous, _results_config(resolved)))
             raise ConfigError("--out", f"{out} holds a run with another config (differs in {', '.join(changed)}); "
                                        "use another --out or the same config to resume")  # fmt: skip
         return
     out.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def _results_config(resolved: dict) -> dict:
+    """The fields results depend on: all but ``runtime``, plus the number of Train workers (1 inline)."""
+    runtime = resolved.get("runtime", {})
+    workers = runtime.get("num_workers", 1) if runtime.get("backend", "ray") == "ray" else 1
+    return {**{k: v for k, v in resolved.items() if k != "runtime"}, "runtime.num_workers": workers}
 
 
 def _diff(a, b, prefix=""):
@@ -93,28 +90,53 @@ def _diff(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
-TaskTrainer = Callable[..., list[dict]]
+@dataclass
+class TaskSpec:
+    """What a task trainer needs for task k: the student to train in place (it starts as the model after
+    task k-1, saved at ``init_dir``), the frozen teacher (None at task 0 and for finetune / joint) and the
+    task's training images."""
+
+    cfg: RunConfig
+    task: int
+    student: UNet2DModel
+    teacher: Optional[Teacher]
+    init_dir: Optional[Path]
+    images: torch.Tensor
+    scheduler: DDIMScheduler
+    progress: bool = True
 
 
-def train_task_inline(cfg: RunConfig, k: int, student: UNet2DModel, teacher: Optional[Teacher],
-                      images: torch.Tensor, scheduler, progress: bool = True) -> list[dict]:  # fmt: skip
+TaskTrainer = Callable[[TaskSpec], list[dict]]
+
+
+def train_task_inline(spec: TaskSpec) -> list[dict]:
     """Task k in this process: replay made by the teacher on the trainer's own device (the reference's way)."""
+    cfg, k = spec.cfg, spec.task
     strategy = cfg.train.strategy
     replay = None
-    if teacher is not None and strategy in REPLAY_ITEM_STRATEGIES:
-        replay = inline_replay(teacher, strategy, cfg.train.batch_size, cfg.seed, k)
+    if spec.teacher is not None and strategy in REPLAY_ITEM_STRATEGIES:
+        replay = InlineReplay(spec.teacher, strategy, cfg.train.batch_size, cfg.seed, k)
+    optimizer, ema = make_optimizer(spec.student, cfg.train)
     return train_task(
-        student,
-        data_batches(images, cfg.train.batch_size, seeded_generator(cfg.seed, "data", k)),
+        spec.student,
+        optimizer,
+        DataStream(spec.images, cfg.train.batch_size, cfg.seed, k),
         replay,
         task=k,
-        steps=steps_per_task(len(images), cfg.train),
+        steps=steps_per_task(len(spec.images), cfg.train),
         train_cfg=cfg.train,
-        scheduler=scheduler,
-        generator=seeded_generator(cfg.seed, "noise", k),
-        lwf_teacher=teacher if strategy == "lwf" else None,
-        progress=progress,
+        scheduler=spec.scheduler,
+        noise_seed=noise_seed(cfg.seed, k),
+        device=spec.student.device,
+        ema=ema,
+        lwf_teacher=spec.teacher if strategy == "lwf" else None,
+        progress=spec.progress,
     )
+
+
+def noise_seed(seed: int, task: int, rank: int = 0) -> tuple:
+    """Seed parts of worker ``rank``'s per-step (t, eps) draws in task ``task``."""
+    return (seed, "noise", task, rank)
 
 
 def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_inline, progress: bool = True,
@@ -141,20 +163,21 @@ def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_
                 torch.manual_seed(cfg.seed)
                 student = build_unet(cfg.model).to(device)
             else:
-                student = load_unet(task_dir(out, k - 1), device)
+                student = load_unet(task_dir(out, k - 1), cfg.model, device)
             teacher = None
             if k > 0 and cfg.train.strategy in TEACHER_STRATEGIES:
                 frozen = copy.deepcopy(student).eval().requires_grad_(False)
                 teacher = Teacher(frozen, scheduler, cfg.train.teacher_steps, cfg.train.teacher_eta)
             images = scenario.train_images(k, joint=cfg.train.strategy == "joint")
-            rows = train_fn(cfg, k, student, teacher, images, scheduler, progress=progress)
+            init_dir = task_dir(out, k - 1) if k > 0 else None
+            rows = train_fn(TaskSpec(cfg, k, student, teacher, init_dir, images, scheduler, progress))
             append_rows(out / "train_log.parquet", rows, k)
             save_checkpoint(student, scheduler, directory)
             log(f"[distcl] task {k} {scenario.tasks[k]}: trained {rows[-1]['step'] + 1} steps in "
                 f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}")  # fmt: skip
         if k not in done_eval:
             start = time.perf_counter()
-            unet = load_unet(directory, device).eval()
+            unet = load_unet(directory, cfg.model, device).eval()
             metrics = evaluator.evaluate(unet, scheduler, scenario.test_split(k), seeded_generator(cfg.seed, "eval", k),
                                          out / "samples" / f"task_{k}.png")  # fmt: skip
             rows = [

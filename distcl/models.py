@@ -1,8 +1,12 @@
 """UNet presets (diffusers UNet2DModel), the DDIM scheduler factory, and the Fashion-MNIST classifier CNN."""
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from torch import nn
 
 _SMALL = dict(
@@ -37,10 +41,43 @@ def sample_size_multiple(preset: str) -> int:
 
 def build_unet(model_cfg) -> UNet2DModel:
     """A freshly initialised UNet2DModel (1 channel in and out) of the configured preset; seed the global RNG first."""
-    kwargs = dict(UNET_PRESETS[model_cfg.preset])
+    return UNet2DModel(**unet_spec(model_cfg))
+
+
+def unet_spec(model_cfg) -> dict:
+    """The UNet2DModel arguments of the configured preset and sample size."""
+    kwargs = dict(UNET_PRESETS[model_cfg.preset], in_channels=1, out_channels=1)
     if model_cfg.sample_size is not None:
         kwargs["sample_size"] = model_cfg.sample_size
-    return UNet2DModel(in_channels=1, out_channels=1, **kwargs)
+    return kwargs
+
+
+def save_checkpoint(unet: UNet2DModel, scheduler: DDIMScheduler, directory: Path) -> None:
+    """``DDIMPipeline(unet, scheduler).save_pretrained`` into a temporary folder, then an atomic rename."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, directory)
+
+
+def load_unet(directory: Path, model_cfg, device: torch.device | str = "cpu") -> UNet2DModel:
+    """The UNet saved at ``directory`` (a DDIMPipeline folder), checked to be the configured architecture."""
+    directory = Path(directory)
+    if not (directory / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"no diffusers checkpoint at {directory} (expected {directory}/unet/config.json)")
+    unet = UNet2DModel.from_pretrained(directory / "unet")
+    expected = unet_spec(model_cfg)
+    wrong = {k: (unet.config[k], v) for k, v in expected.items() if _plain(unet.config[k]) != _plain(v)}
+    if wrong:
+        detail = ", ".join(f"{k} {got} (run: {want})" for k, (got, want) in wrong.items())
+        raise ValueError(f"checkpoint {directory} is another architecture than model.preset "
+                         f"{model_cfg.preset!r}: {detail}")  # fmt: skip
+    return unet.to(device)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def build_scheduler(model_cfg) -> DDIMScheduler:

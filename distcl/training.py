@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
@@ -45,22 +45,55 @@ def steps_per_task(num_images: int, train_cfg) -> int:
     return min(steps, train_cfg.max_steps) if train_cfg.max_steps is not None else steps
 
 
-def data_batches(images: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled epochs of ``batch_size`` images (the last short batch of each epoch dropped if N > B)."""
-    n = images.shape[0]
-    while True:
-        order = torch.randperm(n, generator=generator)
-        stop = n - n % batch_size if n >= batch_size else n
-        for start in range(0, stop, batch_size):
-            yield images[order[start : start + batch_size]]
+class DataStream:
+    """Worker ``rank`` of ``world`` reads the shard images[rank::world]; its batch at step s is a pure function of
+    (seed, task, rank, world, s): epoch e = s // batches_per_epoch shuffles the shard with generator
+    (seed, "data", task, rank, world, e). A resumed run therefore sees exactly the batches it would have seen."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, task: int, rank: int = 0, world: int = 1):
+        self.images = images[rank::world]
+        n = self.images.shape[0]
+        self.batch_size = min(batch_size, n)
+        self.per_epoch = n // self.batch_size  # the short last batch of an epoch is dropped
+        self.seed_parts = (seed, "data", task, rank, world)
+        self._epoch, self._order = -1, None
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(self.images.shape[0], generator=seeded_generator(*self.seed_parts, epoch))
+        return self.images[self._order[i * self.batch_size : (i + 1) * self.batch_size]]
 
 
-def inline_replay(teacher: Teacher, strategy: str, n: int, seed: int, task: int) -> Iterator[ReplayBatch]:
-    """Replay batch i of task k from generator (seed, "replay", k, i): what the sampler actors compute."""
-    i = 0
-    while True:
-        yield make_replay(teacher, strategy, n, seeded_generator(seed, "replay", task, i))
-        i += 1
+def replay_index(step: int, rank: int = 0, world: int = 1) -> int:
+    """Worker r consumes replay batches r, r + W, r + 2W, ...: batch index = step * W + r."""
+    return step * world + rank
+
+
+class InlineReplay:
+    """Replay batch i of task k made on the trainer from generator (seed, "replay", k, i): what the sampler
+    actors compute (the reference's way of making replay)."""
+
+    def __init__(self, teacher: Teacher, strategy: str, batch_size: int, seed: int, task: int, rank=0, world=1):
+        self.teacher, self.strategy, self.batch_size = teacher, strategy, batch_size
+        self.seed, self.task, self.rank, self.world = seed, task, rank, world
+
+    def get(self, step: int) -> ReplayBatch:
+        index = replay_index(step, self.rank, self.world)
+        return indexed_replay(self.teacher, self.strategy, self.batch_size, self.seed, self.task, index)
+
+
+def indexed_replay(teacher: Teacher, strategy: str, batch_size: int, seed: int, task: int, index: int) -> ReplayBatch:
+    """Replay batch ``index`` of task ``task``: make_replay with generator (seed, "replay", task, index)."""
+    return make_replay(teacher, strategy, batch_size, seeded_generator(seed, "replay", task, index))
+
+
+def make_optimizer(student: torch.nn.Module, train_cfg) -> tuple[torch.optim.Optimizer, Optional[EMAModel]]:
+    """A fresh Adam per task (as the reference) and, when ``ema_decay`` is set, an EMA of the weights."""
+    optimizer = torch.optim.Adam(student.parameters(), lr=train_cfg.lr)
+    ema = EMAModel(student.parameters(), decay=train_cfg.ema_decay) if train_cfg.ema_decay else None
+    return optimizer, ema
 
 
 def train_step(
@@ -110,37 +143,40 @@ def train_step(
 
 
 def train_task(
-    student: UNet2DModel,
-    data: Iterator[torch.Tensor],
-    replay: Optional[Iterator[ReplayBatch]],
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DataStream,
+    replay=None,
     *,
     task: int,
     steps: int,
     train_cfg,
     scheduler: DDIMScheduler,
-    generator: torch.Generator,
+    noise_seed: tuple,
+    device: torch.device,
+    ema: Optional[EMAModel] = None,
     lwf_teacher: Optional[Teacher] = None,
+    start_step: int = 0,
+    on_step: Optional[Callable[[int, list[dict]], None]] = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Train ``student`` in place for ``steps`` steps of task ``task`` (fresh Adam, as the reference).
+    """Train ``student`` in place over steps ``start_step .. steps-1`` of task ``task``.
 
-    Returns a log row every ``log_every`` steps and at the last step: task, step, loss terms, step_s,
-    replay_wait_s (time spent waiting for the replay iterator). Raises NonFiniteLossError on a NaN/inf loss.
-    With EMA on, the EMA weights are copied into ``student`` at the end."""
-    device = student.device
+    ``replay.get(step)`` gives the step's ReplayBatch (None: no replay items); the step's t and eps come from
+    generator (*noise_seed, step). Returns a log row every ``log_every`` steps and at the last step: task, step,
+    loss terms, step_s, replay_wait_s (time spent waiting for replay). ``on_step(step, rows)`` runs after each
+    step (checkpointing). Raises NonFiniteLossError on a NaN/inf loss. With EMA, its weights end in ``student``."""
     student.train()
-    optimizer = torch.optim.Adam(student.parameters(), lr=train_cfg.lr)
-    ema = EMAModel(student.parameters(), decay=train_cfg.ema_decay) if train_cfg.ema_decay else None
     rows = []
-    bar = tqdm(range(steps), desc=f"task {task}", disable=not progress, leave=False)
+    bar = tqdm(range(start_step, steps), desc=f"task {task}", disable=not progress, leave=False)
     for step in bar:
         start = time.perf_counter()
-        x0 = next(data).to(device)
-        replay_batch = next(replay).to(device) if replay is not None else None
+        x0 = data.batch(step).to(device)
+        replay_batch = replay.get(step).to(device) if replay is not None else None
         replay_wait = time.perf_counter() - start
         terms = train_step(
             student, optimizer, x0, replay_batch, task=task, train_cfg=train_cfg,
-            scheduler=scheduler, generator=generator, lwf_teacher=lwf_teacher,
+            scheduler=scheduler, generator=seeded_generator(*noise_seed, step), lwf_teacher=lwf_teacher,
         )  # fmt: skip
         if not math.isfinite(terms["loss"]):
             raise NonFiniteLossError(f"non-finite loss {terms['loss']} at task {task} step {step}")
@@ -150,6 +186,8 @@ def train_task(
             step_s = time.perf_counter() - start
             rows.append({"task": task, "step": step, **terms, "step_s": step_s, "replay_wait_s": replay_wait})
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
+        if on_step is not None:
+            on_step(step, rows)
     if ema is not None:
         ema.copy_to(student.parameters())
     student.eval()

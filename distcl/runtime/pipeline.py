@@ -1,0 +1,109 @@
+"""The continual run on Ray: a local cluster by default (``ray.init()``), the ``runtime.address`` or
+``$RAY_ADDRESS`` cluster when set. Per task: sampler actors host teacher k-1, Ray Train updates the student,
+the driver saves and evaluates (distcl.continual does the rest: resume, outputs)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import ray
+
+from distcl.config import RunConfig
+from distcl.continual import TaskSpec, run_continual, task_dir
+from distcl.replay import REPLAY_ITEM_STRATEGIES
+from distcl.runtime.samplers import SamplerPool
+from distcl.runtime.train import fit_task
+
+
+def layout_needs(cfg: RunConfig) -> dict[str, float]:
+    """Resources one task holds at once: the Train workers and the sampler actors."""
+    rt = cfg.runtime
+    needs = {"CPU": rt.num_workers * rt.cpus_per_worker + rt.num_samplers * rt.sampler_cpus}
+    if rt.sampler_gpus:
+        needs["GPU"] = rt.num_samplers * rt.sampler_gpus
+    if rt.sampler_resource:
+        needs[rt.sampler_resource] = rt.num_samplers
+    return needs
+
+
+def connect(cfg: RunConfig) -> None:
+    """Join the configured cluster, or start a local one big enough for the layout."""
+    if ray.is_initialized():
+        return
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    needs = layout_needs(cfg)
+    num_cpus = cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(needs["CPU"] + 0.999))
+    ray.init(num_cpus=num_cpus, include_dashboard=True)
+
+
+def check_layout(cfg: RunConfig) -> None:
+    """Fail fast, naming the fields, when the cluster cannot hold the layout (instead of waiting forever)."""
+    have = ray.cluster_resources()
+    rt = cfg.runtime
+    for resource, need in layout_needs(cfg).items():
+        if have.get(resource, 0) + 1e-9 < need:
+            raise RuntimeError(
+                f"the layout needs {need:g} {resource} but the cluster has {have.get(resource, 0):g} "
+                f"(runtime.num_workers={rt.num_workers}, cpus_per_worker={rt.cpus_per_worker}, "
+                f"num_samplers={rt.num_samplers}, sampler_cpus={rt.sampler_cpus}, sampler_gpus={rt.sampler_gpus}, "
+                f"sampler_resource={rt.sampler_resource}, num_cpus={rt.num_cpus})"
+            )
+
+
+class RayTaskTrainer:
+    """A distcl.continual task trainer: samplers + Ray Train for task k, the final weights into the student."""
+
+    def __init__(self, out: Path, log: Callable[[str], None] = print):
+        self.out, self.log = Path(out), log
+        self.pool: Optional[SamplerPool] = None
+
+    def __call__(self, spec: TaskSpec) -> list[dict]:
+        cfg, k = spec.cfg, spec.task
+        use_gpu = cfg.runtime.use_gpu
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.runtime.num_workers
+        samplers = []
+        if spec.teacher is not None and cfg.train.strategy in REPLAY_ITEM_STRATEGIES:
+            if self.pool is None:
+                self.pool = SamplerPool(cfg, cfg.train.batch_size // cfg.runtime.num_workers)
+            samplers = self.pool.actors
+        images_ref = ray.put(spec.images)
+        self.clean_saved(k)
+        try:
+            state = fit_task(cfg, k, spec.init_dir, images_ref, samplers, self.out / "ray_train", use_gpu)
+        finally:
+            del images_ref
+        for event in state["recoveries"]:
+            self.log(f"[distcl] task {k}: recovered at step {event['resumed_at_step']} "
+                     f"({event['recovery_s']:.1f}s after the checkpoint)")  # fmt: skip
+        spec.student.load_state_dict(state["model"])
+        return state["rows"]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+
+    def clean_saved(self, upto: int) -> None:
+        """Drop the Train checkpoints of tasks before ``upto`` that the driver has saved as task_<j>/."""
+        for j in range(upto):
+            if task_dir(self.out, j).exists():
+                shutil.rmtree(self.out / "ray_train" / f"task_{j}", ignore_errors=True)
+
+
+def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """``distcl run`` on Ray."""
+    connect(cfg)
+    check_layout(cfg)
+    trainer = RayTaskTrainer(out, log)
+    try:
+        metrics = run_continual(cfg, out, train_fn=trainer, progress=progress, log=log)
+    finally:
+        trainer.close()
+    trainer.clean_saved(cfg.data.num_tasks)
+    return metrics

@@ -1,0 +1,100 @@
+"""Teacher sampler actors: each loads teacher k-1 from its checkpoint and answers ``make(k, dir, index)`` with replay
+batch ``index`` of task k (inputs, timesteps and targets), so the trainer runs no teacher forward at all.
+
+Batch ``index`` depends only on (run seed, k, index): the result is the same for any number of actors. An actor
+that dies is restarted by Ray (``max_restarts``) and its in-flight calls are retried (``max_task_retries``).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import ray
+import torch
+
+from distcl.models import build_scheduler, load_unet
+from distcl.replay import ReplayBatch, Teacher
+from distcl.training import indexed_replay, replay_index
+
+ACTOR_RESTARTS = 4
+
+
+@ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+class TeacherSampler:
+    """One replay-making process. Requests are self-describing (task, teacher checkpoint, index), the loaded
+    teacher only a cache: a restarted actor, or one moved on to the next task, answers every request right."""
+
+    def __init__(self, model_cfg, strategy: str, steps: int, eta: float, batch_size: int, seed: int, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.model_cfg, self.strategy, self.steps, self.eta = model_cfg, strategy, steps, eta
+        self.batch_size, self.seed = batch_size, seed
+        self.loaded: Optional[tuple[int, str]] = None
+        self.teacher: Optional[Teacher] = None
+
+    def make(self, task: int, teacher_dir: str, index: int) -> ReplayBatch:
+        """Replay batch ``index`` of task ``task`` from the teacher saved at ``teacher_dir`` (CPU tensors)."""
+        if self.loaded != (task, teacher_dir):
+            unet = load_unet(Path(teacher_dir), self.model_cfg, self.device).eval().requires_grad_(False)
+            self.teacher = Teacher(unet, build_scheduler(self.model_cfg), self.steps, self.eta)
+            self.loaded = (task, teacher_dir)
+        batch = indexed_replay(self.teacher, self.strategy, self.batch_size, self.seed, task, index)
+        return batch.to("cpu")
+
+    def where(self) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+
+
+class SamplerPool:
+    """``runtime.num_samplers`` TeacherSampler actors for the whole run (started once, not per task)."""
+
+    def __init__(self, cfg, batch_size: int):
+        rt = cfg.runtime
+        resources = {rt.sampler_resource: 1} if rt.sampler_resource else None
+        options = dict(num_cpus=rt.sampler_cpus, num_gpus=rt.sampler_gpus, resources=resources)
+        self.actors = [
+            TeacherSampler.options(**options).remote(
+                cfg.model, cfg.train.strategy, cfg.train.teacher_steps, cfg.train.teacher_eta, batch_size,
+                cfg.seed, max(1, int(rt.sampler_cpus)),
+            )  # fmt: skip
+            for _ in range(rt.num_samplers)
+        ]
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+class RemoteReplay:
+    """Worker ``rank``'s replay stream: batch index = step * world + rank, asked of actor index % n.
+    At most ``depth`` requests are in flight (Ray's "limit pending tasks" pattern); ``get`` waits for its own."""
+
+    def __init__(self, actors: list, task: int, teacher_dir: str, rank: int, world: int, steps: int, depth: int,
+                 timeout_s: float):  # fmt: skip
+        self.actors, self.task, self.teacher_dir = actors, task, teacher_dir
+        self.rank, self.world, self.steps = rank, world, steps
+        self.depth, self.timeout_s = depth, timeout_s
+        self.pending: dict[int, ray.ObjectRef] = {}
+        self.next_step: Optional[int] = None
+
+    def _submit(self, step: int) -> None:
+        index = replay_index(step, self.rank, self.world)
+        self.pending[step] = self.actors[index % len(self.actors)].make.remote(self.task, self.teacher_dir, index)
+
+    def get(self, step: int) -> ReplayBatch:
+        if self.next_step is None or step not in self.pending and step >= self.next_step:
+            self.next_step = step
+        while self.next_step < min(step + self.depth, self.steps):
+            self._submit(self.next_step)
+            self.next_step += 1
+        ref = self.pending.pop(step)
+        ready, _ = ray.wait([ref], timeout=self.timeout_s)
+        if not ready:
+            raise TimeoutError(
+                f"replay batch for step {step} not ready after runtime.replay_timeout_s={self.timeout_s}s: "
+                "are the sampler actors' resources (runtime.sampler_cpus, sampler_gpus, sampler_resource) there?"
+            )
+        return ray.get(ref)
