@@ -217,8 +217,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "name": "cpu",
         "model": {"preset": "small"},
-        "data": {"train_per_class": 2000, "test_per_class": 500},
-        "train": {"strategy": "gd", "batch_size": 64, "epochs": 2.0},
+        "data": {"train_per_class": 1600, "test_per_class": 500},
+        "train": {"strategy": "gd", "batch_size": 64, "epochs": 4.0},
         "eval": {"num_samples": 1000, "steps": 10},
     },
     # The reference's scale (Masip et al.): needs a GPU.

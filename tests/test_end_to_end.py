@@ -1,4 +1,5 @@
-"""End-to-end runs through the CLI and the driver on the real Debian Fashion-MNIST files."""
+"""End-to-end runs through the CLI and the driver on the real Debian Fashion-MNIST files, in one process
+(``--inline``; the same runs on Ray are in test_runtime.py)."""
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ def weights(task_dir):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
-    result = distcl("run", "--preset", "smoke", "--out", str(out), "--no-progress")
+    result = distcl("run", "--preset", "smoke", "--inline", "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -68,7 +69,7 @@ def test_report(smoke):
 def test_resume_retrains_nothing_done_and_reproduces(smoke):
     out, _ = smoke
     before = weights(out / "task_4")
-    again = distcl("run", "--preset", "smoke", "--out", str(out), "--no-progress")
+    again = distcl("run", "--preset", "smoke", "--inline", "--out", str(out), "--no-progress")
     assert again.returncode == 0 and "trained" not in again.stdout and "evaluated" not in again.stdout
     # an interrupted run: task 4 neither saved nor evaluated -> only task 4 runs, to the same weights
     import shutil
@@ -76,7 +77,7 @@ def test_resume_retrains_nothing_done_and_reproduces(smoke):
     shutil.rmtree(out / "task_4")
     metrics = pd.read_parquet(out / "metrics.parquet")
     metrics[metrics.task != 4].to_parquet(out / "metrics.parquet")
-    resumed = distcl("run", "--preset", "smoke", "--out", str(out), "--no-progress")
+    resumed = distcl("run", "--preset", "smoke", "--inline", "--out", str(out), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.count("trained") == 1 and "task 4 (3, 7): trained" in resumed.stdout
     after = weights(out / "task_4")
@@ -86,7 +87,7 @@ def test_resume_retrains_nothing_done_and_reproduces(smoke):
 
 def test_other_config_on_same_out_is_refused(smoke):
     out, _ = smoke
-    result = distcl("run", "--preset", "smoke", "--out", str(out), "--set", "train.replay_lambda=1.0")
+    result = distcl("run", "--preset", "smoke", "--inline", "--out", str(out), "--set", "train.replay_lambda=1.0")
     assert result.returncode == 2 and "train.replay_lambda" in result.stderr
 
 
@@ -108,9 +109,10 @@ def test_every_strategy_runs(strategy, tmp_path):
 def test_diverged_task_is_never_saved(tmp_path):
     cfg = load_config(preset="smoke", overrides=SHORT)
 
-    def diverging(cfg, k, student, teacher, images, scheduler, progress):
-        return train_task_inline(cfg, k, student, teacher, images * float("nan") if k == 1 else images, scheduler,
-                                 progress)  # fmt: skip
+    def diverging(spec):
+        if spec.task == 1:
+            spec.images = spec.images * float("nan")
+        return train_task_inline(spec)
 
     with pytest.raises(NonFiniteLossError, match="task 1 step 0"):
         run_continual(cfg, tmp_path, train_fn=diverging, progress=False, log=lambda _: None)

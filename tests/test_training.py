@@ -7,11 +7,11 @@ from distcl.config import ModelConfig, TrainConfig
 from distcl.models import build_scheduler
 from distcl.replay import Teacher
 from distcl.training import (
+    DataStream,
+    InlineReplay,
     NonFiniteLossError,
-    data_batches,
     derive_seed,
-    inline_replay,
-    seeded_generator,
+    make_optimizer,
     steps_per_task,
     train_task,
 )
@@ -25,10 +25,11 @@ def run(strategy, steps=4, seed=0, images=IMAGES, task=1, **train):
     student = tiny_unet(seed)
     scheduler = build_scheduler(ModelConfig())
     teacher = Teacher(tiny_unet(seed + 1).requires_grad_(False), scheduler, steps=2)
-    replay = inline_replay(teacher, strategy, 4, seed, task) if strategy in ("gr", "gd") else None
+    replay = InlineReplay(teacher, strategy, 4, seed, task) if strategy in ("gr", "gd") else None
+    optimizer, ema = make_optimizer(student, cfg)
     rows = train_task(
-        student, data_batches(images, 4, seeded_generator(seed, "data")), replay, task=task, steps=steps,
-        train_cfg=cfg, scheduler=scheduler, generator=seeded_generator(seed, "noise"),
+        student, optimizer, DataStream(images, 4, seed, task), replay, task=task, steps=steps, train_cfg=cfg,
+        scheduler=scheduler, noise_seed=(seed, "noise", task), device=torch.device("cpu"), ema=ema,
         lwf_teacher=teacher if strategy == "lwf" else None, progress=False,
     )  # fmt: skip
     return student, rows
@@ -70,11 +71,37 @@ def test_non_finite_loss_names_task_and_step():
         run("finetune", images=images, task=2)
 
 
-def test_data_batches_cover_each_epoch():
+def test_data_stream_epochs_shards_and_purity():
     images = torch.arange(10.0).view(10, 1, 1, 1)
-    it = data_batches(images, 4, torch.Generator().manual_seed(0))
-    epoch = torch.cat([next(it) for _ in range(2)]).flatten()
+    stream = DataStream(images, 4, seed=0, task=1)
+    epoch = torch.cat([stream.batch(s) for s in range(2)]).flatten()
     assert len(set(epoch.tolist())) == 8  # no repeats within an epoch; the short batch is dropped
+    later = stream.batch(5)  # epoch 2, batch 1
+    assert torch.equal(DataStream(images, 4, seed=0, task=1).batch(5), later)  # a pure function of the step
+    assert not torch.equal(torch.cat([stream.batch(2), stream.batch(3)]), torch.cat([stream.batch(0), stream.batch(1)]))
+    shards = [DataStream(images, 2, 0, 1, rank=r, world=2) for r in range(2)]
+    assert set(shards[0].images.flatten().tolist()) == {0, 2, 4, 6, 8}
+    assert set(shards[1].batch(0).flatten().tolist()) <= {1, 3, 5, 7, 9}
+
+
+def test_resumed_training_is_identical():
+    """Steps 0..5 in one go equal steps 0..2, then 3..5 with the optimizer state carried over."""
+    full, _ = run("gd", steps=6)
+    cfg = TrainConfig(strategy="gd", batch_size=4, log_every=2)
+    scheduler = build_scheduler(ModelConfig())
+    teacher = Teacher(tiny_unet(1).requires_grad_(False), scheduler, steps=2)
+    student = tiny_unet(0)
+    optimizer, _ = make_optimizer(student, cfg)
+    kwargs = dict(task=1, steps=6, train_cfg=cfg, scheduler=scheduler, noise_seed=(0, "noise", 1),
+                  device=torch.device("cpu"), progress=False)  # fmt: skip
+    data, replay = DataStream(IMAGES, 4, 0, 1), InlineReplay(teacher, "gd", 4, 0, 1)
+    first = train_task(student, optimizer, data, replay, **{**kwargs, "steps": 3})
+    state = optimizer.state_dict()
+    optimizer2, _ = make_optimizer(student, cfg)
+    optimizer2.load_state_dict(state)
+    rest = train_task(student, optimizer2, DataStream(IMAGES, 4, 0, 1), replay, start_step=3, **kwargs)
+    assert [r["step"] for r in first + rest] == [0, 2, 4, 5]
+    assert torch.equal(params(student), params(full))
 
 
 def test_steps_per_task():

@@ -38,7 +38,7 @@ def connect(cfg: RunConfig) -> None:
         return
     needs = layout_needs(cfg)
     num_cpus = cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(needs["CPU"] + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
 
 
 def check_layout(cfg: RunConfig) -> None:

@@ -1,0 +1,112 @@
+"""Quality benchmark: finetune, joint, gr and gd on Split Fashion-MNIST (the ``cpu`` preset), FID / KLD / TV
+after every task, one run per (strategy, seed); pairs already in the results file are skipped, so seeds can
+be completed a piece at a time.
+
+    python -m benchmarks.quality                          # seed 42, all four strategies
+    python -m benchmarks.quality --seeds 69 1714          # more seeds later
+    python -m benchmarks.quality --set train.replay_lambda=1.0 --tag lambda1
+
+Writes benchmarks/results/quality.parquet (long form: strategy, seed, task, metric, value, wall_s, machine,
+tag) and benchmarks/results/quality_fid.png (FID against task, mean and spread over the seeds done).
+Runs go through the in-process backend (``--ray`` for the Ray runtime): the numbers are the same.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.common import RESULTS, machine
+from distcl.config import load_config
+from distcl.continual import run_continual
+
+STRATEGIES = ("finetune", "joint", "gr", "gd")
+TEACHER = {"gr": ["train.teacher_steps=2"], "gd": ["train.teacher_steps=2", "train.replay_lambda=3.0"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--tag", default="default", help="names a variant (other --set values) in the results")
+    parser.add_argument("--runs", default="runs/benchmarks", help="run directories (resumable)")
+    parser.add_argument("--ray", action="store_true", help="run through the Ray runtime")
+    args = parser.parse_args()
+
+    path = RESULTS / "quality.parquet"
+    results = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    for seed in args.seeds:
+        for strategy in args.strategies:
+            if not results.empty and ((results.strategy == strategy) & (results.seed == seed)
+                                      & (results.tag == args.tag)).any():  # fmt: skip
+                print(f"skip {strategy} seed {seed} ({args.tag}): done")
+                continue
+            overrides = [f"train.strategy={strategy}", f"seed={seed}", f"name=quality-{args.tag}-{strategy}-{seed}",
+                         f"runtime.backend={'ray' if args.ray else 'inline'}", *TEACHER.get(strategy, []),
+                         *args.overrides]  # fmt: skip
+            cfg = load_config(preset=args.preset, overrides=overrides)
+            out = Path(args.runs) / cfg.name
+            start = time.perf_counter()
+            if args.ray:
+                from distcl.runtime.pipeline import run
+
+                metrics_path = run(cfg, out)
+            else:
+                metrics_path = run_continual(cfg, out)
+            wall = time.perf_counter() - start
+            rows = pd.read_parquet(metrics_path)[["strategy", "seed", "task", "metric", "value"]]
+            rows = rows.assign(wall_s=wall, machine=machine(), tag=args.tag, preset=args.preset)
+            results = pd.concat([results, rows], ignore_index=True)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            results.to_parquet(path)  # after every run: an interrupted benchmark keeps what it finished
+            print(f"{strategy} seed {seed}: {wall:.0f}s")
+    print(table(results))
+    plot(results, RESULTS / "quality_fid.png")
+
+
+def table(results: pd.DataFrame) -> str:
+    """Final-task FID, KLD and TV per (tag, strategy): mean and standard error over seeds; wall time."""
+    last = results[results.task == results.task.max()]
+    wide = last.pivot_table(index=["tag", "strategy", "seed"], columns="metric", values="value").reset_index()
+    wall = last.groupby(["tag", "strategy", "seed"]).wall_s.first().reset_index()
+    wide = wide.merge(wall, on=["tag", "strategy", "seed"])
+    agg = wide.groupby(["tag", "strategy"]).agg(
+        seeds=("seed", "count"), fid=("fid", "mean"), fid_se=("fid", "sem"), kld=("kld", "mean"),
+        kld_se=("kld", "sem"), tv=("tv", "mean"), wall_min=("wall_s", lambda s: s.mean() / 60),
+    )  # fmt: skip
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    agg = agg.reset_index().sort_values(["tag", "strategy"], key=lambda c: c.map(order) if c.name == "strategy" else c)
+    return agg.to_markdown(index=False, floatfmt=".3f")
+
+
+def plot(results: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fid = results[(results.metric == "fid") & (results.tag == "default")]
+    for strategy in STRATEGIES:
+        sub = fid[fid.strategy == strategy]
+        if sub.empty:
+            continue
+        stats = sub.groupby("task").value.agg(["mean", "min", "max", "count"])
+        ax.plot(stats.index, stats["mean"], marker="o", label=f"{strategy} ({int(stats['count'].max())} seeds)")
+        ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
+    ax.set_xlabel("task")
+    ax.set_ylabel("FID (Fashion-MNIST CNN features)")
+    ax.set_xticks(sorted(fid.task.unique()))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

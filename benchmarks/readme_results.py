@@ -1,0 +1,81 @@
+"""Write README.md's "Results" section from the committed results files (never typed by hand).
+
+    python -m benchmarks.readme_results
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.common import RESULTS
+from benchmarks.quality import table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def section() -> str:
+    parts = [START, "## Results", ""]
+    quality = RESULTS / "quality.parquet"
+    if quality.exists():
+        df = pd.read_parquet(quality)
+        presets = ", ".join(sorted(df.preset.unique()))
+        parts += [
+            f"Split Fashion-MNIST, preset `{presets}`, final task (all 10 classes): mean and standard error over "
+            "the seeds done; FID on the evaluation CNN's features (not Inception: not comparable with the paper's "
+            "numbers). From `benchmarks/results/quality.parquet` (`python -m benchmarks.quality`).",
+            "",
+            table(df),
+            "",
+            "![FID against task](benchmarks/results/quality_fid.png)",
+            "",
+            f"Machine: {df.machine.iloc[-1]}",
+            "",
+        ]
+    throughput = RESULTS / "throughput.json"
+    if throughput.exists():
+        t = json.loads(throughput.read_text())
+        need = t["samplers_needed"]
+        parts += [
+            "Throughput (`benchmarks/results/throughput.json`, `python -m benchmarks.throughput`), each a ratio "
+            "measured side by side in one run:",
+            "",
+            "| figure | measured | goal |",
+            "|---|---|---|",
+            f"| p1: trainer step with gd replay from a sampler actor / finetune step on 2B items | "
+            f"{t['p1_trainer_ratio']['actors']:.3f} | <= 1.05 |",
+            f"| p1 (reference way): trainer step with gd replay made inline / finetune step | "
+            f"{t['p1_trainer_ratio']['inline']:.3f} | - |",
+            f"| p2: replay items/s, 2 sampler actors / 1 | {t['p2_sampler_scaling']['ratio']:.3f} | >= 1.8 |",
+            f"| p3: wall time, Ray runtime / one process ({t['p3_ray_vs_inline']['run']}) | "
+            f"{t['p3_ray_vs_inline']['ratio']:.3f} | <= 1.0 |",
+            f"| object store put + get of one replay batch ({t['object_store_s']['batch_mb']:.2f} MB) | "
+            f"{t['object_store_s']['put_get_median'] * 1000:.1f} ms | next to a {t['step_s']['gd_actors'] * 1000:.0f} ms step |",
+            "",
+            f"Sampler actors one trainer needs for gd (teacher forward {need['teacher_forward_s'] * 1000:.0f} ms, "
+            f"trainer step {need['trainer_step_s'] * 1000:.0f} ms, batch {t['batch_size']}, model `{t['model']}`): "
+            f"{need['gd_2_steps']} with 2 teacher steps, {need['gd_10_steps']} with 10, {need['gd_100_steps']} with 100.",
+            "",
+            f"Machine: {t['machine']}",
+            "",
+        ]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def main() -> None:
+    text = README.read_text()
+    new = section()
+    if START in text:
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: new, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + new + "\n"
+    README.write_text(text)
+    print(new)
+
+
+if __name__ == "__main__":
+    main()

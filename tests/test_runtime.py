@@ -1,0 +1,208 @@
+"""The Ray runtime on a real local cluster: determinism over sampler counts, faults, resume, jobs."""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from distcl.config import load_config
+from distcl.continual import run_continual, task_dir
+from distcl.models import load_unet
+from distcl.replay import Teacher
+from distcl.models import build_scheduler
+from distcl.runtime import pipeline
+from distcl.runtime.samplers import RemoteReplay, SamplerPool
+from distcl.runtime.train import FAULT_ENV
+from distcl.training import InlineReplay
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["data.num_tasks=2", "data.train_per_class=40", "data.test_per_class=20", "train.batch_size=8",
+         "train.max_steps=12", "eval.num_samples=20", "eval.steps=2", "runtime.checkpoint_every=4"]  # fmt: skip
+
+
+def config(*extra):
+    return load_config(preset="smoke", overrides=SHORT + list(extra))
+
+
+def weights(out, k):
+    return load_file(task_dir(out, k) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def same_weights(a, b, atol=0.0):
+    """Bitwise equal (atol 0), or equal up to float reordering (thread counts differ between processes)."""
+    return a.keys() == b.keys() and all(torch.allclose(a[key], b[key], rtol=0, atol=atol) for key in a)
+
+
+def keep_task_0(src, dst):
+    """A copy of run ``src`` as it was after task 0 (saved and evaluated): a run to resume at task 1."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("task_1", "ray_train"))
+    for table in ("metrics.parquet", "train_log.parquet"):
+        df = pd.read_parquet(dst / table)
+        df[df.task == 0].to_parquet(dst / table)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(address="local", num_cpus=4, include_dashboard=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inline_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inline") / "run"
+    run_continual(config("runtime.backend=inline"), out, progress=False, log=lambda _: None)
+    return out
+
+
+def test_ray_run_equals_inline_for_1_and_3_samplers_and_survives_a_worker_fault(cluster, inline_run, tmp_path,
+                                                                                monkeypatch, capsys):  # fmt: skip
+    one = tmp_path / "one"
+    keep_task_0(inline_run, one)  # task 1 on Ray, from the same task-0 model
+    pipeline.run(config("runtime.num_samplers=1"), one, progress=False)
+    assert same_weights(weights(one, 1), weights(inline_run, 1), atol=1e-4)  # 1 thread per actor, 2 inline
+    assert not same_weights(weights(one, 1), weights(one, 0), atol=1e-4)
+    assert not (one / "ray_train").exists() or not any((one / "ray_train").iterdir())
+    log = pd.read_parquet(one / "train_log.parquet")
+    assert (log[log.task == 1].replay_wait_s >= 0).all() and log.step_s.notna().all()
+
+    three = tmp_path / "three"
+    keep_task_0(one, three)
+    marker = tmp_path / "fault-fired"
+    monkeypatch.setenv(FAULT_ENV, f"1:5:{marker}")  # raise once in the Train worker at task 1, step 5
+    capsys.readouterr()
+    pipeline.run(config("runtime.num_samplers=3"), three, progress=False)
+    assert marker.exists()
+    out = capsys.readouterr().out
+    assert "task 1: recovered at step 4" in out  # the checkpoint after step 3 (checkpoint_every=4)
+    assert same_weights(weights(three, 1), weights(one, 1))
+    log3 = pd.read_parquet(three / "train_log.parquet")
+    assert log3[log3.task == 1].step.tolist() == log[log.task == 1].step.tolist()  # no duplicated rows
+
+
+def test_killed_sampler_is_restarted_and_its_batches_reissued(cluster, inline_run):
+    cfg = config("runtime.num_samplers=2")
+    pool = SamplerPool(cfg, batch_size=8)
+    try:
+        teacher_dir = str(task_dir(inline_run, 0))
+        stream = RemoteReplay(pool.actors, 1, teacher_dir, rank=0, world=1, steps=10, depth=4, timeout_s=120)
+        pid = ray.get(pool.actors[0].where.remote())["pid"]
+        got = [stream.get(s) for s in range(3)]  # steps 3..6 now in flight
+        ray.kill(pool.actors[0], no_restart=False)
+        got += [stream.get(s) for s in range(3, 10)]
+        assert ray.get(pool.actors[0].where.remote())["pid"] != pid  # restarted
+    finally:
+        pool.stop()
+    unet = load_unet(task_dir(inline_run, 0), cfg.model).eval()
+    reference = InlineReplay(Teacher(unet, build_scheduler(cfg.model), 2), "gd", 8, cfg.seed, 1)
+    for step, batch in enumerate(got):
+        expected = reference.get(step)
+        assert torch.equal(batch.timesteps, expected.timesteps)
+        assert torch.allclose(batch.inputs, expected.inputs, atol=1e-4)  # the actor computes with 1 thread
+        assert torch.allclose(batch.targets, expected.targets, atol=1e-4)
+
+
+def test_layout_larger_than_the_cluster_is_refused(cluster):
+    with pytest.raises(RuntimeError, match=r"needs 9 CPU but the cluster has 4 .*num_samplers=8"):
+        pipeline.check_layout(config("runtime.num_samplers=8"))
+
+
+def test_mismatched_teacher_checkpoint_is_refused(inline_run):
+    with pytest.raises(ValueError, match="another architecture than model.preset 'small'.*sample_size 16"):
+        load_unet(task_dir(inline_run, 0), config("model.preset=small").model)
+    with pytest.raises(FileNotFoundError, match="no diffusers checkpoint"):
+        load_unet(inline_run / "nope", config().model)
+
+
+def _private(cmd, **kwargs):
+    """Run ``cmd`` in a private PID namespace: killing it ends every process it started, and nothing else."""
+    return subprocess.Popen(["unshare", "-pf", "--mount-proc", "--kill-child=SIGKILL", *cmd], **kwargs)
+
+
+def test_killed_driver_resumes_from_the_last_checkpoint(inline_run, tmp_path):
+    long = ["train.max_steps=60", "runtime.checkpoint_every=10"]
+    reference = tmp_path / "reference"
+    run_continual(config("runtime.backend=inline", *long), reference, progress=False, log=lambda _: None)
+    out = tmp_path / "run"
+    keep_task_0(reference, out)
+    cmd = [sys.executable, "-m", "distcl.cli", "run", "--preset", "smoke", "--out", str(out), "--no-progress"]
+    cmd += [arg for o in SHORT + long for arg in ("--set", o)]
+    driver = _private(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    snapshot = out / "ray_train" / "task_1" / "checkpoint_manager_snapshot.json"  # a checkpoint is registered
+    while not snapshot.exists() and time.time() < deadline:
+        assert driver.poll() is None, "the driver ended before its first checkpoint"
+        time.sleep(0.2)
+    killed_at = time.time()
+    driver.kill()
+    driver.wait()
+    assert not task_dir(out, 1).exists()
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "task 0" not in resumed.stdout.replace("task 0 (", "")  # task 0 neither retrained nor re-evaluated
+    assert "task 1: recovered at step" in resumed.stdout, resumed.stdout[-4000:]
+    print(f"driver killed, resumed run finished {time.time() - killed_at:.1f}s later")
+    assert same_weights(weights(out, 1), weights(reference, 1), atol=1e-4)
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_smoke_as_a_ray_job(tmp_path):
+    gcs, dashboard, agent, client = _free_ports(4)
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    head = _private(["ray", "start", "--head", "--block", "--num-cpus", "4", "--port", str(gcs),
+                     "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
+                     "--ray-client-server-port", str(client), "--temp-dir", temp_dir, "--include-dashboard", "true",
+                     "--dashboard-host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    out = tmp_path / "smoke"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
+            assert head.poll() is None and time.time() < deadline, "the head node did not come up"
+            time.sleep(1)
+        submit = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
+             "python", "jobs/train_cl.py", "--preset", "smoke", "--out", str(out), "--no-progress"],
+            env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
+        )  # fmt: skip
+        assert submit.returncode == 0, submit.stderr
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
+        status = ""
+        deadline = time.time() + 480
+        while time.time() < deadline:
+            status = subprocess.run(["ray", "job", "status", "--address", address, job_id], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
+            if re.search(r"job '[^']+' (succeeded|failed|stopped)|': (succeeded|failed|stopped)", status.lower()):
+                break
+            time.sleep(3)
+        logs = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
+        assert "succeeded" in status.lower(), status + logs[-3000:]
+    finally:
+        head.send_signal(signal.SIGKILL)
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert sorted(pd.read_parquet(out / "metrics.parquet").task.unique()) == [0, 1, 2, 3, 4]
+    assert all(task_dir(out, k).is_dir() for k in range(5)) and "task 4 evaluated" in logs
