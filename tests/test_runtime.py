@@ -114,6 +114,16 @@ def test_killed_sampler_is_restarted_and_its_batches_reissued(cluster, inline_ru
         assert torch.allclose(batch.targets, expected.targets, atol=1e-4)
 
 
+def test_a_raising_sampler_is_a_clear_error(cluster, inline_run, tmp_path):
+    pool = SamplerPool(config(), batch_size=8)
+    try:
+        stream = RemoteReplay(pool.actors, 1, str(tmp_path / "no-teacher"), 0, 1, steps=4, depth=2, timeout_s=60)
+        with pytest.raises(Exception, match="no diffusers checkpoint at .*no-teacher"):
+            stream.get(0)
+    finally:
+        pool.stop()
+
+
 def test_layout_larger_than_the_cluster_is_refused(cluster):
     with pytest.raises(RuntimeError, match=r"needs 9 CPU but the cluster has 4 .*num_samplers=8"):
         pipeline.check_layout(config("runtime.num_samplers=8"))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import ray
+from ray.train import TrainingFailedError
 
 from distcl.config import RunConfig
 from distcl.continual import TaskSpec, run_continual, task_dir
@@ -76,6 +77,8 @@ class RayTaskTrainer:
         self.clean_saved(k)
         try:
             state = fit_task(cfg, k, spec.init_dir, images_ref, samplers, self.out / "ray_train", use_gpu)
+        except TrainingFailedError as err:  # a worker error after runtime.max_failures restarts
+            raise RuntimeError(f"task {k} failed on Ray Train (nothing saved for it): {err}") from err
         finally:
             del images_ref
         for event in state["recoveries"]:
