@@ -33,7 +33,7 @@ from distcl.models import build_scheduler, build_unet, save_checkpoint
 from distcl.replay import Teacher
 from distcl.runtime.pipeline import run as run_on_ray
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
-from distcl.training import DataStream, InlineReplay, make_optimizer, train_task
+from distcl.training import DataStream, InlineReplay, make_optimizer, noise_seed, train_task
 
 STEPS = 12  # trainer steps per measurement
 ROUNDS = 3
@@ -44,7 +44,7 @@ def trainer_steps(cfg, student, images, replay, task=1) -> float:
     optimizer, _ = make_optimizer(student, cfg.train)
     rows = train_task(
         student, optimizer, DataStream(images, cfg.train.batch_size, cfg.seed, task), replay, task=task,
-        steps=STEPS, train_cfg=cfg.train, scheduler=build_scheduler(cfg.model), noise_seed=(0, "noise", task),
+        steps=STEPS, train_cfg=cfg.train, scheduler=build_scheduler(cfg.model), noise_seed=noise_seed(0, task),
         device=torch.device("cpu"), progress=False,
     )  # fmt: skip
     return statistics.median(r["step_s"] for r in rows[1:])  # the first step warms up

@@ -29,6 +29,7 @@ from distcl.training import (
     DataStream,
     InlineReplay,
     make_optimizer,
+    noise_seed,
     resolve_device,
     seeded_generator,
     steps_per_task,
@@ -132,11 +133,6 @@ def train_task_inline(spec: TaskSpec) -> list[dict]:
         lwf_teacher=spec.teacher if strategy == "lwf" else None,
         progress=spec.progress,
     )
-
-
-def noise_seed(seed: int, task: int, rank: int = 0) -> tuple:
-    """Seed parts of worker ``rank``'s per-step (t, eps) draws in task ``task``."""
-    return (seed, "noise", task, rank)
 
 
 def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_inline, progress: bool = True,

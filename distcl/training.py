@@ -1,4 +1,5 @@
-"""One task's training loop over an iterator of data batches and an iterator of replay batches (no Ray)."""
+"""One task's training loop over a data stream and a replay source, with the seeding that makes every batch a pure
+function of (seed, task, worker, step) (no Ray)."""
 from __future__ import annotations
 
 import hashlib
@@ -64,6 +65,11 @@ class DataStream:
             self._epoch = epoch
             self._order = torch.randperm(self.images.shape[0], generator=seeded_generator(*self.seed_parts, epoch))
         return self.images[self._order[i * self.batch_size : (i + 1) * self.batch_size]]
+
+
+def noise_seed(seed: int, task: int, rank: int = 0) -> tuple:
+    """Seed parts of worker ``rank``'s per-step (t, eps) draws in task ``task`` (the step is appended)."""
+    return (seed, "noise", task, rank)
 
 
 def replay_index(step: int, rank: int = 0, world: int = 1) -> int:

@@ -26,7 +26,7 @@ from distcl.config import RunConfig as DistclConfig
 from distcl.models import build_scheduler, build_unet, load_unet
 from distcl.replay import Teacher
 from distcl.runtime.samplers import RemoteReplay
-from distcl.training import DataStream, make_optimizer, steps_per_task, train_task
+from distcl.training import DataStream, make_optimizer, noise_seed, steps_per_task, train_task
 
 STATE_FILE = "state.pt"
 FAULT_ENV = "DISTCL_INJECT_WORKER_FAULT"  # "<task>:<step>:<marker file>": raise once there (fault tests)
@@ -113,7 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
     logged = train_task(
         model, optimizer, DataStream(images, per_worker, cfg.seed, k, rank, world), replay,
         task=k, steps=steps, train_cfg=cfg.train, scheduler=build_scheduler(cfg.model),
-        noise_seed=(cfg.seed, "noise", k, rank), device=device, ema=ema, lwf_teacher=lwf_teacher,
+        noise_seed=noise_seed(cfg.seed, k, rank), device=device, ema=ema, lwf_teacher=lwf_teacher,
         start_step=start_step, on_step=on_step, progress=False,
     )  # fmt: skip
     _report(state_at(steps - 1, logged), {"task": k, "step": steps - 1, "final": True}, rank)
