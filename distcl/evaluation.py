@@ -5,7 +5,6 @@ trains once on the training set and caches (no weights can be downloaded here).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile

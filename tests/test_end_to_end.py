@@ -1,5 +1,6 @@
 """End-to-end runs through the CLI and the driver on the real Debian Fashion-MNIST files, in one process
 (``--inline``; the same runs on Ray are in test_runtime.py)."""
+import shutil
 import subprocess
 import sys
 
@@ -72,8 +73,6 @@ def test_resume_retrains_nothing_done_and_reproduces(smoke):
     again = distcl("run", "--preset", "smoke", "--inline", "--out", str(out), "--no-progress")
     assert again.returncode == 0 and "trained" not in again.stdout and "evaluated" not in again.stdout
     # an interrupted run: task 4 neither saved nor evaluated -> only task 4 runs, to the same weights
-    import shutil
-
     shutil.rmtree(out / "task_4")
     metrics = pd.read_parquet(out / "metrics.parquet")
     metrics[metrics.task != 4].to_parquet(out / "metrics.parquet")

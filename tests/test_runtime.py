@@ -18,9 +18,8 @@ from safetensors.torch import load_file
 
 from distcl.config import load_config
 from distcl.continual import run_continual, task_dir
-from distcl.models import load_unet
+from distcl.models import build_scheduler, load_unet
 from distcl.replay import Teacher
-from distcl.models import build_scheduler
 from distcl.runtime import pipeline
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
 from distcl.runtime.train import FAULT_ENV
