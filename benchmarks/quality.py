@@ -1,6 +1,7 @@
 """Quality benchmark: finetune, joint, gr and gd on Split Fashion-MNIST (the ``cpu`` preset), FID / KLD / TV
-after every task, one run per (strategy, seed); pairs already in the results file are skipped, so seeds can
-be completed a piece at a time.
+and the continual classifier's accuracy and forgetting after every task, one run per (strategy, seed); pairs
+already in the results file (with the classifier's metrics) are skipped, so seeds can be completed a piece at
+a time.
 
     python -m benchmarks.quality                          # seed 42, all four strategies
     python -m benchmarks.quality --seeds 69 1714          # more seeds later
@@ -20,7 +21,7 @@ import pandas as pd
 
 from benchmarks.common import RESULTS, machine
 from distcl.config import load_config
-from distcl.continual import run_continual
+from distcl.continual import run
 
 STRATEGIES = ("finetune", "joint", "gr", "gd")
 TEACHER = {"gr": ["train.teacher_steps=2"], "gd": ["train.teacher_steps=2", "train.replay_lambda=3.0"]}
@@ -41,22 +42,19 @@ def main() -> None:
     results = pd.read_parquet(path) if path.exists() else pd.DataFrame()
     for seed in args.seeds:
         for strategy in args.strategies:
-            if not results.empty and ((results.strategy == strategy) & (results.seed == seed)
-                                      & (results.tag == args.tag)).any():  # fmt: skip
+            pair = (results.strategy == strategy) & (results.seed == seed) & (results.tag == args.tag) \
+                if not results.empty else pd.Series(dtype=bool)  # fmt: skip
+            if (pair & (results.metric == "accuracy")).any():
                 print(f"skip {strategy} seed {seed} ({args.tag}): done")
                 continue
+            results = results[~pair] if pair.any() else results  # a run from before the classifier: redone
             overrides = [f"train.strategy={strategy}", f"seed={seed}", f"name=quality-{args.tag}-{strategy}-{seed}",
-                         f"runtime.backend={'ray' if args.ray else 'inline'}", *TEACHER.get(strategy, []),
-                         *args.overrides]  # fmt: skip
+                         f"runtime.backend={'ray' if args.ray else 'inline'}", "classifier.enabled=true",
+                         *TEACHER.get(strategy, []), *args.overrides]  # fmt: skip
             cfg = load_config(preset=args.preset, overrides=overrides)
             out = Path(args.runs) / cfg.name
             start = time.perf_counter()
-            if args.ray:
-                from distcl.runtime.pipeline import run
-
-                metrics_path = run(cfg, out)
-            else:
-                metrics_path = run_continual(cfg, out)
+            metrics_path = run(cfg, out)
             wall = time.perf_counter() - start
             rows = pd.read_parquet(metrics_path)[["strategy", "seed", "task", "metric", "value"]]
             rows = rows.assign(wall_s=wall, machine=machine(), tag=args.tag, preset=args.preset)
@@ -69,14 +67,17 @@ def main() -> None:
 
 
 def table(results: pd.DataFrame) -> str:
-    """Final-task FID, KLD and TV per (tag, strategy): mean and standard error over seeds; wall time."""
+    """Final-task FID, KLD, TV and classifier accuracy per (tag, strategy): mean and standard error over seeds;
+    wall time."""
     last = results[results.task == results.task.max()]
     wide = last.pivot_table(index=["tag", "strategy", "seed"], columns="metric", values="value").reset_index()
+    wide = wide.reindex(columns=[*wide.columns, *({"accuracy", "forgetting"} - set(wide.columns))])
     wall = last.groupby(["tag", "strategy", "seed"]).wall_s.first().reset_index()
     wide = wide.merge(wall, on=["tag", "strategy", "seed"])
     agg = wide.groupby(["tag", "strategy"]).agg(
         seeds=("seed", "count"), fid=("fid", "mean"), fid_se=("fid", "sem"), kld=("kld", "mean"),
-        kld_se=("kld", "sem"), tv=("tv", "mean"), wall_min=("wall_s", lambda s: s.mean() / 60),
+        kld_se=("kld", "sem"), tv=("tv", "mean"), accuracy=("accuracy", "mean"), accuracy_se=("accuracy", "sem"),
+        forgetting=("forgetting", "mean"), wall_min=("wall_s", lambda s: s.mean() / 60),
     )  # fmt: skip
     order = {s: i for i, s in enumerate(STRATEGIES)}
     agg = agg.reset_index().sort_values(["tag", "strategy"], key=lambda c: c.map(order) if c.name == "strategy" else c)

@@ -1,13 +1,14 @@
 """Throughput benchmark: what the Ray runtime costs or saves, each figure a ratio measured side by side.
 
-    python -m benchmarks.throughput            # about 10 minutes on 2 cores
+    python -m benchmarks.throughput            # about 30 minutes on 2 cores (p3 runs the whole cpu preset twice)
+    python -m benchmarks.throughput --short    # p3 on 2 tasks x 60 steps: about 8 minutes
 
 - p1_trainer_ratio: trainer step time (1 thread) with gd replay from 1 sampler actor (1 thread, the other
   core), divided by a finetune step on the same 2B items; next to it the same ratio with replay made inline
   on the trainer (the reference's way). Rounds alternate the three modes; medians over rounds.
 - p2_sampler_scaling: replay items/s of 2 sampler actors divided by 1 (1 thread each).
-- p3_ray_vs_inline: wall time of a gd run through the Ray runtime divided by the same run in one process
-  (the ``cpu`` preset shortened to 2 tasks x 60 steps, so that it fits the benchmark's time).
+- p3_ray_vs_inline: wall time of a whole ``cpu``-preset gd run through the Ray runtime divided by the same
+  run in one process (``--short``: 2 tasks x 60 steps, 200 evaluation samples).
 - object_store_s: ray.put + ray.get of one replay batch, next to the step time.
 - samplers_needed: from the measured teacher forward and trainer step times, the sampler actors one trainer
   needs for gd with 2, 10 and 100 teacher steps: ceil((n + 1) * t_forward(B) / t_step(2B)).
@@ -16,6 +17,7 @@ Writes benchmarks/results/throughput.json.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -61,6 +63,10 @@ def replay_rate(actors, teacher_dir: str, batches: int, batch_size: int) -> floa
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help="p3 on a shortened run (2 tasks x 60 steps)")
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cfg = load_config(preset="cpu", overrides=["train.log_every=1", "runtime.num_samplers=1"])
     B = cfg.train.batch_size
@@ -129,17 +135,19 @@ def main() -> None:
             **{f"gd_{n}_steps": math.ceil((n + 1) * forward / step["finetune_2B"]) for n in (2, 10, 100)},
         }  # fmt: skip
 
-        short = ["data.num_tasks=2", "train.max_steps=60", "eval.num_samples=200", "runtime.num_samplers=1"]
-        inline_cfg = load_config(preset="cpu", overrides=short + ["runtime.backend=inline"])
+        short = ["data.num_tasks=2", "train.max_steps=60", "eval.num_samples=200"] if args.short else []
+        p3 = short + ["runtime.num_samplers=1", "train.strategy=gd", "train.teacher_steps=2"]
+        torch.set_num_threads(threads)  # the in-process run uses every core, as a user's would
+        inline_cfg = load_config(preset="cpu", overrides=p3 + ["runtime.backend=inline"])
         start = time.perf_counter()
         run_continual(inline_cfg, work / "inline", progress=False)
         inline_s = time.perf_counter() - start
-        ray_cfg = load_config(preset="cpu", overrides=short)
+        ray_cfg = load_config(preset="cpu", overrides=p3)
         start = time.perf_counter()
         run_on_ray(ray_cfg, work / "ray", progress=False)
         ray_s = time.perf_counter() - start
         results["p3_ray_vs_inline"] = {"inline_s": inline_s, "ray_s": ray_s, "ratio": ray_s / inline_s,
-                                       "run": "cpu preset, gd, 2 tasks x 60 steps, 200 eval samples",
+                                       "run": "cpu preset, gd" + (", 2 tasks x 60 steps, 200 eval samples" if args.short else ""),
                                        "goal": "<= 1.0"}  # fmt: skip
     finally:
         ray.shutdown()

@@ -3,6 +3,7 @@
     distcl run [CONFIG] [--preset smoke|cpu|paper] [--out DIR] [--set key.sub=value ...] [--data-dir DIR]
                [--address RAY_ADDRESS] [--inline]
     distcl report OUT
+    distcl tune SWEEP.yaml --out DIR      a Ray Tune sweep (tuning/*.yaml); distcl tune --resume DIR continues one
 
 Exit codes: 0 done, 1 the run failed (message on stderr), 2 bad input (nothing written).
 """
@@ -28,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     run.add_argument("--inline", action="store_true", help="no Ray: one process, replay made on the trainer")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tune = sub.add_parser("tune", help="a Ray Tune sweep over run-config fields (see tuning/)")
+    tune.add_argument("sweep", nargs="?", help="sweep file (fields of distcl.sweep.SweepConfig)")
+    tune.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
+    tune.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR (finished trials kept)")
+    tune.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     report = sub.add_parser("report", help="Markdown table and PNG plots of a run's metrics")
     report.add_argument("out", help="a run's output directory")
     return parser
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "tune":
+        return _tune(args)
     return _report(args)
 
 
@@ -53,17 +61,12 @@ def _run(args) -> int:
     except ConfigError as err:
         print(f"distcl: config error: {err}", file=sys.stderr)
         return 2
-    from distcl.continual import run_continual  # heavy imports only once the config is valid
+    from distcl.continual import run  # heavy imports only once the config is valid
     from distcl.data import DataError
 
     out = Path(args.out or Path("runs") / cfg.name)
     try:
-        if cfg.runtime.backend == "ray":
-            from distcl.runtime.pipeline import run
-
-            metrics = run(cfg, out, progress=not args.no_progress)
-        else:
-            metrics = run_continual(cfg, out, progress=not args.no_progress)
+        metrics = run(cfg, out, progress=not args.no_progress)
     except ConfigError as err:
         print(f"distcl: config error: {err}", file=sys.stderr)
         return 2
@@ -71,6 +74,36 @@ def _run(args) -> int:
         print(f"distcl: run failed: {err}", file=sys.stderr)
         return 1
     print(f"[distcl] done: {metrics}")
+    return 0
+
+
+def _tune(args) -> int:
+    from distcl.sweep import load_sweep
+
+    try:
+        if (args.sweep is None) == (args.resume is None):
+            raise ConfigError("sweep", "give a sweep file, or --resume DIR (not both)")
+        if args.resume:
+            sweep, out = None, Path(args.resume)
+        else:
+            sweep = load_sweep(args.sweep)
+            if args.address:
+                sweep.base.setdefault("runtime", {})["address"] = args.address
+            out = Path(args.out or Path("runs") / "sweeps" / sweep.name)
+    except ConfigError as err:
+        print(f"distcl: config error: {err}", file=sys.stderr)
+        return 2
+    from distcl.runtime.tune import run_sweep
+
+    try:
+        summary = run_sweep(sweep, out, resume=sweep is None)
+    except ConfigError as err:
+        print(f"distcl: config error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"distcl: sweep failed: {err}", file=sys.stderr)
+        return 1
+    print(f"[distcl] done: {summary}")
     return 0
 
 

@@ -18,6 +18,7 @@ STRATEGIES = ("finetune", "joint", "gr", "gd", "partial_generation", "gaussian",
 DEVICES = ("auto", "cpu", "cuda")
 FEATURE_EXTRACTORS = ("auto", "fmnist", "inception")
 BACKENDS = ("ray", "inline")
+CLASSIFIER_STRATEGIES = ("auto", "replay", "finetune", "joint")
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,35 @@ class EvalConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """The continual classifier (distcl.solver), trained after every generator task when enabled."""
+
+    enabled: bool = False
+    strategy: str = "auto"  # auto: joint / finetune when train.strategy is, else replay from the generator
+    epochs: float = 1.0  # passes over the task's data per task
+    batch_size: int = 64  # real items per step (and as many replay images)
+    lr: float = 1e-3
+    replay_steps: int = 10  # DDIM steps of the generator's replay images
+    replay_eta: float = 0.0
+    temperature: float = 2.0  # of the soft labels
+
+    def validate(self) -> None:
+        _check(self.strategy in CLASSIFIER_STRATEGIES, "classifier.strategy",
+               f"{self.strategy!r} (allowed: {', '.join(CLASSIFIER_STRATEGIES)})")  # fmt: skip
+        _check(self.epochs > 0, "classifier.epochs", f"{self.epochs} (allowed: > 0)")
+        _check(self.batch_size >= 1, "classifier.batch_size", f"{self.batch_size} (allowed: >= 1)")
+        _check(self.lr > 0, "classifier.lr", f"{self.lr} (allowed: > 0)")
+        _check(self.replay_steps >= 1, "classifier.replay_steps", f"{self.replay_steps} (allowed: >= 1)")
+        _check(0 <= self.replay_eta <= 1, "classifier.replay_eta", f"{self.replay_eta} (allowed: 0 <= eta <= 1)")
+        _check(self.temperature > 0, "classifier.temperature", f"{self.temperature} (allowed: > 0)")
+
+    def resolved_strategy(self, generator_strategy: str) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        return generator_strategy if generator_strategy in ("joint", "finetune") else "replay"
+
+
+@dataclass
 class RuntimeConfig:
     """Where the work runs: the Ray layout (or ``inline``: one process, replay made on the trainer)."""
 
@@ -150,6 +180,7 @@ class RuntimeConfig:
     num_cpus: Optional[int] = None  # CPUs of a new local cluster (None: Ray's count)
     num_workers: int = 1  # Ray Train workers; train.batch_size is split among them
     cpus_per_worker: float = 1.0
+    worker_resource: Optional[str] = None  # a custom resource each Train worker needs one unit of
     use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
     num_samplers: int = 2  # teacher sampler actors
     sampler_cpus: float = 1.0
@@ -184,13 +215,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a non-empty name without '/')")
         _check(self.seed >= 0, "seed", f"{self.seed} (allowed: >= 0)")
         _check(self.device in DEVICES, "device", f"{self.device!r} (allowed: {', '.join(DEVICES)})")
-        for section in (self.data, self.model, self.train, self.eval, self.runtime):
+        for section in (self.data, self.model, self.train, self.eval, self.classifier, self.runtime):
             section.validate()
         if self.runtime.backend == "ray":
             _check(
@@ -221,6 +253,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"train_per_class": 2000, "test_per_class": 500},
         "train": {"strategy": "gd", "batch_size": 64, "epochs": 8.0, "lr": 1e-3},
         "eval": {"num_samples": 1000, "steps": 10},
+        "classifier": {"epochs": 2.0},
     },
     # The reference's scale (Masip et al.): needs a GPU.
     "paper": {
@@ -293,6 +326,12 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, name)
+    if hint is Any:
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"expected a mapping, got {value!r}")
+        return value
     if origin is list:
         (inner,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):

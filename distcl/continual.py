@@ -20,13 +20,15 @@ import torch
 import yaml
 from diffusers import DDIMScheduler, UNet2DModel
 
-from distcl.config import ConfigError, RunConfig
-from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate
+from distcl.config import ConfigError, RunConfig, from_dict
+from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate, select, to_model_range
 from distcl.evaluation import Evaluator
 from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
 from distcl.replay import REPLAY_ITEM_STRATEGIES, Teacher
+from distcl.solver import ImageReplay, InlineImageReplay, SolverCNN, accuracy, forgetting, solver_steps, train_solver_task
 from distcl.training import (
     DataStream,
+    derive_seed,
     InlineReplay,
     make_optimizer,
     noise_seed,
@@ -65,8 +67,8 @@ def prepare_out(cfg: RunConfig, out: Path) -> None:
     may change between resumes, except the number of Train workers (it shards data and replay)."""
     resolved = cfg.to_dict()
     config_path = out / "config.yaml"
-    if config_path.exists():
-        previous = _results_config(yaml.safe_load(config_path.read_text()))
+    if config_path.exists():  # read through RunConfig: fields added since the run was made take their defaults
+        previous = _results_config(from_dict(RunConfig, yaml.safe_load(config_path.read_text())).to_dict())
         if previous != _results_config(resolved):
             changed = sorted(_diff(previous, _results_config(resolved)))
             raise ConfigError("--out", f"{out} holds a run with another config (differs in {', '.join(changed)}); "
@@ -108,6 +110,7 @@ class TaskSpec:
 
 
 TaskTrainer = Callable[[TaskSpec], list[dict]]
+ImageReplayFactory = Callable[[RunConfig, int, Path, int], ImageReplay]  # (cfg, task, teacher dir, steps)
 
 
 def train_task_inline(spec: TaskSpec) -> list[dict]:
@@ -135,9 +138,65 @@ def train_task_inline(spec: TaskSpec) -> list[dict]:
     )
 
 
+def inline_image_replay(cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> InlineImageReplay:
+    """The classifier's replay images made in this process by the generator saved at ``teacher_dir``."""
+    unet = load_unet(teacher_dir, cfg.model, resolve_device(cfg.device)).eval().requires_grad_(False)
+    c = cfg.classifier
+    return InlineImageReplay(unet, build_scheduler(cfg.model), c.batch_size, c.replay_steps, c.replay_eta, cfg.seed, k)
+
+
+def classifier_path(out: Path, k: int) -> Path:
+    return out / "classifier" / f"task_{k}.pt"
+
+
+def train_classifier_task(cfg: RunConfig, scenario: Scenario, k: int, out: Path, device: torch.device,
+                          image_replay: ImageReplayFactory, progress: bool) -> list[dict]:  # fmt: skip
+    """Classifier task k (distcl.solver): starts from the classifier of task k-1; saved to classifier/task_<k>.pt."""
+    c = cfg.classifier
+    strategy = c.resolved_strategy(cfg.train.strategy)
+    torch.manual_seed(derive_seed(cfg.seed, "classifier_init"))
+    model = SolverCNN()
+    if k > 0:
+        model.load_state_dict(torch.load(classifier_path(out, k - 1), map_location="cpu"))
+    previous = copy.deepcopy(model).to(device).eval().requires_grad_(False) if strategy == "replay" and k > 0 else None
+    images, labels = scenario.train_images(k, strategy == "joint"), scenario.train_labels(k, strategy == "joint")
+    steps = solver_steps(len(labels), c.epochs, c.batch_size)
+    replay = image_replay(cfg, k, task_dir(out, k - 1), steps) if previous is not None else None
+    rows = train_solver_task(model, previous, images, labels, replay, k, steps, c, cfg.seed, device, progress)
+    path = classifier_path(out, k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.cpu().state_dict(), path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return rows
+
+
+def classifier_metrics(cfg: RunConfig, scenario: Scenario, k: int, out: Path, device: torch.device) -> dict[str, float]:
+    """``accuracy`` on the test data of every class seen so far, ``forgetting`` (distcl.solver.forgetting) and
+    ``accuracy_task<j>`` (on task j's classes) for j <= k; earlier tasks' values come from metrics.parquet."""
+    model = SolverCNN()
+    model.load_state_dict(torch.load(classifier_path(out, k), map_location="cpu"))
+    model.to(device).eval()
+
+    def acc(split) -> float:
+        return accuracy(model, to_model_range(split.images, scenario.sample_size), split.labels)
+
+    metrics = {"accuracy": acc(scenario.test_split(k))}
+    per_task = {j: acc(select(scenario.test, scenario.tasks[j], None)) for j in range(k + 1)}
+    history = {l: {j: task_metrics(out, l)[f"accuracy_task{j}"] for j in range(l + 1)} for l in range(k)}
+    history[k] = per_task
+    metrics["forgetting"] = forgetting(history, k)
+    metrics.update({f"accuracy_task{j}": a for j, a in per_task.items()})
+    return metrics
+
+
 def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_inline, progress: bool = True,
-                  log: Callable[[str], None] = print) -> Path:  # fmt: skip
-    """Run (or resume) all tasks of ``cfg`` into ``out``; returns the metrics table's path."""
+                  log: Callable[[str], None] = print,
+                  on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
+                  image_replay: ImageReplayFactory = inline_image_replay) -> Path:  # fmt: skip
+    """Run (or resume) all tasks of ``cfg`` into ``out``; returns the metrics table's path. ``on_task(k, metrics)``
+    is called after task k is evaluated, in task order, also for tasks a resumed run finds done. With
+    ``classifier.enabled`` the classifier's task k follows the generator's, its replay images from
+    ``image_replay``."""
     out = Path(out)
     device = resolve_device(cfg.device)
     cache = cache_dir(cfg.cache_dir)
@@ -171,11 +230,19 @@ def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_
             save_checkpoint(student, scheduler, directory)
             log(f"[distcl] task {k} {scenario.tasks[k]}: trained {rows[-1]['step'] + 1} steps in "
                 f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}")  # fmt: skip
+        if cfg.classifier.enabled and not classifier_path(out, k).exists():
+            start = time.perf_counter()
+            rows = train_classifier_task(cfg, scenario, k, out, device, image_replay, progress)
+            append_rows(out / "classifier_log.parquet", rows, k)
+            log(f"[distcl] classifier task {k}: trained {len(rows)} steps in {time.perf_counter() - start:.1f}s, "
+                f"last loss {rows[-1]['loss']:.4f}")  # fmt: skip
         if k not in done_eval:
             start = time.perf_counter()
             unet = load_unet(directory, cfg.model, device).eval()
             metrics = evaluator.evaluate(unet, scheduler, scenario.test_split(k), seeded_generator(cfg.seed, "eval", k),
                                          out / "samples" / f"task_{k}.png")  # fmt: skip
+            if cfg.classifier.enabled:
+                metrics.update(classifier_metrics(cfg, scenario, k, out, device))
             rows = [
                 {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k, "metric": m, "value": v}
                 for m, v in metrics.items()
@@ -183,4 +250,22 @@ def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_
             append_rows(out / "metrics.parquet", rows, k)
             log(f"[distcl] task {k} evaluated in {time.perf_counter() - start:.1f}s: "
                 + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))  # fmt: skip
+        if on_task is not None:
+            on_task(k, task_metrics(out, k))
     return out / "metrics.parquet"
+
+
+def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
+        on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
+    """Run ``cfg`` on its ``runtime.backend``: Ray (distcl.runtime.pipeline) or this process."""
+    if cfg.runtime.backend == "ray":
+        from distcl.runtime.pipeline import run as run_on_ray  # Ray only when asked for
+
+        return run_on_ray(cfg, out, progress=progress, log=log, on_task=on_task)
+    return run_continual(cfg, out, progress=progress, log=log, on_task=on_task)
+
+
+def task_metrics(out: Path, k: int) -> dict[str, float]:
+    """The metrics of task k from OUT/metrics.parquet, as {metric: value}."""
+    table = pq.read_table(out / "metrics.parquet", filters=[("task", "=", k)], columns=["metric", "value"])
+    return dict(zip(table["metric"].to_pylist(), table["value"].to_pylist()))

@@ -177,8 +177,14 @@ class Scenario:
 
     def train_images(self, k: int, joint: bool = False) -> torch.Tensor:
         """Task k's training images (all tasks 0..k for joint training), float [N, 1, S, S] in [-1, 1]."""
-        classes = [c for j in range(k + 1) for c in self.tasks[j]] if joint else list(self.tasks[k])
-        return to_model_range(select(self.train, classes, None).images, self.sample_size)
+        return to_model_range(self._train_split(k, joint).images, self.sample_size)
+
+    def train_labels(self, k: int, joint: bool = False) -> torch.Tensor:
+        """The labels of ``train_images(k, joint)``, in the same order."""
+        return self._train_split(k, joint).labels
+
+    def _train_split(self, k: int, joint: bool) -> Split:
+        return select(self.train, self.seen_classes(k) if joint else list(self.tasks[k]), None)
 
     def seen_classes(self, k: int) -> list[int]:
         return [c for j in range(k + 1) for c in self.tasks[j]]

@@ -24,6 +24,7 @@ from distcl.models import FashionClassifier
 
 FMNIST_EXTRACTOR = "distcl-fmnist"
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+METRICS = ("fid", "kld", "tv", "gen_in_seen")  # what Evaluator.evaluate returns after every task
 KLD_EPS = 1e-6  # floor on p_gen so that a class never generated gives a large, finite KL
 
 

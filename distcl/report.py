@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-PLOTTED_METRICS = ("fid", "kld")
+PLOTTED_METRICS = ("fid", "kld", "accuracy")
 
 
 def load_metrics(out: Path) -> pd.DataFrame:
@@ -20,7 +20,9 @@ def load_metrics(out: Path) -> pd.DataFrame:
 
 
 def metrics_table(df: pd.DataFrame) -> str:
-    """One row per (run, strategy, task), one column per metric, as a Markdown table."""
+    """One row per (run, strategy, task), one column per metric (not the per-task accuracies behind
+    ``forgetting``), as a Markdown table."""
+    df = df[~df.metric.str.startswith("accuracy_task")]
     wide = df.pivot_table(index=["run", "strategy", "task"], columns="metric", values="value").reset_index()
     wide.columns.name = None
     return wide.to_markdown(index=False, floatfmt=".4f")

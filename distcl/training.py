@@ -59,12 +59,16 @@ class DataStream:
         self.seed_parts = (seed, "data", task, rank, world)
         self._epoch, self._order = -1, None
 
-    def batch(self, step: int) -> torch.Tensor:
+    def indices(self, step: int) -> torch.Tensor:
+        """Positions in the shard of the batch at ``step``."""
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
             self._order = torch.randperm(self.images.shape[0], generator=seeded_generator(*self.seed_parts, epoch))
-        return self.images[self._order[i * self.batch_size : (i + 1) * self.batch_size]]
+        return self._order[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def batch(self, step: int) -> torch.Tensor:
+        return self.images[self.indices(step)]
 
 
 def noise_seed(seed: int, task: int, rank: int = 0) -> tuple:

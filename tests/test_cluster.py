@@ -4,7 +4,7 @@ import jsonschema
 import pytest
 import yaml
 
-from distcl.runtime.cluster import validate_cluster_config
+from distcl.runtime.cluster import validate_cluster_config, validate_rayjob_manifest
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 
@@ -26,3 +26,30 @@ def test_misspelled_key_is_caught(tmp_path):
     bad.write_text(yaml.safe_dump(config))
     with pytest.raises(jsonschema.ValidationError, match="'max_worker' was unexpected"):
         validate_cluster_config(bad)
+
+
+RAYJOB = Path(__file__).resolve().parents[1] / "k8s" / "rayjob.yaml"
+
+
+def test_kuberay_rayjob_has_required_fields():
+    manifest = validate_rayjob_manifest(RAYJOB)
+    assert "jobs/train_cl.py" in manifest["spec"]["entrypoint"]
+    cluster = manifest["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    sampler = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "sampler")
+    assert "sampler_slot" in sampler["rayStartParams"]["resources"]
+
+
+@pytest.mark.parametrize("breaks, message", [
+    (lambda m: m["spec"].pop("entrypoint"), "spec.entrypoint is missing"),
+    (lambda m: m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replicas=9), "minReplicas <= replicas"),
+    (lambda m: m["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("image"),
+     "need an image"),
+])  # fmt: skip
+def test_kuberay_rayjob_missing_fields_are_named(tmp_path, breaks, message):
+    manifest = yaml.safe_load(RAYJOB.read_text())
+    breaks(manifest)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ValueError, match=message):
+        validate_rayjob_manifest(bad)

@@ -28,7 +28,8 @@ def weights(task_dir):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
-    result = distcl("run", "--preset", "smoke", "--inline", "--out", str(out), "--no-progress")
+    result = distcl("run", "--preset", "smoke", "--inline", "--out", str(out), "--no-progress",
+                    "--set", "classifier.enabled=true")  # fmt: skip
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -50,6 +51,23 @@ def test_smoke_writes_every_output(smoke):
     assert {"task", "step", "loss", "loss_data", "loss_replay", "step_s", "replay_wait_s"} <= set(log.columns)
     assert (log[log.task == 0].loss_replay == 0).all() and (log[log.task > 0].loss_replay > 0).all()
     assert load_config(out / "config.yaml").train.strategy == "gd"
+
+
+def test_smoke_trains_the_continual_classifier(smoke):
+    out, result = smoke
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    accuracy = metrics[metrics.metric == "accuracy"].set_index("task").value
+    assert list(accuracy.index) == [0, 1, 2, 3, 4]
+    assert accuracy[0] > 0.8  # two classes after task 0
+    assert ((accuracy > 0) & (accuracy <= 1)).all()
+    forgetting = metrics[metrics.metric == "forgetting"].set_index("task").value
+    assert forgetting[0] == 0 and forgetting.between(-1, 1).all()
+    log = pd.read_parquet(out / "classifier_log.parquet")
+    assert (log[log.task == 0].loss_replay == 0).all() and (log[log.task > 0].loss_replay > 0).all()
+    assert all((out / "classifier" / f"task_{k}.pt").is_file() for k in range(5))
+    report = distcl("report", str(out))
+    assert report.returncode == 0 and "accuracy" in report.stdout and "accuracy_task" not in report.stdout
+    assert (out / "accuracy.png").is_file()
 
 
 def test_pipeline_loads_the_last_task(smoke):

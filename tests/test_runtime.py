@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from distcl.config import load_config
-from distcl.continual import run_continual, task_dir
+from distcl.continual import inline_image_replay, run_continual, task_dir
 from distcl.models import build_scheduler, load_unet
 from distcl.replay import Teacher
 from distcl.runtime import pipeline
@@ -111,6 +111,20 @@ def test_killed_sampler_is_restarted_and_its_batches_reissued(cluster, inline_ru
         assert torch.equal(batch.timesteps, expected.timesteps)
         assert torch.allclose(batch.inputs, expected.inputs, atol=1e-4)  # the actor computes with 1 thread
         assert torch.allclose(batch.targets, expected.targets, atol=1e-4)
+
+
+def test_classifier_replay_images_come_from_the_samplers(cluster, inline_run, tmp_path):
+    cfg = config("classifier.enabled=true", "classifier.batch_size=4", "classifier.replay_steps=2")
+    trainer = pipeline.RayTaskTrainer(tmp_path)
+    try:
+        remote = trainer.image_replay(cfg, 1, task_dir(inline_run, 0), steps=3)
+        got = [remote.get(s) for s in range(3)]
+    finally:
+        trainer.close()
+    inline = inline_image_replay(cfg, 1, task_dir(inline_run, 0), steps=3)
+    for step, images in enumerate(got):
+        assert images.shape == (4, 1, 16, 16)
+        assert torch.allclose(images, inline.get(step), atol=1e-4)
 
 
 def test_a_raising_sampler_is_a_clear_error(cluster, inline_run, tmp_path):

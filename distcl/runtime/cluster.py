@@ -19,3 +19,40 @@ def validate_cluster_config(path: str | Path) -> dict:
     prepared = prepare_config(copy.deepcopy(config))
     validate_config(prepared)
     return prepared
+
+
+def validate_rayjob_manifest(path: str | Path) -> dict:
+    """Check a KubeRay ``RayJob`` manifest for the fields the operator needs (no cluster here to apply it to):
+    apiVersion ray.io/v1, metadata.name, spec.entrypoint, a head group and worker groups, each with
+    rayStartParams and a pod template whose containers have an image, and minReplicas <= replicas <=
+    maxReplicas. Raises ValueError naming the missing or wrong field."""
+    manifest = yaml.safe_load(Path(path).read_text())
+
+    def need(node, dotted: str, kind: type = object):
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"{path}: {dotted} is missing")
+            node = node[part]
+        if not isinstance(node, kind):
+            raise ValueError(f"{path}: {dotted} must be a {kind.__name__}")
+        return node
+
+    if need(manifest, "apiVersion", str) != "ray.io/v1" or need(manifest, "kind", str) != "RayJob":
+        raise ValueError(f"{path}: apiVersion/kind must be ray.io/v1 RayJob")
+    need(manifest, "metadata.name", str)
+    need(manifest, "spec.entrypoint", str)
+    cluster = need(manifest, "spec.rayClusterSpec", dict)
+    groups = {"headGroupSpec": need(cluster, "headGroupSpec", dict)}
+    for i, group in enumerate(need(cluster, "workerGroupSpecs", list)):
+        name = f"workerGroupSpecs[{i}]"
+        need(group, "groupName", str)
+        low, n, high = (need(group, key, int) for key in ("minReplicas", "replicas", "maxReplicas"))
+        if not low <= n <= high:
+            raise ValueError(f"{path}: {name} needs minReplicas <= replicas <= maxReplicas, got {low}, {n}, {high}")
+        groups[name] = group
+    for name, group in groups.items():
+        need(group, "rayStartParams", dict)
+        containers = need(group, "template.spec.containers", list)
+        if not containers or not all(isinstance(c, dict) and c.get("image") for c in containers):
+            raise ValueError(f"{path}: {name}.template.spec.containers need an image each")
+    return manifest

@@ -3,6 +3,7 @@
 the driver saves and evaluates (distcl.continual does the rest: resume, outputs)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from ray.train import TrainingFailedError
 from distcl.config import RunConfig
 from distcl.continual import TaskSpec, run_continual, task_dir
 from distcl.replay import REPLAY_ITEM_STRATEGIES
-from distcl.runtime.samplers import SamplerPool
+from distcl.runtime.samplers import RemoteReplay, SamplerPool
 from distcl.runtime.train import fit_task
 
 
@@ -26,6 +27,8 @@ def layout_needs(cfg: RunConfig) -> dict[str, float]:
         needs["GPU"] = rt.num_samplers * rt.sampler_gpus
     if rt.sampler_resource:
         needs[rt.sampler_resource] = rt.num_samplers
+    if rt.worker_resource:
+        needs[rt.worker_resource] = needs.get(rt.worker_resource, 0) + rt.num_workers
     return needs
 
 
@@ -52,7 +55,7 @@ def check_layout(cfg: RunConfig) -> None:
                 f"the layout needs {need:g} {resource} but the cluster has {have.get(resource, 0):g} "
                 f"(runtime.num_workers={rt.num_workers}, cpus_per_worker={rt.cpus_per_worker}, "
                 f"num_samplers={rt.num_samplers}, sampler_cpus={rt.sampler_cpus}, sampler_gpus={rt.sampler_gpus}, "
-                f"sampler_resource={rt.sampler_resource}, num_cpus={rt.num_cpus})"
+                f"sampler_resource={rt.sampler_resource}, worker_resource={rt.worker_resource}, num_cpus={rt.num_cpus})"
             )
 
 
@@ -70,9 +73,7 @@ class RayTaskTrainer:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.runtime.num_workers
         samplers = []
         if spec.teacher is not None and cfg.train.strategy in REPLAY_ITEM_STRATEGIES:
-            if self.pool is None:
-                self.pool = SamplerPool(cfg, cfg.train.batch_size // cfg.runtime.num_workers)
-            samplers = self.pool.actors
+            samplers = self.samplers(cfg)
         images_ref = ray.put(spec.images)
         self.clean_saved(k)
         try:
@@ -85,7 +86,28 @@ class RayTaskTrainer:
             self.log(f"[distcl] task {k}: recovered at step {event['resumed_at_step']} "
                      f"({event['recovery_s']:.1f}s after the checkpoint)")  # fmt: skip
         spec.student.load_state_dict(state["model"])
+        self.record_placement(k, state["worker_nodes"])
         return state["rows"]
+
+    def samplers(self, cfg: RunConfig) -> list:
+        """The run's sampler actors, started on first use."""
+        if self.pool is None:
+            self.pool = SamplerPool(cfg, cfg.train.batch_size // cfg.runtime.num_workers)
+        return self.pool.actors
+
+    def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> RemoteReplay:
+        """The classifier's replay images of task k, made by the sampler actors (distcl.continual.ImageReplayFactory)."""
+        c, rt = cfg.classifier, cfg.runtime
+        return RemoteReplay(self.samplers(cfg), k, str(teacher_dir), 0, 1, steps, rt.replay_depth, rt.replay_timeout_s,
+                            method="images", extra=(c.batch_size, c.replay_steps, c.replay_eta))  # fmt: skip
+
+    def record_placement(self, k: int, worker_nodes: list[str]) -> None:
+        """OUT/placement.json: the node ids of task k's Train workers (by rank) and sampler actors."""
+        samplers = ray.get([a.where.remote() for a in self.pool.actors]) if self.pool is not None else []
+        path = self.out / "placement.json"
+        placement = json.loads(path.read_text()) if path.exists() else {}
+        placement[f"task_{k}"] = {"train_workers": worker_nodes, "samplers": [s["node_id"] for s in samplers]}
+        path.write_text(json.dumps(placement, indent=2))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -99,13 +121,15 @@ class RayTaskTrainer:
                 shutil.rmtree(self.out / "ray_train" / f"task_{j}", ignore_errors=True)
 
 
-def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """``distcl run`` on Ray."""
+def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
+        on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
+    """``distcl run`` on Ray (arguments as distcl.continual.run_continual)."""
     connect(cfg)
     check_layout(cfg)
     trainer = RayTaskTrainer(out, log)
     try:
-        metrics = run_continual(cfg, out, train_fn=trainer, progress=progress, log=log)
+        metrics = run_continual(cfg, out, train_fn=trainer, progress=progress, log=log, on_task=on_task,
+                                image_replay=trainer.image_replay)  # fmt: skip
     finally:
         trainer.close()
     trainer.clean_saved(cfg.data.num_tasks)

@@ -16,6 +16,7 @@ import torch
 
 from distcl.models import build_scheduler, load_unet
 from distcl.replay import ReplayBatch, Teacher
+from distcl.solver import replay_images
 from distcl.training import indexed_replay, replay_index
 
 ACTOR_RESTARTS = 4
@@ -34,14 +35,22 @@ class TeacherSampler:
         self.loaded: Optional[tuple[int, str]] = None
         self.teacher: Optional[Teacher] = None
 
-    def make(self, task: int, teacher_dir: str, index: int) -> ReplayBatch:
-        """Replay batch ``index`` of task ``task`` from the teacher saved at ``teacher_dir`` (CPU tensors)."""
+    def _teacher(self, task: int, teacher_dir: str) -> Teacher:
         if self.loaded != (task, teacher_dir):
             unet = load_unet(Path(teacher_dir), self.model_cfg, self.device).eval().requires_grad_(False)
             self.teacher = Teacher(unet, build_scheduler(self.model_cfg), self.steps, self.eta)
             self.loaded = (task, teacher_dir)
-        batch = indexed_replay(self.teacher, self.strategy, self.batch_size, self.seed, task, index)
+        return self.teacher
+
+    def make(self, task: int, teacher_dir: str, index: int) -> ReplayBatch:
+        """Replay batch ``index`` of task ``task`` from the teacher saved at ``teacher_dir`` (CPU tensors)."""
+        batch = indexed_replay(self._teacher(task, teacher_dir), self.strategy, self.batch_size, self.seed, task, index)
         return batch.to("cpu")
+
+    def images(self, task: int, teacher_dir: str, index: int, n: int, steps: int, eta: float) -> torch.Tensor:
+        """The classifier's replay image batch ``index`` of task ``task`` (distcl.solver.replay_images)."""
+        teacher = self._teacher(task, teacher_dir)
+        return replay_images(teacher.unet, teacher.scheduler, n, steps, eta, self.seed, task, index)
 
     def where(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
@@ -69,11 +78,13 @@ class SamplerPool:
 
 
 class RemoteReplay:
-    """Worker ``rank``'s replay stream: batch index = step * world + rank, asked of actor index % n.
+    """Worker ``rank``'s replay stream: batch index = step * world + rank, asked of actor index % n (its ``method``:
+    ``make`` for replay batches, ``images`` with ``extra`` = (n, steps, eta) for the classifier's images).
     At most ``depth`` requests are in flight (Ray's "limit pending tasks" pattern); ``get`` waits for its own."""
 
     def __init__(self, actors: list, task: int, teacher_dir: str, rank: int, world: int, steps: int, depth: int,
-                 timeout_s: float):  # fmt: skip
+                 timeout_s: float, method: str = "make", extra: tuple = ()):  # fmt: skip
+        self.method, self.extra = method, extra
         self.actors, self.task, self.teacher_dir = actors, task, teacher_dir
         self.rank, self.world, self.steps = rank, world, steps
         self.depth, self.timeout_s = depth, timeout_s
@@ -82,7 +93,8 @@ class RemoteReplay:
 
     def _submit(self, step: int) -> None:
         index = replay_index(step, self.rank, self.world)
-        self.pending[step] = self.actors[index % len(self.actors)].make.remote(self.task, self.teacher_dir, index)
+        actor = self.actors[index % len(self.actors)]
+        self.pending[step] = getattr(actor, self.method).remote(self.task, self.teacher_dir, index, *self.extra)
 
     def get(self, step: int) -> ReplayBatch:
         if self.next_step is None or step not in self.pending and step >= self.next_step:

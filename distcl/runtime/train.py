@@ -77,6 +77,10 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[distcl] task {k}: resumed at step {start_step} from checkpoint, "
                   f"{recoveries[-1]['recovery_s']:.1f}s after it was written", flush=True)  # fmt: skip
     model = ray.train.torch.prepare_model(student)
+    worker_nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:  # every rank's node, in rank order (placement.json)
+        worker_nodes = [None] * world
+        torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
     lwf_teacher = None
     if cfg.train.strategy == "lwf" and init_dir is not None:
         frozen = load_unet(Path(init_dir), cfg.model, device).eval().requires_grad_(False)
@@ -93,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
         return {
             "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "step": step, "rows": rows + logged,
-            "recoveries": recoveries, "time": time.time(),
+            "recoveries": recoveries, "time": time.time(), "worker_nodes": worker_nodes,
         }  # fmt: skip
 
     def on_step(step: int, logged: list[dict]) -> None:
@@ -137,7 +141,8 @@ def fit_task(cfg: DistclConfig, k: int, init_dir: Optional[Path], images_ref, sa
                            "images": images_ref, "samplers": samplers, "fault": os.environ.get(FAULT_ENV)},  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=rt.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": rt.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={"CPU": rt.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+                                  **({rt.worker_resource: 1} if rt.worker_resource else {})},
         ),  # fmt: skip
         run_config=RunConfig(
             name=f"task_{k}",

@@ -1,0 +1,189 @@
+"""Sweeps on Ray Tune: one trial = one continual run (Ray Train inside with the Ray backend), reporting after
+every task, so that ASHA can stop a bad config after its early tasks (the task is Tune's time axis).
+
+    Tuner(with_resources(with_parameters(run_trial, ...), {"cpu": trial_cpus}), param_space=...,
+          tune_config=TuneConfig(scheduler=ASHA?, max_concurrent_trials=...), run_config=RunConfig("tune", DIR))
+
+DIR/sweep.yaml       the sweep, so that ``distcl tune --resume DIR`` needs nothing else
+DIR/tune/            Tune's experiment state (Tuner.restore resumes it; finished trials are not rerun)
+DIR/runs/<slug>/     each trial's run directory (a resumed trial resumes its run: finished tasks are kept)
+DIR/sweep.parquet, summary.parquet, summary.md, final_fid.png   the results
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+
+from distcl.config import ConfigError, from_dict
+from distcl.continual import run
+from distcl.runtime.pipeline import layout_needs
+from distcl.sweep import (
+    SweepConfig,
+    fid_auc,
+    plot_final_fid,
+    summarize,
+    summary_markdown,
+    trial_row,
+    trial_slug,
+)
+
+TUNE_NAME = "tune"
+
+
+def trial_dir(out: Path, sweep: SweepConfig, values: dict[str, Any], trial_id: str) -> Path:
+    """Grid trials are named by their params (unique); random ones also by Tune's trial id."""
+    slug = trial_slug(values)
+    return Path(out) / "runs" / (slug if sweep.search == "grid" else f"{slug}-{trial_id}")
+
+
+def run_trial(config: dict[str, Any], sweep: SweepConfig, out: str) -> None:
+    """Tune's trainable: the continual run of ``config`` (param values), ``tune.report`` after every task."""
+    trial_id = tune.get_context().get_trial_id()
+    directory = trial_dir(Path(out), sweep, config, trial_id)
+    cfg = sweep.trial_config(config, name=f"{sweep.name}-{directory.name}")
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "trial_starts.log").open("a") as starts:  # one line per (re)start of the trial
+        starts.write(f"{trial_id} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    fids: list[float] = []
+
+    def report(k: int, metrics: dict[str, float]) -> None:
+        fids.append(metrics["fid"])
+        tune.report({"task": k, **metrics, "fid_auc": fid_auc(fids), "run_dir": str(directory)})
+
+    run(cfg, directory, progress=False, on_task=report)
+
+
+def trial_cpus(sweep: SweepConfig) -> float:
+    if sweep.trial_cpus is not None:
+        return sweep.trial_cpus
+    return 0.01 if sweep.trial_config({}).runtime.backend == "ray" else 1.0
+
+
+def trial_needs(sweep: SweepConfig) -> dict[str, float]:
+    """Resources one trial holds: its driver, plus its Train workers and samplers with the Ray backend."""
+    cfg = sweep.trial_config({})
+    needs = layout_needs(cfg) if cfg.runtime.backend == "ray" else {}
+    needs["CPU"] = needs.get("CPU", 0) + trial_cpus(sweep)
+    return needs
+
+
+def connect(sweep: SweepConfig) -> bool:
+    """Join the sweep's cluster (``runtime.address`` / $RAY_ADDRESS), else start a local one sized for
+    ``max_concurrent_trials`` trials; True when the cluster is local (its size is then known)."""
+    if ray.is_initialized():
+        return False
+    cfg = sweep.trial_config({})
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return False
+    need = trial_needs(sweep)["CPU"] * sweep.max_concurrent_trials
+    num_cpus = cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)  # ASHA needs the dashboard
+    return True
+
+
+def check_capacity(sweep: SweepConfig) -> None:
+    """Refuse, before any trial starts, a sweep whose concurrent trials the cluster cannot hold."""
+    have = ray.cluster_resources()
+    for resource, need in trial_needs(sweep).items():
+        total = need * sweep.max_concurrent_trials
+        if have.get(resource, 0) + 1e-9 < total:
+            raise ConfigError(
+                "max_concurrent_trials",
+                f"{sweep.max_concurrent_trials} trials need {total:g} {resource} ({need:g} each: the trial, its Train "
+                f"workers and samplers) but the cluster has {have.get(resource, 0):g} (allowed: fewer concurrent "
+                "trials, a smaller runtime layout, or a larger runtime.num_cpus)",
+            )
+
+
+def search_space(sweep: SweepConfig) -> dict[str, Any]:
+    """Lists are grid axes (grid search) or choices (random search); distributions map onto tune's."""
+    space = {}
+    for key, spec in sweep.params.items():
+        if isinstance(spec, list):
+            space[key] = tune.grid_search(spec) if sweep.search == "grid" else tune.choice(spec)
+        else:
+            (kind, args), = spec.items()
+            space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return space
+
+
+def trainable(sweep: SweepConfig, out: Path):
+    return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, out=str(out)), {"cpu": trial_cpus(sweep)})
+
+
+def build_tuner(sweep: SweepConfig, out: Path) -> tune.Tuner:
+    scheduler = None
+    if sweep.scheduler == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration", max_t=sweep.trial_config({}).data.num_tasks,
+            grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
+        )  # fmt: skip
+    return tune.Tuner(
+        trainable(sweep, out),
+        param_space=search_space(sweep),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+            search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed),
+        ),  # fmt: skip
+        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(out.resolve())),
+    )
+
+
+def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run (``resume``: continue) the sweep into OUT, then write its tables; returns summary.md's path."""
+    out = Path(out)
+    saved = out / "sweep.yaml"
+    if resume:
+        if not saved.exists() or not tune.Tuner.can_restore(str((out / TUNE_NAME).resolve())):
+            raise ConfigError("--resume", f"{out} holds no sweep to resume (no sweep.yaml and tune/ state)")
+        sweep = from_dict(SweepConfig, yaml.safe_load(saved.read_text()))
+        sweep.validate()
+    else:
+        if saved.exists():
+            raise ConfigError("--out", f"{out} already holds a sweep (allowed: distcl tune --resume {out}, or "
+                                       "another --out)")  # fmt: skip
+    local = connect(sweep)
+    if local:
+        check_capacity(sweep)
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".sweep.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+        os.replace(tmp, saved)
+    if resume:
+        tuner = tune.Tuner.restore(str((out / TUNE_NAME).resolve()), trainable(sweep, out), resume_errored=True)
+        log(f"[distcl] resuming sweep {sweep.name} from {out}")
+    else:
+        tuner = build_tuner(sweep, out)
+    grid = tuner.fit()
+    num_tasks = sweep.trial_config({}).data.num_tasks
+    rows = []
+    for result in grid:
+        values = {key: result.config[key] for key in sweep.params}
+        reported = (result.metrics or {}).get("run_dir")  # a trial that never reported: its name if grid
+        directory = Path(reported) if reported else trial_dir(out, sweep, values, "unreported")
+        rows.append(trial_row(values, directory, num_tasks, error=result.error is not None))
+    return write_results(sweep, pd.DataFrame(rows), out, log)
+
+
+def write_results(sweep: SweepConfig, trials: pd.DataFrame, out: Path, log: Callable[[str], None] = print) -> Path:
+    """sweep.parquet (one row per trial), summary.parquet, summary.md, final_fid.png."""
+    trials = trials.sort_values(list(sweep.params)).reset_index(drop=True)
+    trials.to_parquet(out / "sweep.parquet")
+    summary = summarize(trials, list(sweep.params))
+    summary.to_parquet(out / "summary.parquet")
+    markdown = summary_markdown(sweep, summary, trials)
+    (out / "summary.md").write_text(markdown)
+    plot_final_fid(sweep, summary, out / "final_fid.png")
+    log(markdown)
+    return out / "summary.md"

@@ -1,0 +1,278 @@
+"""Sweeps: a search space over run-config fields (YAML), validated before any trial starts, and the tables made
+from the trials' run directories: one row per trial, mean and standard error over seeds, the best configs.
+
+    name: quick
+    preset: smoke                   # every trial starts from this preset (and/or `config: base.yaml`)
+    base: {data: {num_tasks: 5}}    # run-config fields set in every trial
+    search: grid                    # grid: every combination of the lists; random: num_samples draws
+    params:                         # dotted run-config field -> a list, or a distribution (random search)
+      train.replay_lambda: [0.5, 3.0]
+      seed: [42, 69]
+      train.teacher_eta: {uniform: [0.0, 1.0]}
+    metric: fid                     # reported after every task (the time axis); mode: min
+    scheduler: none                 # asha: stop trials whose metric is bad after grace_period tasks
+    max_concurrent_trials: 2
+    trial_cpus: 0.01                # the trial's driver; its Train workers and samplers: the runtime section
+
+Ray Tune runs it (distcl.runtime.tune); everything here is plain Python and pandas.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from distcl.config import PRESETS, ConfigError, RunConfig, from_dict, load_config
+
+SEARCHES = ("grid", "random")
+SCHEDULERS = ("none", "asha")
+MODES = ("min", "max")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+SUMMARY_METRICS = ("fid", "kld", "tv")  # final-task metrics aggregated over seeds, with fid_auc
+
+
+def reported_metrics() -> tuple[str, ...]:
+    """What a trial reports after every task: the evaluation metrics and the running FID area."""
+    from distcl.evaluation import METRICS
+
+    return (*METRICS, "fid_auc")
+
+
+def fid_auc(fids: list[float]) -> float:
+    """Area under the FID-per-task curve by the trapezoid rule over tasks 0..K: sum_k (f_k + f_{k+1}) / 2
+    (f_0 for one task)."""
+    return float(fids[0]) if len(fids) == 1 else float(np.trapezoid(fids))
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    preset: Optional[str] = None  # a distcl.config preset every trial starts from
+    config: Optional[str] = None  # a run-config file every trial starts from (relative to the sweep file)
+    base: dict = field(default_factory=dict)  # run-config fields set in every trial (a nested mapping)
+    search: str = "grid"
+    num_samples: int = 1  # random search: configs drawn (grid: 1, make seed an axis to repeat)
+    seed: int = 0  # random search: the draws
+    params: dict = field(default_factory=dict)  # dotted field -> list of values | {distribution: args}
+    metric: str = "fid"
+    mode: str = "min"
+    scheduler: str = "none"
+    grace_period: int = 1  # asha: tasks every trial runs before it may be stopped
+    reduction_factor: int = 2  # asha
+    max_concurrent_trials: int = 1
+    trial_cpus: Optional[float] = None  # None: 0.01 with the Ray backend (Train holds the cores), else 1
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(name, message)
+
+        check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a name without '/')")
+        check(self.preset is None or self.preset in PRESETS, "preset", f"{self.preset!r} (allowed: {', '.join(PRESETS)})")
+        check(self.search in SEARCHES, "search", f"{self.search!r} (allowed: {', '.join(SEARCHES)})")
+        check(self.mode in MODES, "mode", f"{self.mode!r} (allowed: {', '.join(MODES)})")
+        check(self.scheduler in SCHEDULERS, "scheduler", f"{self.scheduler!r} (allowed: {', '.join(SCHEDULERS)})")
+        check(self.metric in reported_metrics(), "metric",
+              f"{self.metric!r} is not reported by any trial (allowed: {', '.join(reported_metrics())})")  # fmt: skip
+        check(self.num_samples >= 1, "num_samples", f"{self.num_samples} (allowed: >= 1)")
+        check(self.search == "random" or self.num_samples == 1, "num_samples",
+              f"{self.num_samples} (allowed with grid search: 1; repeat runs with a seed axis)")  # fmt: skip
+        check(self.max_concurrent_trials >= 1, "max_concurrent_trials", f"{self.max_concurrent_trials} (allowed: >= 1)")
+        check(self.grace_period >= 1, "grace_period", f"{self.grace_period} (allowed: >= 1)")
+        check(self.reduction_factor >= 2, "reduction_factor", f"{self.reduction_factor} (allowed: >= 2)")
+        check(self.trial_cpus is None or self.trial_cpus > 0, "trial_cpus", f"{self.trial_cpus} (allowed: > 0)")
+        check(bool(self.params), "params",
+              "empty search space (allowed: a mapping of run-config fields, e.g. train.replay_lambda, to a list "
+              f"of values or to one of {{{', '.join(DISTRIBUTIONS)}: ...}})")  # fmt: skip
+        base = self.trial_config({})
+        check(self.scheduler != "asha" or self.grace_period <= base.data.num_tasks, "grace_period",
+              f"{self.grace_period} (allowed with asha: <= data.num_tasks = {base.data.num_tasks})")  # fmt: skip
+        for key, spec in self.params.items():
+            for value in self._values_to_check(key, spec):
+                try:
+                    self.trial_config({key: value})
+                except ConfigError as err:
+                    raise ConfigError(f"params.{key}", f"value {value!r} is not valid: {err}") from None
+
+    def _values_to_check(self, key: str, spec: Any) -> list:
+        name = f"params.{key}"
+        if isinstance(spec, list):
+            if not spec:
+                raise ConfigError(name, "empty list of values (allowed: at least one value)")
+            return spec
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+            raise ConfigError(name, f"{spec!r} (allowed: a list of values, or one of {{{', '.join(DISTRIBUTIONS)}: ...}})")
+        if self.search == "grid":
+            raise ConfigError(name, f"{spec!r}: distributions need search: random (allowed with grid: a list)")
+        (kind, args), = spec.items()
+        if kind == "choice":
+            if not isinstance(args, list) or not args:
+                raise ConfigError(name, f"choice needs a non-empty list, got {args!r}")
+            return args
+        ok = isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+        if not ok or not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
+            raise ConfigError(name, f"{kind} needs [low, high] with low < high{' and low > 0' if kind == 'loguniform' else ''}, got {args!r}")
+        return [args[0], args[1] - 1] if kind == "randint" else list(args)
+
+    def trial_config(self, values: dict[str, Any], name: Optional[str] = None) -> RunConfig:
+        """The run config of the trial with ``values`` (dotted field -> value) on top of preset, config, base."""
+        overrides = [f"{key}={json.dumps(value)}" for key, value in _flatten(self.base).items()]
+        overrides += [f"{key}={json.dumps(value)}" for key, value in values.items()]
+        if name is not None:
+            overrides.append(f"name={json.dumps(name)}")
+        return load_config(self.config, self.preset, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep file; a ``config:`` path is taken relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("sweep", f"file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("sweep", f"{path} is not valid YAML: {err}") from None
+    sweep = from_dict(SweepConfig, data)
+    if sweep.config is not None and not Path(sweep.config).is_absolute():
+        sweep.config = str(path.parent / sweep.config)
+    sweep.validate()
+    return sweep
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def trial_slug(values: dict[str, Any]) -> str:
+    """A directory name for a trial: ``replay_lambda=0.5_seed=42`` (sorted by field)."""
+    def fmt(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value).replace("/", "-").replace(" ", "")
+
+    return "_".join(f"{key.rsplit('.', 1)[-1]}={fmt(values[key])}" for key in sorted(values))
+
+
+def trial_row(values: dict[str, Any], run_dir: Path, num_tasks: int, error: bool) -> dict[str, Any]:
+    """One row of sweep.parquet: the trial's params, status (completed | stopped | error), per-task metrics
+    ``<metric>_task<k>``, the final task's ``<metric>_final`` and ``fid_auc`` (only when every task finished)."""
+    row: dict[str, Any] = {**copy.deepcopy(values), "run_dir": str(run_dir), "status": "error" if error else "stopped",
+                           "tasks_done": 0}  # fmt: skip
+    path = run_dir / "metrics.parquet"
+    if not path.exists():
+        return row
+    metrics = pd.read_parquet(path)
+    wide = metrics.pivot_table(index="task", columns="metric", values="value").sort_index()
+    for k, task_values in wide.iterrows():
+        for metric, value in task_values.items():
+            row[f"{metric}_task{k}"] = float(value)
+    row["tasks_done"] = len(wide)
+    if len(wide) == num_tasks:
+        row["status"] = "error" if error else "completed"
+        for metric in wide.columns:
+            row[f"{metric}_final"] = float(wide[metric].iloc[-1])
+        row["fid_auc"] = fid_auc(wide["fid"].tolist())
+    return row
+
+
+def summarize(trials: pd.DataFrame, params: list[str]) -> pd.DataFrame:
+    """Mean and standard error over seeds of the final metrics and fid_auc, per config (params but seed);
+    trials that did not finish every task are left out."""
+    group = [p for p in params if p != "seed"]
+    done = trials[trials.status == "completed"]
+    columns = [f"{m}_final" for m in SUMMARY_METRICS] + ["fid_auc"]
+    if done.empty:
+        return pd.DataFrame(columns=[*group, "seeds", *[f"{c}_{s}" for c in columns for s in ("mean", "se")]])
+    grouped = done.groupby(group, dropna=False) if group else done.groupby(lambda _: 0)
+    rows = []
+    for key, sub in grouped:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(group, key)) if group else {}
+        row["seeds"] = int(sub["seed"].nunique()) if "seed" in sub else len(sub)
+        for c in columns:
+            row[f"{c}_mean"] = float(sub[c].mean())
+            row[f"{c}_se"] = float(sub[c].std(ddof=1) / math.sqrt(len(sub))) if len(sub) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def best_configs(summary: pd.DataFrame, mode: str = "min") -> dict[str, dict[str, Any]]:
+    """The best config by final FID and by the area under the FID-per-task curve."""
+    if summary.empty:
+        return {}
+    pick = (lambda s: s.idxmin()) if mode == "min" else (lambda s: s.idxmax())
+    return {
+        "final_fid": summary.loc[pick(summary["fid_final_mean"])].to_dict(),
+        "fid_auc": summary.loc[pick(summary["fid_auc_mean"])].to_dict(),
+    }
+
+
+def summary_markdown(sweep: SweepConfig, summary: pd.DataFrame, trials: pd.DataFrame) -> str:
+    """The Markdown summary: one row per config (mean ± standard error over seeds), then the best ones."""
+    group = [p for p in sweep.params if p != "seed"]
+    lines = [f"# Sweep {sweep.name}", "",
+             f"{len(trials)} trials ({(trials.status == 'completed').sum()} completed); "
+             "final-task metrics and FID area, mean ± standard error over seeds.", ""]  # fmt: skip
+    if summary.empty:
+        return "\n".join(lines + ["No trial finished every task."])
+    head = [*group, "seeds", "final FID", "final KLD", "final TV", "FID area"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pm(row, c):
+        se = row[f"{c}_se"]
+        return f"{row[f'{c}_mean']:.3f}" + ("" if math.isnan(se) else f" ± {se:.3f}")
+
+    for _, row in summary.iterrows():
+        cells = [str(row[g]) for g in group] + [str(int(row["seeds"]))]
+        cells += [pm(row, c) for c in ("fid_final", "kld_final", "tv_final", "fid_auc")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for criterion, row in best_configs(summary, sweep.mode).items():
+        config = ", ".join(f"{g}={row[g]}" for g in group) or "(the only config)"
+        lines.append(f"- best by {criterion.replace('_', ' ')}: {config}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_final_fid(sweep: SweepConfig, summary: pd.DataFrame, path: Path) -> Optional[Path]:
+    """Final FID against lambda (else the first numeric param), one line per value of the other params (the
+    number of teacher steps, eta, ...)."""
+    group = [p for p in sweep.params if p != "seed"]
+    numeric = [p for p in group if pd.api.types.is_numeric_dtype(summary[p])] if not summary.empty else []
+    if not numeric:
+        return None
+    x = "train.replay_lambda" if "train.replay_lambda" in numeric else numeric[0]
+    others = [p for p in group if p != x]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, sub in summary.groupby(others) if others else [((), summary)]:
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{o.rsplit('.', 1)[-1]}={v}" for o, v in zip(others, key)) or "final FID"
+        sub = sub.sort_values(x)
+        ax.errorbar(sub[x], sub["fid_final_mean"], yerr=sub["fid_final_se"].fillna(0), marker="o", capsize=3,
+                    label=label)  # fmt: skip
+    ax.set_xlabel(x)
+    ax.set_ylabel("final FID (mean ± s.e. over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

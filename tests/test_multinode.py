@@ -1,0 +1,35 @@
+"""A simulated multi-node cluster (ray.cluster_utils.Cluster): a head that schedules nothing, a sampler node
+with the custom resource sampler actors ask for, a training node. Each kind of work lands on its node, and the
+continual classifier's replay images come from the sampler actors."""
+import json
+
+import pandas as pd
+
+import ray
+from ray.cluster_utils import Cluster
+
+from distcl.config import load_config
+from distcl.runtime.pipeline import run
+
+
+def test_samplers_and_train_workers_land_on_their_nodes(tmp_path):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    sampler_node = cluster.add_node(num_cpus=1, resources={"sampler_slot": 2})
+    train_node = cluster.add_node(num_cpus=1, resources={"trainer_slot": 1})
+    ray.init(address=cluster.address)
+    try:
+        cfg = load_config(preset="smoke", overrides=[
+            "data.num_tasks=2", "train.max_steps=3", "eval.num_samples=100", "runtime.num_samplers=1",
+            "runtime.sampler_resource=sampler_slot", "runtime.worker_resource=trainer_slot",
+            "classifier.enabled=true", "classifier.epochs=0.2",
+        ])  # fmt: skip
+        run(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    placement = json.loads((tmp_path / "run" / "placement.json").read_text())
+    assert placement["task_0"] == {"train_workers": [train_node.node_id], "samplers": []}  # no teacher at task 0
+    assert placement["task_1"] == {"train_workers": [train_node.node_id], "samplers": [sampler_node.node_id]}
+    assert (tmp_path / "run" / "task_1" / "unet").is_dir()
+    metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert sorted(metrics[metrics.metric == "accuracy"].task) == [0, 1]

@@ -1,0 +1,86 @@
+"""Sweeps on Ray Tune, end to end: a sweep interrupted with Ctrl-C (SIGINT) and resumed reruns no finished
+trial and writes both tables with two seeds per config."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+SWEEP = {
+    "name": "tiny",
+    "preset": "smoke",
+    "base": {
+        "data": {"num_tasks": 2},
+        "train": {"max_steps": 3},
+        "runtime": {"backend": "inline", "num_cpus": 2},  # trials run in-process: Tune's mechanics, quickly
+    },
+    "params": {"train.replay_lambda": [0.5, 3.0], "seed": [42, 69]},
+    "max_concurrent_trials": 1,
+}
+
+
+def _private(cmd, **kwargs):
+    """``cmd`` in a private PID namespace: whatever it leaves running ends with it, and nothing else."""
+    return subprocess.Popen(["unshare", "-pf", "--mount-proc", "--kill-child=SIGKILL", *cmd], **kwargs)
+
+
+def _inner_pid(outer: subprocess.Popen) -> int:
+    """The command's PID (the child of unshare's forked init) as this namespace sees it."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        for pid in Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split():
+            return int(pid)
+        time.sleep(0.1)
+    raise AssertionError("the sweep did not start")
+
+
+def _starts(run_dir: Path) -> int:
+    return len((run_dir / "trial_starts.log").read_text().splitlines())
+
+
+def _tasks_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.parquet"
+    return pd.read_parquet(path).task.nunique() if path.exists() else 0
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    sweep_file, out = tmp_path / "sweep.yaml", tmp_path / "sweep"
+    sweep_file.write_text(yaml.safe_dump(SWEEP))
+    cmd = [sys.executable, "-m", "distcl.cli", "tune"]
+    log = (tmp_path / "first.log").open("w")
+    first = _private([*cmd, str(sweep_file), "--out", str(out)], stdout=log, stderr=subprocess.STDOUT)
+    pid = _inner_pid(first)
+    runs = out / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # interrupt once one trial is finished and the next has started
+        dirs = list(runs.glob("*")) if runs.exists() else []
+        if any(_tasks_done(d) == 2 for d in dirs) and len(dirs) >= 2:
+            break
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.5)
+    else:
+        raise AssertionError("no trial finished in time")
+    finished = {d.name for d in runs.glob("*") if _tasks_done(d) == 2}
+    os.kill(pid, signal.SIGINT)
+    first.wait(timeout=180)
+    assert len(finished) < 4, "the sweep ended before it could be interrupted"
+
+    resumed = subprocess.run([*cmd, "--resume", str(out)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = pd.read_parquet(out / "sweep.parquet")
+    assert len(trials) == 4 and set(trials.status) == {"completed"}
+    assert {"train.replay_lambda", "seed", "fid_task0", "fid_task1", "fid_final", "fid_auc"} <= set(trials.columns)
+    for run_dir in map(Path, trials.run_dir):
+        if run_dir.name in finished:
+            assert _starts(run_dir) == 1, f"{run_dir.name} finished before the interruption but was rerun"
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert sorted(summary["train.replay_lambda"]) == [0.5, 3.0] and set(summary.seeds) == {2}
+    assert "best by final fid" in (out / "summary.md").read_text()
+    assert (out / "final_fid.png").stat().st_size > 0
+    config = json.loads(json.dumps(yaml.safe_load((Path(trials.run_dir[0]) / "config.yaml").read_text())))
+    assert config["train"]["max_steps"] == 3 and config["data"]["num_tasks"] == 2
