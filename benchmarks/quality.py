@@ -64,6 +64,7 @@ def main() -> None:
             print(f"{strategy} seed {seed}: {wall:.0f}s")
     print(table(results))
     plot(results, RESULTS / "quality_fid.png")
+    plot_samples(results, Path(args.runs), RESULTS / "quality_samples.png")
 
 
 def table(results: pd.DataFrame) -> str:
@@ -104,6 +105,32 @@ def plot(results: pd.DataFrame, path: Path) -> None:
     ax.set_xticks(sorted(fid.task.unique()))
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_samples(results: pd.DataFrame, runs: Path, path: Path) -> None:
+    """The final task's 10x10 sample grid of each (tag, strategy) of the first seed, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed, last = int(results.seed.min()), int(results.task.max())
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    pairs = sorted(set(zip(results.tag, results.strategy)), key=lambda p: (p[0] != "default", order[p[1]], p[0]))
+    grids = [(f"{s} ({t})" if t != "default" else s, runs / f"quality-{t}-{s}-{seed}" / "samples" / f"task_{last}.png")
+             for t, s in pairs]  # fmt: skip
+    grids = [(name, grid) for name, grid in grids if grid.exists()]
+    if not grids:
+        return
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9))
+    for ax, (name, grid) in zip(axes if len(grids) > 1 else [axes], grids):
+        ax.imshow(plt.imread(grid))
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"samples after task {last}, seed {seed}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -147,7 +147,7 @@ def main() -> None:
         run_on_ray(ray_cfg, work / "ray", progress=False)
         ray_s = time.perf_counter() - start
         results["p3_ray_vs_inline"] = {"inline_s": inline_s, "ray_s": ray_s, "ratio": ray_s / inline_s,
-                                       "run": "cpu preset, gd" + (", 2 tasks x 60 steps, 200 eval samples" if args.short else ""),
+                                       "run": "cpu preset, gd" + (", 2 tasks x 60 steps" if args.short else ""),
                                        "goal": "<= 1.0"}  # fmt: skip
     finally:
         ray.shutdown()

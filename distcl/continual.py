@@ -25,11 +25,19 @@ from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist,
 from distcl.evaluation import Evaluator
 from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
 from distcl.replay import REPLAY_ITEM_STRATEGIES, Teacher
-from distcl.solver import ImageReplay, InlineImageReplay, SolverCNN, accuracy, forgetting, solver_steps, train_solver_task
+from distcl.solver import (
+    ImageReplay,
+    InlineImageReplay,
+    SolverCNN,
+    accuracy,
+    forgetting,
+    solver_steps,
+    train_solver_task,
+)
 from distcl.training import (
     DataStream,
-    derive_seed,
     InlineReplay,
+    derive_seed,
     make_optimizer,
     noise_seed,
     resolve_device,
@@ -182,7 +190,7 @@ def classifier_metrics(cfg: RunConfig, scenario: Scenario, k: int, out: Path, de
 
     metrics = {"accuracy": acc(scenario.test_split(k))}
     per_task = {j: acc(select(scenario.test, scenario.tasks[j], None)) for j in range(k + 1)}
-    history = {l: {j: task_metrics(out, l)[f"accuracy_task{j}"] for j in range(l + 1)} for l in range(k)}
+    history = {i: {j: task_metrics(out, i)[f"accuracy_task{j}"] for j in range(i + 1)} for i in range(k)}
     history[k] = per_task
     metrics["forgetting"] = forgetting(history, k)
     metrics.update({f"accuracy_task{j}": a for j, a in per_task.items()})

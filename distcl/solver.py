@@ -96,8 +96,8 @@ def train_solver_task(model: SolverCNN, previous: Optional[SolverCNN], images: t
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        rows.append({"task": task, "step": step, "loss": float(loss), "loss_data": float(loss_data),
-                     "loss_replay": float(loss_replay)})  # fmt: skip
+        rows.append({"task": task, "step": step, "loss": loss.item(), "loss_data": loss_data.item(),
+                     "loss_replay": loss_replay.item()})  # fmt: skip
     model.eval()
     return rows
 
@@ -113,9 +113,9 @@ def accuracy(model: SolverCNN, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def forgetting(history: dict[int, dict[int, float]], k: int) -> float:
-    """Average forgetting after task k: mean over tasks j < k of max_{l in j..k-1} a_{l,j} - a_{k,j}, where
-    ``history[l][j]`` is the accuracy on task j's test classes after task l (0 at task 0)."""
+    """Average forgetting after task k: mean over tasks j < k of max_{i in j..k-1} a_{i,j} - a_{k,j}, where
+    ``history[i][j]`` is the accuracy on task j's test classes after task i (0 at task 0)."""
     if k == 0:
         return 0.0
-    drops = [max(history[l][j] for l in range(j, k)) - history[k][j] for j in range(k)]
+    drops = [max(history[i][j] for i in range(j, k)) - history[k][j] for j in range(k)]
     return sum(drops) / k

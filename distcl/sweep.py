@@ -75,7 +75,8 @@ class SweepConfig:
                 raise ConfigError(name, message)
 
         check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a name without '/')")
-        check(self.preset is None or self.preset in PRESETS, "preset", f"{self.preset!r} (allowed: {', '.join(PRESETS)})")
+        check(self.preset is None or self.preset in PRESETS, "preset",
+              f"{self.preset!r} (allowed: {', '.join(PRESETS)})")  # fmt: skip
         check(self.search in SEARCHES, "search", f"{self.search!r} (allowed: {', '.join(SEARCHES)})")
         check(self.mode in MODES, "mode", f"{self.mode!r} (allowed: {', '.join(MODES)})")
         check(self.scheduler in SCHEDULERS, "scheduler", f"{self.scheduler!r} (allowed: {', '.join(SCHEDULERS)})")
@@ -108,7 +109,8 @@ class SweepConfig:
                 raise ConfigError(name, "empty list of values (allowed: at least one value)")
             return spec
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
-            raise ConfigError(name, f"{spec!r} (allowed: a list of values, or one of {{{', '.join(DISTRIBUTIONS)}: ...}})")
+            raise ConfigError(name, f"{spec!r} (allowed: a list of values, or one of {{{', '.join(DISTRIBUTIONS)}: "
+                                    "...})")  # fmt: skip
         if self.search == "grid":
             raise ConfigError(name, f"{spec!r}: distributions need search: random (allowed with grid: a list)")
         (kind, args), = spec.items()
@@ -118,7 +120,8 @@ class SweepConfig:
             return args
         ok = isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
         if not ok or not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
-            raise ConfigError(name, f"{kind} needs [low, high] with low < high{' and low > 0' if kind == 'loguniform' else ''}, got {args!r}")
+            positive = " and low > 0" if kind == "loguniform" else ""
+            raise ConfigError(name, f"{kind} needs [low, high] with low < high{positive}, got {args!r}")
         return [args[0], args[1] - 1] if kind == "randint" else list(args)
 
     def trial_config(self, values: dict[str, Any], name: Optional[str] = None) -> RunConfig:
@@ -144,7 +147,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise ConfigError("sweep", f"{path} is not valid YAML: {err}") from None
     sweep = from_dict(SweepConfig, data)
     if sweep.config is not None and not Path(sweep.config).is_absolute():
-        sweep.config = str(path.parent / sweep.config)
+        sweep.config = str((path.parent / sweep.config).resolve())
     sweep.validate()
     return sweep
 

@@ -1,6 +1,6 @@
 import gzip
-import re
 import hashlib
+import re
 import shutil
 
 import pytest

@@ -4,7 +4,6 @@ continual classifier's replay images come from the sampler actors."""
 import json
 
 import pandas as pd
-
 import ray
 from ray.cluster_utils import Cluster
 

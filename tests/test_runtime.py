@@ -190,7 +190,7 @@ def _free_ports(n):
     return ports
 
 
-def test_smoke_as_a_ray_job(tmp_path):
+def test_smoke_with_the_classifier_as_a_ray_job(tmp_path):
     gcs, dashboard, agent, client = _free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
@@ -207,7 +207,8 @@ def test_smoke_as_a_ray_job(tmp_path):
             time.sleep(1)
         submit = subprocess.run(
             ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
-             "python", "jobs/train_cl.py", "--preset", "smoke", "--out", str(out), "--no-progress"],
+             "python", "jobs/train_cl.py", "--preset", "smoke", "--out", str(out), "--no-progress",
+             "--set", "classifier.enabled=true"],
             env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
         )  # fmt: skip
         assert submit.returncode == 0, submit.stderr
@@ -227,5 +228,7 @@ def test_smoke_as_a_ray_job(tmp_path):
         head.send_signal(signal.SIGKILL)
         head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert sorted(pd.read_parquet(out / "metrics.parquet").task.unique()) == [0, 1, 2, 3, 4]
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert sorted(metrics.task.unique()) == [0, 1, 2, 3, 4]
+    assert sorted(metrics[metrics.metric == "accuracy"].task) == [0, 1, 2, 3, 4]  # the continual classifier
     assert all(task_dir(out, k).is_dir() for k in range(5)) and "task 4 evaluated" in logs

@@ -87,7 +87,7 @@ def test_replay_loss_is_weighted_by_the_task(two_classes):
     model = SolverCNN()
     replay = FixedImages(torch.rand(32, 1, 16, 16) * 2 - 1)
     cfg = ClassifierConfig(batch_size=32)
-    rows = train_solver_task(model, previous, x, y, replay, 3, 2, cfg, seed=0, device=torch.device("cpu"), progress=False)
+    rows = train_solver_task(model, previous, x, y, replay, 3, 2, cfg, 0, torch.device("cpu"), progress=False)
     assert replay.asked == [0, 1]
     for row in rows:  # task 3: w = 1 - 1/4
         assert row["loss"] == pytest.approx(0.25 * row["loss_data"] + 0.75 * row["loss_replay"], rel=1e-5)

@@ -68,7 +68,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     finished = {d.name for d in runs.glob("*") if _tasks_done(d) == 2}
     os.kill(pid, signal.SIGINT)
     first.wait(timeout=180)
+    log.close()
     assert len(finished) < 4, "the sweep ended before it could be interrupted"
+    assert f"continue with: distcl tune --resume {out}" in (tmp_path / "first.log").read_text()
 
     resumed = subprocess.run([*cmd, "--resume", str(out)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

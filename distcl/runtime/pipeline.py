@@ -96,7 +96,7 @@ class RayTaskTrainer:
         return self.pool.actors
 
     def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> RemoteReplay:
-        """The classifier's replay images of task k, made by the sampler actors (distcl.continual.ImageReplayFactory)."""
+        """The classifier's replay images of task k, made by the sampler actors (an ImageReplayFactory)."""
         c, rt = cfg.classifier, cfg.runtime
         return RemoteReplay(self.samplers(cfg), k, str(teacher_dir), 0, 1, steps, rt.replay_depth, rt.replay_timeout_s,
                             method="images", extra=(c.batch_size, c.replay_steps, c.replay_eta))  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Optional
 
 import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distcl.models import build_scheduler, load_unet
 from distcl.replay import ReplayBatch, Teacher
@@ -62,7 +63,9 @@ class SamplerPool:
     def __init__(self, cfg, batch_size: int):
         rt = cfg.runtime
         resources = {rt.sampler_resource: 1} if rt.sampler_resource else None
-        options = dict(num_cpus=rt.sampler_cpus, num_gpus=rt.sampler_gpus, resources=resources)
+        # outside any placement group of the caller (a Tune trial's): the samplers ask the cluster themselves
+        options = dict(num_cpus=rt.sampler_cpus, num_gpus=rt.sampler_gpus, resources=resources,
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))  # fmt: skip
         self.actors = [
             TeacherSampler.options(**options).remote(
                 cfg.model, cfg.train.strategy, cfg.train.teacher_steps, cfg.train.teacher_eta, batch_size,

@@ -133,7 +133,8 @@ def build_tuner(sweep: SweepConfig, out: Path) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, num_samples=sweep.num_samples,
             max_concurrent_trials=sweep.max_concurrent_trials,
-            search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed),
+            search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed,
+                                                         max_concurrent=sweep.max_concurrent_trials),
         ),  # fmt: skip
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(out.resolve())),
     )
@@ -141,7 +142,7 @@ def build_tuner(sweep: SweepConfig, out: Path) -> tune.Tuner:
 
 def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: Callable[[str], None] = print) -> Path:
     """Run (``resume``: continue) the sweep into OUT, then write its tables; returns summary.md's path."""
-    out = Path(out)
+    out = Path(out).resolve()  # trials run in Tune's own working directories
     saved = out / "sweep.yaml"
     if resume:
         if not saved.exists() or not tune.Tuner.can_restore(str((out / TUNE_NAME).resolve())):
@@ -173,7 +174,12 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
         reported = (result.metrics or {}).get("run_dir")  # a trial that never reported: its name if grid
         directory = Path(reported) if reported else trial_dir(out, sweep, values, "unreported")
         rows.append(trial_row(values, directory, num_tasks, error=result.error is not None))
-    return write_results(sweep, pd.DataFrame(rows), out, log)
+    summary = write_results(sweep, pd.DataFrame(rows), out, log)
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished:  # Ctrl-C: Tune saved its state and returned early
+        raise RuntimeError(f"interrupted with {unfinished} of {len(grid)} trials unfinished (tables written for "
+                           f"the others); continue with: distcl tune --resume {out}")  # fmt: skip
+    return summary
 
 
 def write_results(sweep: SweepConfig, trials: pd.DataFrame, out: Path, log: Callable[[str], None] = print) -> Path:
