@@ -4,6 +4,8 @@
                [--address RAY_ADDRESS] [--inline]
     distcl report OUT
     distcl tune SWEEP.yaml --out DIR      a Ray Tune sweep (tuning/*.yaml); distcl tune --resume DIR continues one
+    distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...]
+    distcl sample --model DIR --out grid.png [--num 100] [--steps 10]
 
 Exit codes: 0 done, 1 the run failed (message on stderr), 2 bad input (nothing written).
 """
@@ -34,6 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
     tune.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR (finished trials kept)")
     tune.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+    distill = sub.add_parser("distill", help="distil a teacher checkpoint into a fast sampler")
+    methods = distill.add_subparsers(dest="method", required=True)
+    for method, help_text, settings in (
+        ("progressive", "progressive distillation: halving stages, x / v students (OUT/steps_<n>/)",
+         "distcl.progressive.ProgressiveConfig, e.g. --set target_steps=2"),
+        ("pid", "physics-informed distillation: a data-free one-step student (OUT/, distcl sample --model OUT)",
+         "distcl.pid.PIDConfig, e.g. --set difference=central"),
+    ):  # fmt: skip
+        parser_m = methods.add_parser(method, help=help_text)
+        parser_m.add_argument("--teacher", required=True, help="a task_<k>/ checkpoint (DDIMPipeline folder)")
+        parser_m.add_argument("--out", required=True, help="output directory (resumable)")
+        parser_m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                              help=f"a field of {settings}")  # fmt: skip
+        parser_m.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        parser_m.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if method == "progressive":
+            parser_m.add_argument("--data-dir", help="Fashion-MNIST files (with --set data=fmnist)")
+    sample = sub.add_parser("sample", help="sample a checkpoint: a task_<k>/ or PD stage (DDIM), or a PID student")
+    sample.add_argument("--model", required=True, help="a DDIMPipeline folder, or a `distcl distill pid` OUT")
+    sample.add_argument("--out", required=True, help="PNG grid to write")
+    sample.add_argument("--num", type=int, default=100, help="number of samples (default 100, a 10x10 grid)")
+    sample.add_argument("--steps", type=int, default=10, help="DDIM steps (ignored for a one-step PID student)")
+    sample.add_argument("--seed", type=int, default=0)
     report = sub.add_parser("report", help="Markdown table and PNG plots of a run's metrics")
     report.add_argument("out", help="a run's output directory")
     return parser
@@ -45,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "tune":
         return _tune(args)
+    if args.command == "distill":
+        return _distill(args)
+    if args.command == "sample":
+        return _sample(args)
     return _report(args)
 
 
@@ -104,6 +133,74 @@ def _tune(args) -> int:
         print(f"distcl: sweep failed: {err}", file=sys.stderr)
         return 1
     print(f"[distcl] done: {summary}")
+    return 0
+
+
+def _distill(args) -> int:
+    from distcl.config import apply_overrides, from_dict
+    from distcl.pid import PIDConfig
+    from distcl.progressive import ProgressiveConfig
+
+    try:
+        cfg = from_dict(PIDConfig if args.method == "pid" else ProgressiveConfig, apply_overrides({}, args.overrides))
+        cfg.validate()
+    except ConfigError as err:
+        print(f"distcl: config error: {err}", file=sys.stderr)
+        return 2
+    from distcl.data import DataError, load_fashion_mnist, locate, to_model_range
+    from distcl.models import load_pipeline_parts
+    from distcl.pid import pid_distill
+    from distcl.progressive import progressive_distill
+    from distcl.training import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+        teacher, out, progress = Path(args.teacher), Path(args.out), not args.no_progress
+        if args.method == "pid":
+            saved = [pid_distill(teacher, out, cfg, device, progress=progress)]
+        else:
+            images = None
+            if cfg.data == "fmnist":
+                size = load_pipeline_parts(teacher)[0].config.sample_size
+                images = to_model_range(load_fashion_mnist(locate(args.data_dir, None))["train"].images, size)
+            saved = progressive_distill(teacher, out, cfg, device, images, progress=progress)
+    except ConfigError as err:
+        print(f"distcl: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, RuntimeError) as err:
+        print(f"distcl: distillation failed: {err}", file=sys.stderr)
+        return 1
+    print(f"[distcl] done: {', '.join(map(str, saved))}")
+    return 0
+
+
+def _sample(args) -> int:
+    import math
+
+    import torch
+    from torchvision.utils import save_image
+
+    from distcl.models import load_pipeline_parts
+    from distcl.pid import STUDENT_FILE, load_pid_student
+
+    if args.num < 1 or args.steps < 1:
+        print("distcl: config error: --num and --steps must be >= 1", file=sys.stderr)
+        return 2
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        if (Path(args.model) / STUDENT_FILE).is_file():
+            images = load_pid_student(Path(args.model)).sample(args.num, generator)
+        else:
+            from distcl.evaluation import generate
+
+            unet, scheduler = load_pipeline_parts(Path(args.model))
+            images = generate(unet.eval(), scheduler, args.num, args.steps, 0.0, args.num, generator, progress=False)
+    except ConfigError as err:
+        print(f"distcl: config error: {err}", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_image((images.clamp(-1, 1) + 1) / 2, args.out, nrow=math.ceil(math.sqrt(args.num)))
+    print(f"[distcl] wrote {args.out}")
     return 0
 
 

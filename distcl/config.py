@@ -244,6 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"train_per_class": 300, "test_per_class": 100},
         "train": {"strategy": "gd", "batch_size": 32, "max_steps": 25, "log_every": 5},
         "eval": {"num_samples": 200, "steps": 10, "batch_size": 200},
+        "classifier": {"epochs": 2.0, "batch_size": 32, "lr": 2e-3},
     },
     # The benchmark scale on 2 CPU cores (see benchmarks/): the 16x16 tiny UNet, 500 steps per task, and a
     # learning rate of 1e-3 (the reference's 2e-4 suits its 42.9 M model and 100 epochs, not this budget).
@@ -285,7 +286,15 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError("config", f"{path} must hold a mapping of fields, not {type(loaded).__name__}")
         _deep_update(merged, loaded)
-    for item in overrides or []:
+    apply_overrides(merged, overrides or [])
+    cfg = from_dict(RunConfig, merged)
+    cfg.validate()
+    return cfg
+
+
+def apply_overrides(merged: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``key.sub=value`` items (values parsed as YAML) in the nested mapping ``merged``, in place."""
+    for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError("--set", f"{item!r} (allowed form: key.sub=value)")
@@ -296,9 +305,7 @@ def load_config(
             if not isinstance(node, dict):
                 raise ConfigError(key, "is not a section")
         node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-    cfg = from_dict(RunConfig, merged)
-    cfg.validate()
-    return cfg
+    return merged
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = ""):

@@ -208,14 +208,17 @@ class Evaluator:
 
     def evaluate(self, unet, scheduler, test: Split, generator: torch.Generator,
                  grid_path: Optional[Path] = None) -> dict[str, float]:  # fmt: skip
-        """Sample ``num_samples`` with DDIM (eval steps, eta), then FID, KLD, TV; save a 10x10 grid."""
-        size = unet.config.sample_size
+        """Sample ``num_samples`` with DDIM (eval steps, eta), then :meth:`score` them."""
         samples = generate(unet, scheduler, self.cfg.num_samples, self.cfg.steps, self.cfg.eta,
                            self.cfg.batch_size, generator, self.progress)  # fmt: skip
+        return self.score(samples, test, grid_path)
+
+    def score(self, samples: torch.Tensor, test: Split, grid_path: Optional[Path] = None) -> dict[str, float]:
+        """FID, KLD, TV of generated ``samples`` ([-1, 1], any sampler) against ``test``; a 10x10 grid saved."""
         if grid_path is not None:
             grid_path.parent.mkdir(parents=True, exist_ok=True)
             save_image((samples[:100] + 1) / 2, grid_path, nrow=10)
-        real = to_model_range(test.images, size)
+        real = to_model_range(test.images, samples.shape[-1])
         metrics = {
             "fid": fid(to_uint8(samples), to_uint8(real), self.extractor, self.extractor_weights,
                        self.device.type == "cuda"),  # fmt: skip

@@ -76,6 +76,18 @@ def load_unet(directory: Path, model_cfg, device: torch.device | str = "cpu") ->
     return unet.to(device)
 
 
+def load_pipeline_parts(directory: Path, device: torch.device | str = "cpu") -> tuple[UNet2DModel, DDIMScheduler]:
+    """The UNet and DDIM scheduler of a DDIMPipeline folder (any architecture); ConfigError when it is none."""
+    from distcl.config import ConfigError
+
+    directory = Path(directory)
+    if not (directory / "unet" / "config.json").is_file() or not (directory / "scheduler").is_dir():
+        raise ConfigError("--teacher", f"{directory} is not a distcl / diffusers DDIMPipeline checkpoint "
+                                       "(expected unet/config.json and scheduler/ in it)")  # fmt: skip
+    unet = UNet2DModel.from_pretrained(directory / "unet").to(device)
+    return unet, DDIMScheduler.from_pretrained(directory / "scheduler")
+
+
 def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 

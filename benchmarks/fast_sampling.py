@@ -1,0 +1,115 @@
+"""Fast-sampling benchmark: FID and KLD (all 10 classes) of a teacher's DDIM at 1, 2, 4, 8 and 16 steps, of its
+progressive-distillation students at every stage (16 -> 8 -> 4 -> 2 -> 1 steps) and of its PID one-step student,
+all sampled from the same seeds and scored by the same evaluator.
+
+    python -m benchmarks.fast_sampling      # teacher: the quality benchmark's joint run (all classes), seed 42
+
+Writes benchmarks/results/fast_sampling.parquet (method, steps, metric, value, train_s, machine) and
+benchmarks/results/fast_sampling_fid.png (FID against sampling steps, one line per method).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from benchmarks.common import RESULTS, machine
+from distcl.config import load_config
+from distcl.data import build_scenario, cache_dir, load_fashion_mnist, locate
+from distcl.evaluation import Evaluator, generate
+from distcl.models import load_pipeline_parts
+from distcl.pid import PIDConfig, load_pid_student, pid_distill
+from distcl.progressive import ProgressiveConfig, progressive_distill
+from distcl.training import resolve_device, seeded_generator
+
+DDIM_STEPS = (1, 2, 4, 8, 16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="runs/benchmarks/quality-default-joint-42/task_4")
+    parser.add_argument("--work", default="runs/fast_sampling", help="distilled students (resumable)")
+    parser.add_argument("--pd-iterations", type=int, default=300, help="updates per halving stage")
+    parser.add_argument("--pid-iterations", type=int, default=2000)
+    args = parser.parse_args()
+
+    teacher_dir, work = Path(args.teacher), Path(args.work)
+    cfg = load_config(teacher_dir.parent / "config.yaml")  # the teacher's run: its data, model, evaluation
+    device = resolve_device(cfg.device)
+    splits = load_fashion_mnist(locate(cfg.data.data_dir, cfg.cache_dir))
+    unet, scheduler = load_pipeline_parts(teacher_dir, device)
+    size = unet.config.sample_size
+    scenario = build_scenario(splits, cfg.data, cfg.seed, size)
+    test = scenario.test_split(cfg.data.num_tasks - 1)
+    evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache_dir(cfg.cache_dir), device, False)
+    n = cfg.eval.num_samples
+    rows = []
+
+    def score(method: str, steps: int, samples: torch.Tensor, train_s: float) -> None:
+        metrics = evaluator.score(samples, test, RESULTS / "fast_sampling" / f"{method}_{steps}.png")
+        rows.extend({"method": method, "steps": steps, "metric": m, "value": v, "train_s": train_s}
+                    for m, v in metrics.items())  # fmt: skip
+        print(f"{method:12s} {steps:3d} steps: fid {metrics['fid']:.2f}, kld {metrics['kld']:.3f}", flush=True)
+
+    def seeds() -> torch.Generator:
+        return seeded_generator(cfg.seed, "fast_sampling")  # the same x_T for every sampler (PID: z = T x_T)
+
+    for steps in DDIM_STEPS:
+        score("ddim", steps, generate(unet.eval(), scheduler, n, steps, 0.0, cfg.eval.batch_size, seeds(), False), 0.0)
+
+    pd_cfg = ProgressiveConfig(start_steps=16, target_steps=1, parameterisation="v", iterations=args.pd_iterations,
+                               batch_size=64, lr=5e-4, data="fmnist", seed=cfg.seed)  # fmt: skip
+    images = scenario.train_images(cfg.data.num_tasks - 1, joint=True)
+    start = time.perf_counter()
+    stages = progressive_distill(teacher_dir, work / "progressive", pd_cfg, device, images, progress=True)
+    pd_s = (time.perf_counter() - start) / len(stages)
+    for directory in stages:
+        student, student_scheduler = load_pipeline_parts(directory, device)
+        steps = int(directory.name.split("_")[1])
+        score("progressive", steps, generate(student.eval(), student_scheduler, n, steps, 0.0, cfg.eval.batch_size,
+                                             seeds(), False), pd_s)  # fmt: skip
+
+    pid_cfg = PIDConfig(iterations=args.pid_iterations, batch_size=32, lr=2e-4, seed=cfg.seed)
+    start = time.perf_counter()
+    pid_distill(teacher_dir, work / "pid", pid_cfg, device, progress=True)
+    pid_s = time.perf_counter() - start
+    score("pid", 1, load_pid_student(work / "pid", device).sample(n, seeds()), pid_s)
+
+    results = pd.DataFrame(rows).assign(machine=machine(), teacher=str(teacher_dir))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.to_parquet(RESULTS / "fast_sampling.parquet")
+    print(table(results))
+    plot(results, RESULTS / "fast_sampling_fid.png")
+
+
+def table(results: pd.DataFrame) -> str:
+    wide = results.pivot_table(index=["method", "steps"], columns="metric", values="value").reset_index()
+    return wide[["method", "steps", "fid", "kld", "tv"]].to_markdown(index=False, floatfmt=".3f")
+
+
+def plot(results: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fid = results[results.metric == "fid"]
+    for method, sub in fid.groupby("method"):
+        sub = sub.sort_values("steps")
+        ax.plot(sub.steps, sub.value, marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sampling steps (network evaluations)")
+    ax.set_ylabel("FID (Fashion-MNIST CNN features)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Physics-informed distillation (PID; Tee et al., TMLR 2024; ALGORITHMS.md section 3) of a distcl DDIM teacher into a
+one-step generator, data-free.
+
+The teacher's ODE in the sigma parameterisation. With abar_t the schedule, let
+sigma(t) = sqrt(1 - abar_t) / sqrt(abar_t) and y = x_t / sqrt(abar_t) (so x_t = y / sqrt(1 + sigma^2)). Since
+x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, y = x0 + sigma eps, and the deterministic DDIM update
+x_s = sqrt(abar_s) x0hat + sqrt(1 - abar_s) epshat becomes y_s = y_t + (sigma_s - sigma_t) epshat: DDIM is the Euler
+method of
+
+    dy/dsigma = epshat(y, sigma) = (y - D(y, sigma)) / sigma,
+    D(y, sigma) = y - sigma eps_theta(y / sqrt(1 + sigma^2), t(sigma))     (the teacher's x0 prediction)
+
+which is EDM's probability-flow ODE dx/dt = (x - D(x, t)) / t with t = sigma. t(sigma) is the teacher's timestep,
+interpolated in log sigma between the discrete ones (the UNet takes fractional timesteps). T = sigma at the
+schedule's top (about 157 for the linear betas), sigma_min at its bottom (about 0.01).
+
+The student maps z ~ N(0, T^2 I) to the trajectory point at time t, with the boundary condition built in:
+
+    x_theta(z, t) = (t / T) z + (1 - t / T) F_theta(c_in z, c_noise(t)),   c_in = 1 / sqrt(T^2 + 1),
+    c_noise(t) = the teacher's timestep t(sigma = t) (F starts as a copy of the teacher's UNet)
+
+and is trained on an EDM time grid t_i = (T^(1/rho) + i/(N-1) (sigma_min^(1/rho) - T^(1/rho)))^rho to make the
+ODE residual vanish (gradients through both student calls):
+
+    first order:  dy/dt = (x_theta(z, t_i) - x_theta(z, t_{i+1})) / (t_i - t_{i+1})
+    central:      dy/dt = (x_theta(z, t_{i-1}) - x_theta(z, t_{i+1})) / (t_{i-1} - t_{i+1})
+    loss = || x_theta(z, t_i) - t_i dy/dt - stopgrad D(x_theta(z, t_i), t_i) ||^2     (L2: no LPIPS weights here)
+
+One-step sampling: x0 = x_theta(z, sigma_min) (y at sigma_min is x0 to within 0.01 noise), clipped to [-1, 1].
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import UNet2DModel
+from tqdm.auto import tqdm
+
+from distcl.config import ConfigError
+from distcl.models import load_pipeline_parts
+from distcl.training import seeded_generator
+
+DIFFERENCES = ("first", "central")
+STUDENT_FILE = "pid.json"
+
+
+class SigmaSchedule:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) of a discrete schedule, and back: t(sigma)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.log_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().log()  # increasing in t
+        self.sigma_max, self.sigma_min = float(self.log_sigmas[-1].exp()), float(self.log_sigmas[0].exp())
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """t(sigma): linear interpolation in log sigma between the discrete timesteps (float)."""
+        log_sigma = sigma.double().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        hi = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
+        lo = hi - 1
+        w = (log_sigma - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
+        return (lo + w).float()
+
+
+class SigmaTeacher:
+    """The DDIM teacher as an EDM denoiser D(y, sigma) on the sigma time axis (see the module docstring)."""
+
+    def __init__(self, unet: UNet2DModel, schedule: SigmaSchedule):
+        self.unet, self.schedule = unet, schedule
+
+    def eps(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        scale = (1 + sigma.view(-1, 1, 1, 1) ** 2).rsqrt().to(y)
+        return self.unet(y * scale, self.schedule.timestep(sigma).to(y.device)).sample
+
+    def denoise(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D(y, sigma) = y - sigma eps_theta(y / sqrt(1 + sigma^2), t(sigma))."""
+        return y - sigma.view(-1, 1, 1, 1).to(y) * self.eps(y, sigma)
+
+
+def edm_time_grid(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """t_i = (T^(1/rho) + i/(n-1) (sigma_min^(1/rho) - T^(1/rho)))^rho, i = 0..n-1, decreasing from T to sigma_min."""
+    i = torch.arange(n, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+StudentFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, t) -> x_theta(z, t)
+
+
+def pid_residual(student: StudentFn, teacher: SigmaTeacher, z: torch.Tensor, grid: torch.Tensor, i: torch.Tensor,
+                 difference: str = "first") -> torch.Tensor:  # fmt: skip
+    """Per item: mean over pixels of (x_theta(z, t_i) - t_i dy/dt - stopgrad D(x_theta(z, t_i), t_i))^2, dy/dt by
+    the first-order (t_i, t_{i+1}) or central (t_{i-1}, t_{i+1}) finite difference."""
+    t_i, t_next = grid[i], grid[i + 1]
+    y = student(z, t_i)
+    if difference == "first":
+        slope = (y - student(z, t_next)) / (t_i - t_next).view(-1, 1, 1, 1).to(y)
+    else:
+        t_prev = grid[i - 1]
+        slope = (student(z, t_prev) - student(z, t_next)) / (t_prev - t_next).view(-1, 1, 1, 1).to(y)
+    with torch.no_grad():
+        target = teacher.denoise(y.detach(), t_i)
+    return ((y - t_i.view(-1, 1, 1, 1).to(y) * slope - target) ** 2).mean(dim=(1, 2, 3))
+
+
+class PIDStudent(torch.nn.Module):
+    """x_theta(z, t) = (t/T) z + (1 - t/T) F(c_in z, c_noise(t)) with F a UNet2DModel (boundary x(z, T) = z)."""
+
+    def __init__(self, unet: UNet2DModel, schedule: SigmaSchedule):
+        super().__init__()
+        self.unet, self.schedule = unet, schedule
+        self.T = schedule.sigma_max
+        self.c_in = (self.T**2 + 1) ** -0.5
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        frac = (t / self.T).view(-1, 1, 1, 1).to(z)
+        return frac * z + (1 - frac) * self.unet(self.c_in * z, self.schedule.timestep(t).to(z.device)).sample
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """One step: x0 = x_theta(z, sigma_min), z ~ N(0, T^2 I), clipped to [-1, 1]; CPU."""
+        size = self.unet.config.sample_size
+        z = torch.randn((n, self.unet.config.in_channels, size, size), generator=generator) * self.T
+        t = torch.full((n,), self.schedule.sigma_min, dtype=torch.float64)
+        return self(z.to(self.unet.device), t).clamp(-1, 1).cpu()
+
+
+@dataclass
+class PIDConfig:
+    """``distcl distill pid`` settings (``--set key=value``)."""
+
+    grid_points: int = 250  # N of the EDM time grid (the paper's scripts: 250)
+    rho: float = 7.0
+    difference: str = "first"  # first | central
+    iterations: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    seed: int = 0
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(name, message)
+
+        check(self.grid_points >= 3, "grid_points", f"{self.grid_points} (allowed: N >= 3)")
+        check(self.rho > 0, "rho", f"{self.rho} (allowed: > 0)")
+        check(self.difference in DIFFERENCES, "difference", f"{self.difference!r} (allowed: {', '.join(DIFFERENCES)})")
+        check(self.iterations >= 1, "iterations", f"{self.iterations} (allowed: >= 1)")
+        check(self.batch_size >= 1, "batch_size", f"{self.batch_size} (allowed: >= 1)")
+        check(self.lr > 0, "lr", f"{self.lr} (allowed: > 0)")
+
+
+def pid_distill(teacher_dir: Path, out: Path, cfg: PIDConfig, device: torch.device, progress: bool = True,
+                log: Callable[[str], None] = print) -> Path:  # fmt: skip
+    """Train a one-step PID student of the teacher at ``teacher_dir`` into OUT (``load_pid_student(OUT)``)."""
+    cfg.validate()
+    unet, scheduler = load_pipeline_parts(teacher_dir, device)
+    if unet.config.out_channels != 1 or scheduler.config.prediction_type != "epsilon":
+        raise ConfigError("--teacher", f"{teacher_dir} is not a distcl eps-prediction checkpoint")
+    out = Path(out)
+    settings = {"method": "pid", "teacher": str(Path(teacher_dir).resolve()), **asdict(cfg)}
+    if (out / STUDENT_FILE).exists():
+        if json.loads((out / STUDENT_FILE).read_text())["settings"] != settings:
+            raise ConfigError("--out", f"{out} holds a PID student with other settings (use another --out)")
+        log(f"[distcl] {out} already holds this PID student")
+        return out
+    schedule = SigmaSchedule(scheduler.alphas_cumprod)
+    teacher = SigmaTeacher(unet.eval().requires_grad_(False), schedule)
+    student = PIDStudent(copy.deepcopy(unet).requires_grad_(True), schedule)
+    grid = edm_time_grid(schedule.sigma_max, schedule.sigma_min, cfg.grid_points, cfg.rho)
+    optimizer = torch.optim.Adam(student.unet.parameters(), lr=cfg.lr)
+    low = 1 if cfg.difference == "central" else 0
+    size = unet.config.sample_size
+    rows = []
+    for step in tqdm(range(cfg.iterations), desc="pid", disable=not progress, leave=False):
+        generator = seeded_generator(cfg.seed, "pid", step)
+        z = torch.randn((cfg.batch_size, 1, size, size), generator=generator) * schedule.sigma_max
+        i = torch.randint(low, cfg.grid_points - 1, (cfg.batch_size,), generator=generator)
+        loss = pid_residual(student, teacher, z.to(device), grid, i, cfg.difference).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.unet.parameters(), 1.0)
+        optimizer.step()
+        rows.append({"iteration": step, "loss": loss.item()})
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "unet", ignore_errors=True)  # from an attempt that did not finish
+    student.unet.save_pretrained(out / "unet")
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = {"settings": settings, "T": schedule.sigma_max, "sigma_min": schedule.sigma_min,
+              "alphas_cumprod": scheduler.alphas_cumprod.tolist()}  # fmt: skip
+    (out / STUDENT_FILE).write_text(json.dumps(record))  # written last: marks the student complete
+    log(f"[distcl] PID: {cfg.iterations} iterations, last loss {rows[-1]['loss']:.4f} -> {out}")
+    return out
+
+
+def load_pid_student(directory: Path, device: torch.device | str = "cpu") -> PIDStudent:
+    """The one-step generator saved by ``pid_distill`` (``student.sample(n, generator)``)."""
+    directory = Path(directory)
+    if not (directory / STUDENT_FILE).is_file():
+        raise ConfigError("--model", f"{directory} holds no PID student ({STUDENT_FILE} missing)")
+    record = json.loads((directory / STUDENT_FILE).read_text())
+    unet = UNet2DModel.from_pretrained(directory / "unet").to(device).eval()
+    return PIDStudent(unet, SigmaSchedule(torch.tensor(record["alphas_cumprod"]))).eval()
+

@@ -1,0 +1,259 @@
+"""Progressive distillation (Salimans & Ho, ICLR 2022; ALGORITHMS.md section 2) on diffusers' discrete schedule.
+
+Continuous time t in [0, 1] is the discrete timestep round(t T) - 1 (T = 1000): the DDIM "trailing" grid, so an
+N-step student samples with diffusers' DDIMScheduler at N steps (``DDIMPipeline.from_pretrained``). t = 0 is the
+data (alpha 1, sigma 0). The students' schedule has SNR 0 at the top (``rescale_betas_zero_snr``), which eps
+prediction cannot serve: students predict x or v. A stage distils a 2N-step teacher into an N-step student:
+
+    i ~ U{1..N}; t = i/N; t' = t - 0.5/N; t'' = t - 1/N          (t'' < t' < t: the teacher's two half steps)
+    z_t   = alpha_t x + sigma_t eps
+    z_t'  = alpha_t'  xhat_T(z_t, t)   + (sigma_t'/sigma_t)   (z_t  - alpha_t  xhat_T(z_t, t))
+    z_t'' = alpha_t'' xhat_T(z_t', t') + (sigma_t''/sigma_t') (z_t' - alpha_t' xhat_T(z_t', t'))
+    x_target = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)
+    loss = max(SNR_t, 1) * mean (x_target - xhat_S(z_t, t))^2                ("truncated SNR" weighting)
+
+so that one student DDIM step from z_t with xhat = x_target lands on z_t''. xhat from a model output o:
+``epsilon``: (z - sigma o) / alpha; ``sample`` (x): o; ``v_prediction``: alpha z - sigma o. The first teacher is a
+distcl eps model trained on the plain linear schedule; it converts with its own alphas (non-zero at the top,
+within 1 % of the rescaled ones elsewhere), while z_t and the DDIM steps use the zero-SNR schedule.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from distcl.config import ConfigError
+from distcl.diffusion import ddim_sample
+from distcl.models import load_pipeline_parts, save_checkpoint
+from distcl.training import seeded_generator
+
+PARAMETERISATIONS = {"x": "sample", "v": "v_prediction"}  # distcl name -> diffusers prediction_type
+DATA_SOURCES = ("teacher", "fmnist")
+
+
+class TimeSchedule:
+    """alpha_t, sigma_t for continuous t in [0, 1] on a discrete schedule's ``alphas_cumprod`` (length T)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.T = len(alphas_cumprod)
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The discrete timestep of t > 0: round(t T) - 1."""
+        return (t.double() * self.T).round().long().clamp(1, self.T) - 1
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) with alpha^2 + sigma^2 = 1; (1, 0) at t = 0. Shape [B, 1, 1, 1], float32."""
+        abar = torch.where(t > 0, self.alphas_cumprod[self.timestep(t)], torch.ones_like(t, dtype=torch.float64))
+        shape = (-1, 1, 1, 1)
+        return abar.sqrt().float().view(shape), (1 - abar).sqrt().float().view(shape)
+
+
+def to_x(output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
+    """xhat from a model output under diffusers' ``prediction_type``."""
+    if prediction == "epsilon":
+        return (z - sigma * output) / alpha
+    if prediction == "sample":
+        return output
+    if prediction == "v_prediction":
+        return alpha * z - sigma * output
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+def ddim_step(z_t: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+              schedule: TimeSchedule) -> torch.Tensor:  # fmt: skip
+    """z_s = alpha_s xhat + (sigma_s / sigma_t) (z_t - alpha_t xhat), s < t (deterministic DDIM)."""
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha_s, sigma_s = schedule.alpha_sigma(s)
+    return alpha_s * x_hat + (sigma_s / sigma_t) * (z_t - alpha_t * x_hat)
+
+
+XPredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, t) -> xhat
+
+
+def pd_target(teacher_x: XPredictor, z_t: torch.Tensor, t: torch.Tensor, n: int,
+              schedule: TimeSchedule) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(x_target, z_t'') for an n-step student at times t: the teacher's two DDIM half steps t -> t' -> t''."""
+    t1, t2 = t - 0.5 / n, t - 1.0 / n  # t' then t'': swapping them is the known bug
+    z1 = ddim_step(z_t, teacher_x(z_t, t), t, t1, schedule)
+    z2 = ddim_step(z1, teacher_x(z1, t1), t1, t2, schedule)
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha_2, sigma_2 = schedule.alpha_sigma(t2)
+    ratio = sigma_2 / sigma_t
+    return (z2 - ratio * z_t) / (alpha_2 - ratio * alpha_t), z2
+
+
+def truncated_snr_weight(t: torch.Tensor, schedule: TimeSchedule) -> torch.Tensor:
+    """max(SNR_t, 1), SNR = alpha^2 / sigma^2."""
+    alpha, sigma = schedule.alpha_sigma(t)
+    return (alpha**2 / sigma**2).clamp_min(1.0).view(-1)
+
+
+def model_x(unet: UNet2DModel, prediction: str, schedule: TimeSchedule, own: Optional[TimeSchedule] = None,
+            clip: bool = False) -> XPredictor:  # fmt: skip
+    """xhat(z, t) of a UNet; ``own``: the schedule the model converts with (the first, eps teacher's); ``clip``:
+    xhat clipped to [-1, 1], as the teacher's own DDIM sampler does (``clip_sample``)."""
+    convert = own or schedule
+
+    def predict(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = convert.alpha_sigma(t)
+        x = to_x(unet(z, schedule.timestep(t).to(z.device)).sample, z, alpha.to(z), sigma.to(z), prediction)
+        return x.clamp(-1, 1) if clip else x
+
+    return predict
+
+
+@dataclass
+class ProgressiveConfig:
+    """``distcl distill progressive`` settings (``--set key=value``)."""
+
+    start_steps: int = 8  # the teacher's DDIM steps that the first student halves
+    target_steps: int = 1  # the last student's steps: start_steps / 2^m
+    parameterisation: str = "v"  # x | v
+    iterations: int = 500  # updates per halving stage
+    batch_size: int = 64
+    lr: float = 2e-4
+    data: str = "teacher"  # teacher: its own start_steps-step DDIM samples (data-free); fmnist: training images
+    seed: int = 0
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(name, message)
+
+        check(self.start_steps >= 2, "start_steps", f"{self.start_steps} (allowed: N >= 2)")
+        check(self.target_steps >= 1, "target_steps", f"{self.target_steps} (allowed: >= 1)")
+        halvings = math.log2(self.start_steps / self.target_steps) if self.target_steps <= self.start_steps else -1
+        check(halvings >= 1 and halvings == int(halvings), "target_steps",
+              f"{self.target_steps} is not reachable by halving {self.start_steps} (allowed: start_steps / 2^m, m >= 1)")  # fmt: skip
+        check(self.parameterisation in PARAMETERISATIONS, "parameterisation",
+              f"{self.parameterisation!r} (allowed: {', '.join(PARAMETERISATIONS)})")  # fmt: skip
+        check(self.iterations >= 1, "iterations", f"{self.iterations} (allowed: >= 1)")
+        check(self.batch_size >= 1, "batch_size", f"{self.batch_size} (allowed: >= 1)")
+        check(self.lr > 0, "lr", f"{self.lr} (allowed: > 0)")
+        check(self.data in DATA_SOURCES, "data", f"{self.data!r} (allowed: {', '.join(DATA_SOURCES)})")
+
+    def stages(self) -> list[int]:
+        """The students' step counts: start/2, start/4, ..., target."""
+        steps, n = [], self.start_steps // 2
+        while n >= self.target_steps:
+            steps.append(n)
+            n //= 2
+        return steps
+
+
+def student_scheduler(teacher_scheduler: DDIMScheduler, parameterisation: str) -> DDIMScheduler:
+    """The teacher's DDIM scheduler with SNR 0 at the top, trailing spacing, and the student's prediction type."""
+    return DDIMScheduler.from_config(teacher_scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                     prediction_type=PARAMETERISATIONS[parameterisation], clip_sample=False)  # fmt: skip
+
+
+def distill_stage(teacher_x: XPredictor, student: UNet2DModel, data: Callable[[int], torch.Tensor], n: int,
+                  cfg: ProgressiveConfig, schedule: TimeSchedule, prediction: str, device: torch.device,
+                  start: int = 0, on_step: Optional[Callable[[int, dict], None]] = None,
+                  progress: bool = True) -> list[dict]:  # fmt: skip
+    """``cfg.iterations`` Adam updates of the n-step ``student`` on PD targets of the 2n-step teacher; the draws
+    of step k come from generator (seed, "pd", n, k), so a resumed stage sees the same batches."""
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    student_x = model_x(student, prediction, schedule)
+    rows = []
+    student.train()
+    for step in tqdm(range(start, cfg.iterations), desc=f"distil {2 * n} -> {n} steps", disable=not progress,
+                     leave=False):  # fmt: skip
+        generator = seeded_generator(cfg.seed, "pd", n, step)
+        x = data(step).to(device)
+        i = torch.randint(1, n + 1, (len(x),), generator=generator)
+        t = (i.double() / n).to(device)
+        eps = torch.randn(x.shape, generator=generator).to(device)
+        alpha, sigma = schedule.alpha_sigma(t)
+        z_t = alpha.to(x) * x + sigma.to(x) * eps
+        with torch.no_grad():
+            x_target, _ = pd_target(teacher_x, z_t, t, n, schedule)
+        weight = truncated_snr_weight(t, schedule).to(x)
+        loss = (weight * ((x_target - student_x(z_t, t)) ** 2).mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        row = {"steps": n, "iteration": step, "loss": loss.item()}
+        rows.append(row)
+        if on_step is not None:
+            on_step(step, row)
+    student.eval()
+    return rows
+
+
+def teacher_samples(unet: UNet2DModel, scheduler: DDIMScheduler, steps: int, batch_size: int,
+                    seed: int) -> Callable[[int], torch.Tensor]:  # fmt: skip
+    """Data-free PD: batch k is the teacher's own ``steps``-step DDIM samples from x_T ~ generator (seed, "pd_data", k)."""
+    size = unet.config.sample_size
+
+    def batch(k: int) -> torch.Tensor:
+        generator = seeded_generator(seed, "pd_data", k)
+        x_T = torch.randn((batch_size, 1, size, size), generator=generator)
+        return ddim_sample(unet, scheduler, x_T.to(unet.device), steps, 0.0, generator).clamp(-1, 1).cpu()
+
+    return batch
+
+
+def image_batches(images: torch.Tensor, batch_size: int, seed: int) -> Callable[[int], torch.Tensor]:
+    def batch(k: int) -> torch.Tensor:
+        idx = torch.randint(0, len(images), (batch_size,), generator=seeded_generator(seed, "pd_images", k))
+        return images[idx]
+
+    return batch
+
+
+def progressive_distill(teacher_dir: Path, out: Path, cfg: ProgressiveConfig, device: torch.device,
+                        images: Optional[torch.Tensor] = None, progress: bool = True,
+                        log: Callable[[str], None] = print) -> list[Path]:  # fmt: skip
+    """Distil the DDIM teacher at ``teacher_dir`` stage by stage; stage n is saved as OUT/steps_<n>/, a
+    DDIMPipeline that samples in n steps. A stage whose directory exists is not redone (resume)."""
+    cfg.validate()
+    teacher, teacher_scheduler = load_pipeline_parts(teacher_dir, device)
+    if teacher.config.out_channels != 1 or teacher_scheduler.config.prediction_type != "epsilon":
+        raise ConfigError("--teacher", f"{teacher_dir} is not a distcl eps-prediction checkpoint")
+    out = Path(out)
+    settings = {"method": "progressive", "teacher": str(Path(teacher_dir).resolve()), **asdict(cfg)}
+    record = out / "distill.json"
+    if record.exists() and json.loads(record.read_text()) != settings:
+        raise ConfigError("--out", f"{out} holds a distillation with other settings (use another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2))
+    scheduler = student_scheduler(teacher_scheduler, cfg.parameterisation)
+    schedule = TimeSchedule(scheduler.alphas_cumprod)
+    own = TimeSchedule(teacher_scheduler.alphas_cumprod)
+    if cfg.data == "teacher":
+        data = teacher_samples(teacher, teacher_scheduler, cfg.start_steps, cfg.batch_size, cfg.seed)
+    else:
+        if images is None:
+            raise ConfigError("data", "fmnist needs training images")
+        data = image_batches(images, cfg.batch_size, cfg.seed)
+    teacher_x = model_x(teacher.eval().requires_grad_(False), "epsilon", schedule, own,
+                        clip=teacher_scheduler.config.clip_sample)  # its DDIM, as it samples replay
+    prediction = PARAMETERISATIONS[cfg.parameterisation]
+    saved = []
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    for n in cfg.stages():
+        directory = out / f"steps_{n}"
+        if directory.exists():
+            student, _ = load_pipeline_parts(directory, device)
+        else:
+            rows = distill_stage(teacher_x, student, data, n, cfg, schedule, prediction, device, progress=progress)
+            save_checkpoint(student, scheduler, directory)
+            (directory / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            log(f"[distcl] progressive distillation {2 * n} -> {n} steps: {cfg.iterations} iterations, "
+                f"last loss {rows[-1]['loss']:.4f} -> {directory}")  # fmt: skip
+        saved.append(directory)
+        frozen = copy.deepcopy(student).eval().requires_grad_(False)
+        teacher_x = model_x(frozen, prediction, schedule)  # the next stage halves this student
+        student = copy.deepcopy(student).requires_grad_(True)
+    return saved

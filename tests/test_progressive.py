@@ -1,0 +1,142 @@
+"""Progressive distillation: the x target, the t' / t'' ordering, the time grid against diffusers' DDIM, and the
+command on a tiny teacher."""
+import json
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler
+
+from distcl.cli import main
+from distcl.config import ConfigError, ModelConfig
+from distcl.diffusion import ddim_sample
+from distcl.models import build_scheduler, save_checkpoint
+from distcl.progressive import (
+    ProgressiveConfig,
+    TimeSchedule,
+    ddim_step,
+    model_x,
+    pd_target,
+    progressive_distill,
+    student_scheduler,
+)
+from tests.conftest import tiny_unet
+
+
+def zero_snr_schedule() -> TimeSchedule:
+    return TimeSchedule(student_scheduler(build_scheduler(ModelConfig()), "v").alphas_cumprod)
+
+
+def nonlinear_teacher(z, t):
+    """A stand-in teacher: any smooth xhat(z, t) that depends on both."""
+    return torch.tanh(1.5 * z) * (1 - t.view(-1, 1, 1, 1).float() / 2) + 0.1
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_one_student_step_with_the_target_lands_on_the_teachers_two_steps(n):
+    schedule = zero_snr_schedule()
+    torch.manual_seed(n)
+    i = torch.randint(1, n + 1, (6,))
+    t = i.double() / n
+    z_t = torch.randn(6, 1, 4, 4)
+    x_target, z_2 = pd_target(nonlinear_teacher, z_t, t, n, schedule)
+    student_step = ddim_step(z_t, x_target, t, t - 1.0 / n, schedule)
+    assert torch.allclose(student_step, z_2, atol=1e-4)
+
+
+def test_teacher_half_steps_go_t_then_t_prime_then_t_double_prime():
+    """Pinned by hand: z' at t - 0.5/n first, then z'' at t - 1/n; the swapped order gives another target."""
+    schedule, n = zero_snr_schedule(), 4
+    t = torch.full((3,), 0.75, dtype=torch.float64)
+    z_t = torch.randn(3, 1, 4, 4)
+    t1, t2 = t - 0.125, t - 0.25  # t' = 0.625 (timestep 624), t'' = 0.5 (timestep 499)
+    assert schedule.timestep(t1).tolist() == [624] * 3 and schedule.timestep(t2).tolist() == [499] * 3
+    z1 = ddim_step(z_t, nonlinear_teacher(z_t, t), t, t1, schedule)
+    z2 = ddim_step(z1, nonlinear_teacher(z1, t1), t1, t2, schedule)
+    _, got = pd_target(nonlinear_teacher, z_t, t, n, schedule)
+    assert torch.allclose(got, z2, atol=1e-6)
+    z1_swapped = ddim_step(z_t, nonlinear_teacher(z_t, t), t, t2, schedule)
+    z2_swapped = ddim_step(z1_swapped, nonlinear_teacher(z1_swapped, t2), t2, t1, schedule)
+    assert not torch.allclose(got, z2_swapped, atol=1e-3)
+
+
+def test_two_half_steps_from_the_top_are_diffusers_two_step_ddim(unet):
+    """On the teacher's own schedule (alpha > 0 at the top), the eps teacher's t = 1 -> 0.5 -> 0 half steps are
+    exactly DDIMScheduler's trailing 2-step sampling: the time grid maps onto diffusers'."""
+    scheduler = DDIMScheduler.from_config(build_scheduler(ModelConfig()).config, clip_sample=False)
+    schedule = TimeSchedule(scheduler.alphas_cumprod)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, z_0 = pd_target(model_x(unet, "epsilon", schedule), z, torch.ones(2, dtype=torch.float64), 1, schedule)
+        expected = ddim_sample(unet, scheduler, z, 2)
+    assert torch.allclose(z_0, expected, atol=1e-4)
+
+
+def test_students_sample_with_diffusers_ddim(unet):
+    """A v-student's n-step sampling by our DDIM steps is DDIMScheduler's at n steps (what DDIMPipeline runs)."""
+    scheduler = student_scheduler(build_scheduler(ModelConfig()), "v")
+    schedule = TimeSchedule(scheduler.alphas_cumprod)
+    student_x = model_x(unet, "v_prediction", schedule)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    n = 4
+    x = z
+    with torch.no_grad():
+        for i in range(n, 0, -1):
+            t, s = torch.full((2,), i / n, dtype=torch.float64), torch.full((2,), (i - 1) / n, dtype=torch.float64)
+            x = ddim_step(x, student_x(x, t), t, s, schedule)
+        expected = ddim_sample(unet, scheduler, z, n)
+    assert torch.allclose(x, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fields, field, message", [
+    ({"start_steps": 8, "target_steps": 3}, "target_steps", "not reachable by halving"),
+    ({"start_steps": 1}, "start_steps", "N >= 2"),
+    ({"start_steps": 4, "target_steps": 4}, "target_steps", "not reachable"),
+    ({"parameterisation": "eps"}, "parameterisation", "allowed: x, v"),
+])  # fmt: skip
+def test_bad_settings_name_the_field(fields, field, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        ProgressiveConfig(**fields).validate()
+    assert err.value.field == field
+    assert ProgressiveConfig(start_steps=8, target_steps=2).stages() == [4, 2]
+
+
+@pytest.fixture
+def teacher_dir(tmp_path, unet):
+    save_checkpoint(unet, build_scheduler(ModelConfig()), tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["distill", "progressive", "--teacher", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
+                 "--no-progress"])  # fmt: skip
+    assert code == 2 and "is not a distcl / diffusers DDIMPipeline checkpoint" in capsys.readouterr().err
+    assert main(["distill", "progressive", "--teacher", "x", "--out", "y", "--set", "target_steps=3"]) == 2
+
+
+def test_progressive_command_writes_loadable_students_and_resumes(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "pd"
+    args = ["distill", "progressive", "--teacher", str(teacher_dir), "--out", str(out), "--no-progress",
+            "--set", "start_steps=4", "--set", "iterations=3", "--set", "batch_size=4"]  # fmt: skip
+    assert main(args) == 0
+    for n in (2, 1):
+        pipe = DDIMPipeline.from_pretrained(out / f"steps_{n}")
+        assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+        images = pipe(batch_size=2, num_inference_steps=n, generator=torch.Generator().manual_seed(0), output_type="np")
+        assert images.images.shape == (2, 8, 8, 1)
+        assert len((out / f"steps_{n}" / "log.jsonl").read_text().splitlines()) == 3
+    mtime = (out / "steps_1" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime
+    capsys.readouterr()
+    assert main(args) == 0  # resumed: both stages found done
+    assert "progressive distillation" not in capsys.readouterr().out
+    assert (out / "steps_1" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime == mtime
+    assert main([*args[:-2], "--set", "batch_size=8"]) == 2  # other settings, same --out: refused
+    assert json.loads((out / "distill.json").read_text())["batch_size"] == 4
+
+
+def test_distillation_lowers_the_stage_loss(teacher_dir):
+    cfg = ProgressiveConfig(start_steps=2, target_steps=1, iterations=60, batch_size=16, lr=2e-3)
+    out = teacher_dir.parent / "pd"
+    progressive_distill(teacher_dir, out, cfg, torch.device("cpu"), progress=False, log=lambda _: None)
+    losses = [json.loads(line)["loss"] for line in (out / "steps_1" / "log.jsonl").read_text().splitlines()]
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])  # seeded: the same draws every run
