@@ -175,7 +175,8 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
         directory = Path(reported) if reported else trial_dir(out, sweep, values, "unreported")
         rows.append(trial_row(values, directory, num_tasks, error=result.error is not None))
     summary = write_results(sweep, pd.DataFrame(rows), out, log)
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    stopped = sum(row["status"] == "stopped" for row in rows)  # without ASHA, only Ctrl-C stops a trial early
+    unfinished = stopped if sweep.scheduler == "none" else len(grid) - grid.num_terminated - grid.num_errors
     if unfinished:  # Ctrl-C: Tune saved its state and returned early
         raise RuntimeError(f"interrupted with {unfinished} of {len(grid)} trials unfinished (tables written for "
                            f"the others); continue with: distcl tune --resume {out}")  # fmt: skip
