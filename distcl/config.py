@@ -39,15 +39,15 @@ class DataConfig:
     test_per_class: Optional[int] = None  # cap on test images per class (None: all 1000)
 
     def validate(self) -> None:
-        _check(self.num_tasks >= 1, "data.num_tasks", f"{self.num_tasks} (allowed: >= 1)")
-        _check(self.classes_per_task >= 1, "data.classes_per_task", f"{self.classes_per_task} (allowed: >= 1)")
-        _check(
+        check_field(self.num_tasks >= 1, "data.num_tasks", f"{self.num_tasks} (allowed: >= 1)")
+        check_field(self.classes_per_task >= 1, "data.classes_per_task", f"{self.classes_per_task} (allowed: >= 1)")
+        check_field(
             self.num_tasks * self.classes_per_task <= 10,
             "data.num_tasks",
             f"{self.num_tasks} tasks x {self.classes_per_task} classes exceeds the 10 Fashion-MNIST classes",
         )
         if self.class_order is not None:
-            _check(
+            check_field(
                 sorted(self.class_order) == sorted(set(self.class_order))
                 and all(0 <= c <= 9 for c in self.class_order)
                 and len(self.class_order) >= self.num_tasks * self.classes_per_task,
@@ -56,7 +56,7 @@ class DataConfig:
             )
         for name in ("train_per_class", "test_per_class"):
             value = getattr(self, name)
-            _check(value is None or value >= 1, f"data.{name}", f"{value} (allowed: null or >= 1)")
+            check_field(value is None or value >= 1, f"data.{name}", f"{value} (allowed: null or >= 1)")
 
 
 @dataclass
@@ -71,16 +71,16 @@ class ModelConfig:
     def validate(self) -> None:
         from distcl.models import UNET_PRESETS, sample_size_multiple
 
-        _check(self.preset in UNET_PRESETS, "model.preset", f"{self.preset!r} (allowed: {', '.join(UNET_PRESETS)})")
+        check_field(self.preset in UNET_PRESETS, "model.preset", f"{self.preset!r} (allowed: {', '.join(UNET_PRESETS)})")
         if self.sample_size is not None:
             multiple = sample_size_multiple(self.preset)
-            _check(
+            check_field(
                 self.sample_size >= multiple and self.sample_size % multiple == 0,
                 "model.sample_size",
                 f"{self.sample_size} does not fit preset {self.preset!r} (allowed: positive multiples of {multiple})",
             )
-        _check(self.num_train_timesteps >= 2, "model.num_train_timesteps", f"{self.num_train_timesteps} (allowed: >= 2)")
-        _check(
+        check_field(self.num_train_timesteps >= 2, "model.num_train_timesteps", f"{self.num_train_timesteps} (allowed: >= 2)")
+        check_field(
             0 < self.beta_start < self.beta_end < 1,
             "model.beta_start",
             f"{self.beta_start}..{self.beta_end} (allowed: 0 < beta_start < beta_end < 1)",
@@ -103,21 +103,21 @@ class TrainConfig:
     log_every: int = 10
 
     def validate(self) -> None:
-        _check(self.strategy in STRATEGIES, "train.strategy", f"{self.strategy!r} (allowed: {', '.join(STRATEGIES)})")
-        _check(self.replay_lambda >= 0, "train.replay_lambda", f"{self.replay_lambda} (allowed: >= 0)")
-        _check(self.teacher_steps >= 1, "train.teacher_steps", f"{self.teacher_steps} (allowed: >= 1)")
-        _check(0 <= self.teacher_eta <= 1, "train.teacher_eta", f"{self.teacher_eta} (allowed: 0 <= eta <= 1)")
-        _check(self.epochs > 0, "train.epochs", f"{self.epochs} (allowed: > 0)")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"{self.max_steps} (allowed: null or >= 1)")
-        _check(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} (allowed: >= 1)")
-        _check(self.lr > 0, "train.lr", f"{self.lr} (allowed: > 0)")
-        _check(self.grad_clip > 0, "train.grad_clip", f"{self.grad_clip} (allowed: > 0)")
-        _check(
+        check_field(self.strategy in STRATEGIES, "train.strategy", f"{self.strategy!r} (allowed: {', '.join(STRATEGIES)})")
+        check_field(self.replay_lambda >= 0, "train.replay_lambda", f"{self.replay_lambda} (allowed: >= 0)")
+        check_field(self.teacher_steps >= 1, "train.teacher_steps", f"{self.teacher_steps} (allowed: >= 1)")
+        check_field(0 <= self.teacher_eta <= 1, "train.teacher_eta", f"{self.teacher_eta} (allowed: 0 <= eta <= 1)")
+        check_field(self.epochs > 0, "train.epochs", f"{self.epochs} (allowed: > 0)")
+        check_field(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"{self.max_steps} (allowed: null or >= 1)")
+        check_field(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} (allowed: >= 1)")
+        check_field(self.lr > 0, "train.lr", f"{self.lr} (allowed: > 0)")
+        check_field(self.grad_clip > 0, "train.grad_clip", f"{self.grad_clip} (allowed: > 0)")
+        check_field(
             self.ema_decay is None or 0 < self.ema_decay < 1,
             "train.ema_decay",
             f"{self.ema_decay} (allowed: null or 0 < decay < 1)",
         )
-        _check(self.log_every >= 1, "train.log_every", f"{self.log_every} (allowed: >= 1)")
+        check_field(self.log_every >= 1, "train.log_every", f"{self.log_every} (allowed: >= 1)")
 
 
 @dataclass
@@ -130,16 +130,16 @@ class EvalConfig:
     classifier_epochs: int = 2  # training of the cached Fashion-MNIST evaluation classifier
 
     def validate(self) -> None:
-        _check(self.num_samples >= 2, "eval.num_samples", f"{self.num_samples} (allowed: >= 2)")
-        _check(self.steps >= 1, "eval.steps", f"{self.steps} (allowed: >= 1)")
-        _check(0 <= self.eta <= 1, "eval.eta", f"{self.eta} (allowed: 0 <= eta <= 1)")
-        _check(self.batch_size >= 1, "eval.batch_size", f"{self.batch_size} (allowed: >= 1)")
-        _check(
+        check_field(self.num_samples >= 2, "eval.num_samples", f"{self.num_samples} (allowed: >= 2)")
+        check_field(self.steps >= 1, "eval.steps", f"{self.steps} (allowed: >= 1)")
+        check_field(0 <= self.eta <= 1, "eval.eta", f"{self.eta} (allowed: 0 <= eta <= 1)")
+        check_field(self.batch_size >= 1, "eval.batch_size", f"{self.batch_size} (allowed: >= 1)")
+        check_field(
             self.feature_extractor in FEATURE_EXTRACTORS,
             "eval.feature_extractor",
             f"{self.feature_extractor!r} (allowed: {', '.join(FEATURE_EXTRACTORS)})",
         )
-        _check(self.classifier_epochs >= 1, "eval.classifier_epochs", f"{self.classifier_epochs} (allowed: >= 1)")
+        check_field(self.classifier_epochs >= 1, "eval.classifier_epochs", f"{self.classifier_epochs} (allowed: >= 1)")
 
 
 @dataclass
@@ -156,14 +156,14 @@ class ClassifierConfig:
     temperature: float = 2.0  # of the soft labels
 
     def validate(self) -> None:
-        _check(self.strategy in CLASSIFIER_STRATEGIES, "classifier.strategy",
+        check_field(self.strategy in CLASSIFIER_STRATEGIES, "classifier.strategy",
                f"{self.strategy!r} (allowed: {', '.join(CLASSIFIER_STRATEGIES)})")  # fmt: skip
-        _check(self.epochs > 0, "classifier.epochs", f"{self.epochs} (allowed: > 0)")
-        _check(self.batch_size >= 1, "classifier.batch_size", f"{self.batch_size} (allowed: >= 1)")
-        _check(self.lr > 0, "classifier.lr", f"{self.lr} (allowed: > 0)")
-        _check(self.replay_steps >= 1, "classifier.replay_steps", f"{self.replay_steps} (allowed: >= 1)")
-        _check(0 <= self.replay_eta <= 1, "classifier.replay_eta", f"{self.replay_eta} (allowed: 0 <= eta <= 1)")
-        _check(self.temperature > 0, "classifier.temperature", f"{self.temperature} (allowed: > 0)")
+        check_field(self.epochs > 0, "classifier.epochs", f"{self.epochs} (allowed: > 0)")
+        check_field(self.batch_size >= 1, "classifier.batch_size", f"{self.batch_size} (allowed: >= 1)")
+        check_field(self.lr > 0, "classifier.lr", f"{self.lr} (allowed: > 0)")
+        check_field(self.replay_steps >= 1, "classifier.replay_steps", f"{self.replay_steps} (allowed: >= 1)")
+        check_field(0 <= self.replay_eta <= 1, "classifier.replay_eta", f"{self.replay_eta} (allowed: 0 <= eta <= 1)")
+        check_field(self.temperature > 0, "classifier.temperature", f"{self.temperature} (allowed: > 0)")
 
     def resolved_strategy(self, generator_strategy: str) -> str:
         if self.strategy != "auto":
@@ -192,17 +192,17 @@ class RuntimeConfig:
     replay_timeout_s: float = 600.0  # longest wait for one replay batch before failing the task
 
     def validate(self) -> None:
-        _check(self.backend in BACKENDS, "runtime.backend", f"{self.backend!r} (allowed: {', '.join(BACKENDS)})")
-        _check(self.num_cpus is None or self.num_cpus >= 1, "runtime.num_cpus", f"{self.num_cpus} (allowed: null or >= 1)")
-        _check(self.num_workers >= 1, "runtime.num_workers", f"{self.num_workers} (allowed: >= 1)")
-        _check(self.cpus_per_worker > 0, "runtime.cpus_per_worker", f"{self.cpus_per_worker} (allowed: > 0)")
-        _check(self.num_samplers >= 1, "runtime.num_samplers", f"{self.num_samplers} (allowed: >= 1)")
-        _check(self.sampler_cpus >= 0, "runtime.sampler_cpus", f"{self.sampler_cpus} (allowed: >= 0)")
-        _check(self.sampler_gpus >= 0, "runtime.sampler_gpus", f"{self.sampler_gpus} (allowed: >= 0)")
-        _check(self.replay_depth >= 1, "runtime.replay_depth", f"{self.replay_depth} (allowed: >= 1)")
-        _check(self.checkpoint_every >= 1, "runtime.checkpoint_every", f"{self.checkpoint_every} (allowed: >= 1)")
-        _check(self.max_failures >= 0, "runtime.max_failures", f"{self.max_failures} (allowed: >= 0)")
-        _check(self.replay_timeout_s > 0, "runtime.replay_timeout_s", f"{self.replay_timeout_s} (allowed: > 0)")
+        check_field(self.backend in BACKENDS, "runtime.backend", f"{self.backend!r} (allowed: {', '.join(BACKENDS)})")
+        check_field(self.num_cpus is None or self.num_cpus >= 1, "runtime.num_cpus", f"{self.num_cpus} (allowed: null or >= 1)")
+        check_field(self.num_workers >= 1, "runtime.num_workers", f"{self.num_workers} (allowed: >= 1)")
+        check_field(self.cpus_per_worker > 0, "runtime.cpus_per_worker", f"{self.cpus_per_worker} (allowed: > 0)")
+        check_field(self.num_samplers >= 1, "runtime.num_samplers", f"{self.num_samplers} (allowed: >= 1)")
+        check_field(self.sampler_cpus >= 0, "runtime.sampler_cpus", f"{self.sampler_cpus} (allowed: >= 0)")
+        check_field(self.sampler_gpus >= 0, "runtime.sampler_gpus", f"{self.sampler_gpus} (allowed: >= 0)")
+        check_field(self.replay_depth >= 1, "runtime.replay_depth", f"{self.replay_depth} (allowed: >= 1)")
+        check_field(self.checkpoint_every >= 1, "runtime.checkpoint_every", f"{self.checkpoint_every} (allowed: >= 1)")
+        check_field(self.max_failures >= 0, "runtime.max_failures", f"{self.max_failures} (allowed: >= 0)")
+        check_field(self.replay_timeout_s > 0, "runtime.replay_timeout_s", f"{self.replay_timeout_s} (allowed: > 0)")
 
 
 @dataclass
@@ -219,13 +219,13 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a non-empty name without '/')")
-        _check(self.seed >= 0, "seed", f"{self.seed} (allowed: >= 0)")
-        _check(self.device in DEVICES, "device", f"{self.device!r} (allowed: {', '.join(DEVICES)})")
+        check_field(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a non-empty name without '/')")
+        check_field(self.seed >= 0, "seed", f"{self.seed} (allowed: >= 0)")
+        check_field(self.device in DEVICES, "device", f"{self.device!r} (allowed: {', '.join(DEVICES)})")
         for section in (self.data, self.model, self.train, self.eval, self.classifier, self.runtime):
             section.validate()
         if self.runtime.backend == "ray":
-            _check(
+            check_field(
                 self.train.batch_size % self.runtime.num_workers == 0,
                 "train.batch_size",
                 f"{self.train.batch_size} is split among {self.runtime.num_workers} Train workers "
@@ -376,6 +376,6 @@ def _deep_update(base: dict, extra: dict) -> None:
             base[key] = value
 
 
-def _check(ok: bool, name: str, message: str) -> None:
+def check_field(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(name, message)

@@ -41,7 +41,7 @@ import torch
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-from distcl.config import ConfigError
+from distcl.config import ConfigError, check_field
 from distcl.models import load_pipeline_parts
 from distcl.training import seeded_generator
 
@@ -141,16 +141,12 @@ class PIDConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        def check(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(name, message)
-
-        check(self.grid_points >= 3, "grid_points", f"{self.grid_points} (allowed: N >= 3)")
-        check(self.rho > 0, "rho", f"{self.rho} (allowed: > 0)")
-        check(self.difference in DIFFERENCES, "difference", f"{self.difference!r} (allowed: {', '.join(DIFFERENCES)})")
-        check(self.iterations >= 1, "iterations", f"{self.iterations} (allowed: >= 1)")
-        check(self.batch_size >= 1, "batch_size", f"{self.batch_size} (allowed: >= 1)")
-        check(self.lr > 0, "lr", f"{self.lr} (allowed: > 0)")
+        check_field(self.grid_points >= 3, "grid_points", f"{self.grid_points} (allowed: N >= 3)")
+        check_field(self.rho > 0, "rho", f"{self.rho} (allowed: > 0)")
+        check_field(self.difference in DIFFERENCES, "difference", f"{self.difference!r} (allowed: {', '.join(DIFFERENCES)})")
+        check_field(self.iterations >= 1, "iterations", f"{self.iterations} (allowed: >= 1)")
+        check_field(self.batch_size >= 1, "batch_size", f"{self.batch_size} (allowed: >= 1)")
+        check_field(self.lr > 0, "lr", f"{self.lr} (allowed: > 0)")
 
 
 def pid_distill(teacher_dir: Path, out: Path, cfg: PIDConfig, device: torch.device, progress: bool = True,

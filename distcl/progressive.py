@@ -30,7 +30,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from distcl.config import ConfigError
+from distcl.config import ConfigError, check_field
 from distcl.diffusion import ddim_sample
 from distcl.models import load_pipeline_parts, save_checkpoint
 from distcl.training import seeded_generator
@@ -125,21 +125,17 @@ class ProgressiveConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        def check(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(name, message)
-
-        check(self.start_steps >= 2, "start_steps", f"{self.start_steps} (allowed: N >= 2)")
-        check(self.target_steps >= 1, "target_steps", f"{self.target_steps} (allowed: >= 1)")
+        check_field(self.start_steps >= 2, "start_steps", f"{self.start_steps} (allowed: N >= 2)")
+        check_field(self.target_steps >= 1, "target_steps", f"{self.target_steps} (allowed: >= 1)")
         halvings = math.log2(self.start_steps / self.target_steps) if self.target_steps <= self.start_steps else -1
-        check(halvings >= 1 and halvings == int(halvings), "target_steps",
+        check_field(halvings >= 1 and halvings == int(halvings), "target_steps",
               f"{self.target_steps} is not reachable by halving {self.start_steps} (allowed: start_steps / 2^m, m >= 1)")  # fmt: skip
-        check(self.parameterisation in PARAMETERISATIONS, "parameterisation",
+        check_field(self.parameterisation in PARAMETERISATIONS, "parameterisation",
               f"{self.parameterisation!r} (allowed: {', '.join(PARAMETERISATIONS)})")  # fmt: skip
-        check(self.iterations >= 1, "iterations", f"{self.iterations} (allowed: >= 1)")
-        check(self.batch_size >= 1, "batch_size", f"{self.batch_size} (allowed: >= 1)")
-        check(self.lr > 0, "lr", f"{self.lr} (allowed: > 0)")
-        check(self.data in DATA_SOURCES, "data", f"{self.data!r} (allowed: {', '.join(DATA_SOURCES)})")
+        check_field(self.iterations >= 1, "iterations", f"{self.iterations} (allowed: >= 1)")
+        check_field(self.batch_size >= 1, "batch_size", f"{self.batch_size} (allowed: >= 1)")
+        check_field(self.lr > 0, "lr", f"{self.lr} (allowed: > 0)")
+        check_field(self.data in DATA_SOURCES, "data", f"{self.data!r} (allowed: {', '.join(DATA_SOURCES)})")
 
     def stages(self) -> list[int]:
         """The students' step counts: start/2, start/4, ..., target."""

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from distcl.config import PRESETS, ConfigError, RunConfig, from_dict, load_config
+from distcl.config import PRESETS, ConfigError, RunConfig, check_field, from_dict, load_config
 
 SEARCHES = ("grid", "random")
 SCHEDULERS = ("none", "asha")
@@ -70,30 +70,26 @@ class SweepConfig:
     trial_cpus: Optional[float] = None  # None: 0.01 with the Ray backend (Train holds the cores), else 1
 
     def validate(self) -> None:
-        def check(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(name, message)
-
-        check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a name without '/')")
-        check(self.preset is None or self.preset in PRESETS, "preset",
+        check_field(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a name without '/')")
+        check_field(self.preset is None or self.preset in PRESETS, "preset",
               f"{self.preset!r} (allowed: {', '.join(PRESETS)})")  # fmt: skip
-        check(self.search in SEARCHES, "search", f"{self.search!r} (allowed: {', '.join(SEARCHES)})")
-        check(self.mode in MODES, "mode", f"{self.mode!r} (allowed: {', '.join(MODES)})")
-        check(self.scheduler in SCHEDULERS, "scheduler", f"{self.scheduler!r} (allowed: {', '.join(SCHEDULERS)})")
-        check(self.metric in reported_metrics(), "metric",
+        check_field(self.search in SEARCHES, "search", f"{self.search!r} (allowed: {', '.join(SEARCHES)})")
+        check_field(self.mode in MODES, "mode", f"{self.mode!r} (allowed: {', '.join(MODES)})")
+        check_field(self.scheduler in SCHEDULERS, "scheduler", f"{self.scheduler!r} (allowed: {', '.join(SCHEDULERS)})")
+        check_field(self.metric in reported_metrics(), "metric",
               f"{self.metric!r} is not reported by any trial (allowed: {', '.join(reported_metrics())})")  # fmt: skip
-        check(self.num_samples >= 1, "num_samples", f"{self.num_samples} (allowed: >= 1)")
-        check(self.search == "random" or self.num_samples == 1, "num_samples",
+        check_field(self.num_samples >= 1, "num_samples", f"{self.num_samples} (allowed: >= 1)")
+        check_field(self.search == "random" or self.num_samples == 1, "num_samples",
               f"{self.num_samples} (allowed with grid search: 1; repeat runs with a seed axis)")  # fmt: skip
-        check(self.max_concurrent_trials >= 1, "max_concurrent_trials", f"{self.max_concurrent_trials} (allowed: >= 1)")
-        check(self.grace_period >= 1, "grace_period", f"{self.grace_period} (allowed: >= 1)")
-        check(self.reduction_factor >= 2, "reduction_factor", f"{self.reduction_factor} (allowed: >= 2)")
-        check(self.trial_cpus is None or self.trial_cpus > 0, "trial_cpus", f"{self.trial_cpus} (allowed: > 0)")
-        check(bool(self.params), "params",
+        check_field(self.max_concurrent_trials >= 1, "max_concurrent_trials", f"{self.max_concurrent_trials} (allowed: >= 1)")
+        check_field(self.grace_period >= 1, "grace_period", f"{self.grace_period} (allowed: >= 1)")
+        check_field(self.reduction_factor >= 2, "reduction_factor", f"{self.reduction_factor} (allowed: >= 2)")
+        check_field(self.trial_cpus is None or self.trial_cpus > 0, "trial_cpus", f"{self.trial_cpus} (allowed: > 0)")
+        check_field(bool(self.params), "params",
               "empty search space (allowed: a mapping of run-config fields, e.g. train.replay_lambda, to a list "
               f"of values or to one of {{{', '.join(DISTRIBUTIONS)}: ...}})")  # fmt: skip
         base = self.trial_config({})
-        check(self.scheduler != "asha" or self.grace_period <= base.data.num_tasks, "grace_period",
+        check_field(self.scheduler != "asha" or self.grace_period <= base.data.num_tasks, "grace_period",
               f"{self.grace_period} (allowed with asha: <= data.num_tasks = {base.data.num_tasks})")  # fmt: skip
         for key, spec in self.params.items():
             for value in self._values_to_check(key, spec):
