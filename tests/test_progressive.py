@@ -19,7 +19,6 @@ from distcl.progressive import (
     progressive_distill,
     student_scheduler,
 )
-from tests.conftest import tiny_unet
 
 
 def zero_snr_schedule() -> TimeSchedule:
