@@ -4,13 +4,15 @@ all sampled from the same seeds and scored by the same evaluator.
 
     python -m benchmarks.fast_sampling      # teacher: the quality benchmark's joint run (all classes), seed 42
 
-Writes benchmarks/results/fast_sampling.parquet (method, steps, metric, value, train_s, machine) and
+Writes benchmarks/results/fast_sampling.parquet (method, steps, metric, value, train_s, iterations: updates per
+PD stage or of PID, machine, teacher) and
 benchmarks/results/fast_sampling_fid.png (FID against sampling steps, one line per method).
 """
 from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -21,8 +23,9 @@ from distcl.config import load_config
 from distcl.data import build_scenario, cache_dir, load_fashion_mnist, locate
 from distcl.evaluation import Evaluator, generate
 from distcl.models import load_pipeline_parts
-from distcl.pid import PIDConfig, load_pid_student, pid_distill
-from distcl.progressive import ProgressiveConfig, progressive_distill
+from distcl.distill import distill, fit_inline
+from distcl.pid import PIDConfig, load_pid_student
+from distcl.progressive import ProgressiveConfig
 from distcl.training import resolve_device, seeded_generator
 
 DDIM_STEPS = (1, 2, 4, 8, 16)
@@ -48,10 +51,12 @@ def main() -> None:
     n = cfg.eval.num_samples
     rows = []
 
+    iterations = {"ddim": 0, "progressive": args.pd_iterations, "pid": args.pid_iterations}
+
     def score(method: str, steps: int, samples: torch.Tensor, train_s: float) -> None:
         metrics = evaluator.score(samples, test, RESULTS / "fast_sampling" / f"{method}_{steps}.png")
-        rows.extend({"method": method, "steps": steps, "metric": m, "value": v, "train_s": train_s}
-                    for m, v in metrics.items())  # fmt: skip
+        rows.extend({"method": method, "steps": steps, "metric": m, "value": v, "train_s": train_s,
+                     "iterations": iterations[method]} for m, v in metrics.items())  # fmt: skip
         print(f"{method:12s} {steps:3d} steps: fid {metrics['fid']:.2f}, kld {metrics['kld']:.3f}", flush=True)
 
     def seeds() -> torch.Generator:
@@ -64,7 +69,8 @@ def main() -> None:
                                batch_size=64, lr=5e-4, data="fmnist", seed=cfg.seed)  # fmt: skip
     images = scenario.train_images(cfg.data.num_tasks - 1, joint=True)
     start = time.perf_counter()
-    stages = progressive_distill(teacher_dir, work / "progressive", pd_cfg, device, images, progress=True)
+    fit = partial(fit_inline, device=device)
+    stages = distill("progressive", teacher_dir, work / "progressive", pd_cfg, fit, images)
     pd_s = (time.perf_counter() - start) / len(stages)
     for directory in stages:
         student, student_scheduler = load_pipeline_parts(directory, device)
@@ -74,7 +80,7 @@ def main() -> None:
 
     pid_cfg = PIDConfig(iterations=args.pid_iterations, batch_size=32, lr=2e-4, seed=cfg.seed)
     start = time.perf_counter()
-    pid_distill(teacher_dir, work / "pid", pid_cfg, device, progress=True)
+    distill("pid", teacher_dir, work / "pid", pid_cfg, fit)
     pid_s = time.perf_counter() - start
     score("pid", 1, load_pid_student(work / "pid", device).sample(n, seeds()), pid_s)
 

@@ -6,6 +6,10 @@ a time.
     python -m benchmarks.quality                          # seed 42, all four strategies
     python -m benchmarks.quality --seeds 69 1714          # more seeds later
     python -m benchmarks.quality --set train.replay_lambda=1.0 --tag lambda1
+    python -m benchmarks.quality --strategies gd --tag sampler-progressive2 --set replay_sampler.method=progressive \
+        --set replay_sampler.steps=2 --set replay_sampler.iterations=300     # gd with a fast replay sampler
+    python -m benchmarks.quality --strategies gd --tag sampler-pid --set replay_sampler.method=pid \
+        --set replay_sampler.iterations=1000
 
 Writes benchmarks/results/quality.parquet (long form: strategy, seed, task, metric, value, wall_s, machine,
 tag) and benchmarks/results/quality_fid.png (FID against task, mean and spread over the seeds done).

@@ -4,7 +4,7 @@
                [--address RAY_ADDRESS] [--inline]
     distcl report OUT
     distcl tune SWEEP.yaml --out DIR      a Ray Tune sweep (tuning/*.yaml); distcl tune --resume DIR continues one
-    distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...]
+    distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...] [--workers W] [--inline]
     distcl sample --model DIR --out grid.png [--num 100] [--steps 10]
 
 Exit codes: 0 done, 1 the run failed (message on stderr), 2 bad input (nothing written).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 from distcl.config import PRESETS, ConfigError, load_config
 
@@ -49,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser_m.add_argument("--out", required=True, help="output directory (resumable)")
         parser_m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                               help=f"a field of {settings}")  # fmt: skip
-        parser_m.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        parser_m.add_argument("--workers", type=int, default=1, help="Ray Train workers (batch_size splits among them)")
+        parser_m.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+        parser_m.add_argument("--inline", action="store_true", help="no Ray: train in this process")
+        parser_m.add_argument("--device", default="auto", help="with --inline: auto | cpu | cuda")
         parser_m.add_argument("--no-progress", action="store_true", help="no progress bars")
         if method == "progressive":
             parser_m.add_argument("--data-dir", help="Fashion-MNIST files (with --set data=fmnist)")
@@ -77,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     return _report(args)
 
 
+def _guarded(what: str, work: Callable[[], int]) -> int:
+    """Exit codes: bad input (ConfigError) 2 with "config error"; a failure of the work 1; else ``work()``."""
+    from distcl.data import DataError
+
+    try:
+        return work()
+    except ConfigError as err:
+        print(f"distcl: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, RuntimeError, FileNotFoundError) as err:
+        print(f"distcl: {what} failed: {err}", file=sys.stderr)
+        return 1
+
+
 def _run(args) -> int:
     overrides = list(args.overrides)
     if args.data_dir:
@@ -85,31 +103,22 @@ def _run(args) -> int:
         overrides.append(f"runtime.address={args.address}")
     if args.inline:
         overrides.append("runtime.backend=inline")
-    try:
-        cfg = load_config(args.config, args.preset, overrides)
-    except ConfigError as err:
-        print(f"distcl: config error: {err}", file=sys.stderr)
-        return 2
-    from distcl.continual import run  # heavy imports only once the config is valid
-    from distcl.data import DataError
 
-    out = Path(args.out or Path("runs") / cfg.name)
-    try:
-        metrics = run(cfg, out, progress=not args.no_progress)
-    except ConfigError as err:
-        print(f"distcl: config error: {err}", file=sys.stderr)
-        return 2
-    except (DataError, RuntimeError, FileNotFoundError) as err:
-        print(f"distcl: run failed: {err}", file=sys.stderr)
-        return 1
-    print(f"[distcl] done: {metrics}")
-    return 0
+    def work() -> int:
+        cfg = load_config(args.config, args.preset, overrides)
+        from distcl.continual import run  # heavy imports only once the config is valid
+
+        metrics = run(cfg, Path(args.out or Path("runs") / cfg.name), progress=not args.no_progress)
+        print(f"[distcl] done: {metrics}")
+        return 0
+
+    return _guarded("run", work)
 
 
 def _tune(args) -> int:
-    from distcl.sweep import load_sweep
+    def work() -> int:
+        from distcl.sweep import load_sweep
 
-    try:
         if (args.sweep is None) == (args.resume is None):
             raise ConfigError("sweep", "give a sweep file, or --resume DIR (not both)")
         if args.resume:
@@ -119,75 +128,61 @@ def _tune(args) -> int:
             if args.address:
                 sweep.base.setdefault("runtime", {})["address"] = args.address
             out = Path(args.out or Path("runs") / "sweeps" / sweep.name)
-    except ConfigError as err:
-        print(f"distcl: config error: {err}", file=sys.stderr)
-        return 2
-    from distcl.runtime.tune import run_sweep
+        from distcl.runtime.tune import run_sweep
 
-    try:
         summary = run_sweep(sweep, out, resume=sweep is None)
-    except ConfigError as err:
-        print(f"distcl: config error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"distcl: sweep failed: {err}", file=sys.stderr)
-        return 1
-    print(f"[distcl] done: {summary}")
-    return 0
+        print(f"[distcl] done: {summary}")
+        return 0
+
+    return _guarded("sweep", work)
 
 
 def _distill(args) -> int:
-    from distcl.config import apply_overrides, from_dict
-    from distcl.pid import PIDConfig
-    from distcl.progressive import ProgressiveConfig
+    def work() -> int:
+        from distcl.config import RuntimeConfig, apply_overrides, from_dict
+        from distcl.distill import METHODS, distill, fit_inline
 
-    try:
-        cfg = from_dict(PIDConfig if args.method == "pid" else ProgressiveConfig, apply_overrides({}, args.overrides))
+        cfg = from_dict(METHODS[args.method], apply_overrides({}, args.overrides))
         cfg.validate()
-    except ConfigError as err:
-        print(f"distcl: config error: {err}", file=sys.stderr)
-        return 2
-    from distcl.data import DataError, load_fashion_mnist, locate, to_model_range
-    from distcl.models import load_pipeline_parts
-    from distcl.pid import pid_distill
-    from distcl.progressive import progressive_distill
-    from distcl.training import resolve_device
+        runtime = RuntimeConfig(address=args.address, num_workers=args.workers)
+        if args.inline:
+            from functools import partial
 
-    try:
-        device = resolve_device(args.device)
-        teacher, out, progress = Path(args.teacher), Path(args.out), not args.no_progress
-        if args.method == "pid":
-            saved = [pid_distill(teacher, out, cfg, device, progress=progress)]
+            from distcl.training import resolve_device
+
+            fit = partial(fit_inline, device=resolve_device(args.device))
         else:
-            images = None
-            if cfg.data == "fmnist":
-                size = load_pipeline_parts(teacher)[0].config.sample_size
-                images = to_model_range(load_fashion_mnist(locate(args.data_dir, None))["train"].images, size)
-            saved = progressive_distill(teacher, out, cfg, device, images, progress=progress)
-    except ConfigError as err:
-        print(f"distcl: config error: {err}", file=sys.stderr)
-        return 2
-    except (DataError, RuntimeError) as err:
-        print(f"distcl: distillation failed: {err}", file=sys.stderr)
-        return 1
-    print(f"[distcl] done: {', '.join(map(str, saved))}")
-    return 0
+            from distcl.runtime.distill import RayDistillFit
+
+            fit = RayDistillFit(runtime)
+            fit.check(cfg.batch_size)
+        images = None
+        if args.method == "progressive" and cfg.data == "fmnist":
+            from distcl.data import load_fashion_mnist, locate, to_model_range
+            from distcl.models import load_pipeline_parts
+
+            size = load_pipeline_parts(Path(args.teacher))[0].config.sample_size
+            images = to_model_range(load_fashion_mnist(locate(args.data_dir, None))["train"].images, size)
+        saved = distill(args.method, Path(args.teacher), Path(args.out), cfg, fit, images, progress=not args.no_progress)
+        print(f"[distcl] done: {', '.join(map(str, saved))}")
+        return 0
+
+    return _guarded("distillation", work)
 
 
 def _sample(args) -> int:
-    import math
+    def work() -> int:
+        import math
 
-    import torch
-    from torchvision.utils import save_image
+        import torch
+        from torchvision.utils import save_image
 
-    from distcl.models import load_pipeline_parts
-    from distcl.pid import STUDENT_FILE, load_pid_student
+        from distcl.models import load_pipeline_parts
+        from distcl.pid import STUDENT_FILE, load_pid_student
 
-    if args.num < 1 or args.steps < 1:
-        print("distcl: config error: --num and --steps must be >= 1", file=sys.stderr)
-        return 2
-    generator = torch.Generator().manual_seed(args.seed)
-    try:
+        if args.num < 1 or args.steps < 1:
+            raise ConfigError("--num/--steps", f"{args.num}/{args.steps} (allowed: >= 1)")
+        generator = torch.Generator().manual_seed(args.seed)
         if (Path(args.model) / STUDENT_FILE).is_file():
             images = load_pid_student(Path(args.model)).sample(args.num, generator)
         else:
@@ -195,13 +190,12 @@ def _sample(args) -> int:
 
             unet, scheduler = load_pipeline_parts(Path(args.model))
             images = generate(unet.eval(), scheduler, args.num, args.steps, 0.0, args.num, generator, progress=False)
-    except ConfigError as err:
-        print(f"distcl: config error: {err}", file=sys.stderr)
-        return 2
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_image((images.clamp(-1, 1) + 1) / 2, args.out, nrow=math.ceil(math.sqrt(args.num)))
-    print(f"[distcl] wrote {args.out}")
-    return 0
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_image((images.clamp(-1, 1) + 1) / 2, args.out, nrow=math.ceil(math.sqrt(args.num)))
+        print(f"[distcl] wrote {args.out}")
+        return 0
+
+    return _guarded("sampling", work)
 
 
 def _report(args) -> int:

@@ -19,6 +19,8 @@ DEVICES = ("auto", "cpu", "cuda")
 FEATURE_EXTRACTORS = ("auto", "fmnist", "inception")
 BACKENDS = ("ray", "inline")
 CLASSIFIER_STRATEGIES = ("auto", "replay", "finetune", "joint")
+REPLAY_SAMPLERS = ("ddim", "progressive", "pid")
+FAST_SAMPLER_STRATEGIES = ("gr", "gd")  # whose replay starts from a full sample x0_hat
 
 
 class ConfigError(ValueError):
@@ -172,6 +174,42 @@ class ClassifierConfig:
 
 
 @dataclass
+class ReplaySamplerConfig:
+    """What draws replay's x0_hat (gr, gd): the teacher's own DDIM (``train.teacher_steps``, ``teacher_eta``), or a
+    fast student distilled, data-free, from each teacher after its task (distcl.distill): the teacher still
+    makes the gd targets. ``iterations`` etc. are the distillation budget per teacher."""
+
+    method: str = "ddim"  # ddim | progressive | pid
+    steps: int = 2  # progressive: the student's sampling steps (a halving of start_steps)
+    start_steps: int = 8  # progressive: the teacher's DDIM steps, halved stage by stage; its samples are the data
+    iterations: int = 300  # updates per progressive stage, or of the PID student
+    batch_size: int = 64
+    lr: float = 5e-4
+
+    def validate(self) -> None:
+        check_field(self.method in REPLAY_SAMPLERS, "replay_sampler.method",
+                    f"{self.method!r} (allowed: {', '.join(REPLAY_SAMPLERS)})")  # fmt: skip
+        try:  # all fields, also those the method leaves unused: a typo is found before it matters
+            for method in ("progressive", "pid"):
+                self.distill_config(0, method).validate()
+        except ConfigError as err:  # named as this section's fields
+            name = {"target_steps": "steps"}.get(err.field, err.field)
+            raise ConfigError(f"replay_sampler.{name}", str(err).split(": ", 1)[1]) from None
+
+    def distill_config(self, seed: int, method: Optional[str] = None):
+        """The distcl.progressive.ProgressiveConfig (v students, data-free) or distcl.pid.PIDConfig of ``method``
+        (default: this one)."""
+        from distcl.pid import PIDConfig  # these import this module
+        from distcl.progressive import ProgressiveConfig
+
+        if (method or self.method) == "pid":
+            return PIDConfig(iterations=self.iterations, batch_size=self.batch_size, lr=self.lr, seed=seed)
+        return ProgressiveConfig(start_steps=self.start_steps, target_steps=self.steps, parameterisation="v",
+                                 iterations=self.iterations, batch_size=self.batch_size, lr=self.lr, data="teacher",
+                                 seed=seed)  # fmt: skip
+
+
+@dataclass
 class RuntimeConfig:
     """Where the work runs: the Ray layout (or ``inline``: one process, replay made on the trainer)."""
 
@@ -216,19 +254,31 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    replay_sampler: ReplaySamplerConfig = field(default_factory=ReplaySamplerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> None:
         check_field(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a non-empty name without '/')")
         check_field(self.seed >= 0, "seed", f"{self.seed} (allowed: >= 0)")
         check_field(self.device in DEVICES, "device", f"{self.device!r} (allowed: {', '.join(DEVICES)})")
-        for section in (self.data, self.model, self.train, self.eval, self.classifier, self.runtime):
+        for section in (self.data, self.model, self.train, self.eval, self.classifier, self.replay_sampler,
+                        self.runtime):  # fmt: skip
             section.validate()
+        check_field(self.replay_sampler.method == "ddim" or self.train.strategy in FAST_SAMPLER_STRATEGIES,
+                    "replay_sampler.method", f"{self.replay_sampler.method!r} draws the x0_hat of "
+                    f"{' and '.join(FAST_SAMPLER_STRATEGIES)} replay, not of train.strategy {self.train.strategy!r} "
+                    "(allowed: ddim)")  # fmt: skip
         if self.runtime.backend == "ray":
             check_field(
                 self.train.batch_size % self.runtime.num_workers == 0,
                 "train.batch_size",
                 f"{self.train.batch_size} is split among {self.runtime.num_workers} Train workers "
+                f"(allowed: multiples of runtime.num_workers)",
+            )
+            check_field(
+                self.replay_sampler.method == "ddim" or self.replay_sampler.batch_size % self.runtime.num_workers == 0,
+                "replay_sampler.batch_size",
+                f"{self.replay_sampler.batch_size} is split among {self.runtime.num_workers} Train workers "
                 f"(allowed: multiples of runtime.num_workers)",
             )
 

@@ -11,6 +11,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,8 +21,9 @@ import torch
 import yaml
 from diffusers import DDIMScheduler, UNet2DModel
 
-from distcl.config import ConfigError, RunConfig, from_dict
+from distcl.config import FAST_SAMPLER_STRATEGIES, ConfigError, RunConfig, from_dict
 from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate, select, to_model_range
+from distcl.distill import Fit, distill, fast_sampler, fit_inline
 from distcl.evaluation import Evaluator
 from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
 from distcl.replay import REPLAY_ITEM_STRATEGIES, Teacher
@@ -51,6 +53,38 @@ TEACHER_STRATEGIES = REPLAY_ITEM_STRATEGIES + ("lwf",)
 
 def task_dir(out: Path, k: int) -> Path:
     return out / f"task_{k}"
+
+
+def replay_sampler_dir(teacher_dir: Path) -> Path:
+    """Where the fast replay sampler distilled from the teacher OUT/task_<k> lives: OUT/replay_sampler/task_<k>."""
+    return Path(teacher_dir).parent / "replay_sampler" / Path(teacher_dir).name
+
+
+def uses_fast_sampler(cfg: RunConfig) -> bool:
+    return cfg.replay_sampler.method != "ddim" and cfg.train.strategy in FAST_SAMPLER_STRATEGIES
+
+
+def distill_replay_sampler(cfg: RunConfig, teacher_dir: Path, fit: Fit, progress: bool = True,
+                           log: Callable[[str], None] = print) -> Path:  # fmt: skip
+    """Distil (or find, on resume) the fast replay sampler of the teacher at ``teacher_dir``; its draws are seeded
+    by (run seed, teacher)."""
+    rs = cfg.replay_sampler
+    seed = derive_seed(cfg.seed, "replay_sampler", Path(teacher_dir).name)
+    return distill(rs.method, teacher_dir, replay_sampler_dir(teacher_dir), rs.distill_config(seed), fit,
+                   progress=progress, log=log)[-1]  # fmt: skip
+
+
+def load_teacher(cfg: RunConfig, teacher_dir: Path, device: torch.device | str) -> Teacher:
+    """The frozen teacher saved at ``teacher_dir`` with its replay settings, and its fast sampler when
+    ``replay_sampler.method`` asks for one (distilled beforehand by ``distill_replay_sampler``)."""
+    unet = load_unet(teacher_dir, cfg.model, device).eval().requires_grad_(False)
+    sampler = None
+    if uses_fast_sampler(cfg):
+        directory = replay_sampler_dir(teacher_dir)
+        if cfg.replay_sampler.method == "progressive":
+            directory = directory / f"steps_{cfg.replay_sampler.steps}"
+        sampler = fast_sampler(cfg.replay_sampler.method, directory, device)
+    return Teacher(unet, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta, sampler)
 
 
 def append_rows(path: Path, rows: list[dict], task: int) -> None:
@@ -200,13 +234,15 @@ def classifier_metrics(cfg: RunConfig, scenario: Scenario, k: int, out: Path, de
 def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_inline, progress: bool = True,
                   log: Callable[[str], None] = print,
                   on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
-                  image_replay: ImageReplayFactory = inline_image_replay) -> Path:  # fmt: skip
+                  image_replay: ImageReplayFactory = inline_image_replay,
+                  distill_fit: Optional[Fit] = None) -> Path:  # fmt: skip
     """Run (or resume) all tasks of ``cfg`` into ``out``; returns the metrics table's path. ``on_task(k, metrics)``
     is called after task k is evaluated, in task order, also for tasks a resumed run finds done. With
     ``classifier.enabled`` the classifier's task k follows the generator's, its replay images from
-    ``image_replay``."""
+    ``image_replay``. A fast replay sampler is distilled by ``distill_fit`` (default: in this process)."""
     out = Path(out)
     device = resolve_device(cfg.device)
+    distill_fit = distill_fit or partial(fit_inline, device=device)
     cache = cache_dir(cfg.cache_dir)
     scheduler = build_scheduler(cfg.model)
     fresh = build_unet(cfg.model)  # validates the architecture before anything is written
@@ -229,8 +265,9 @@ def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_
                 student = load_unet(task_dir(out, k - 1), cfg.model, device)
             teacher = None
             if k > 0 and cfg.train.strategy in TEACHER_STRATEGIES:
-                frozen = copy.deepcopy(student).eval().requires_grad_(False)
-                teacher = Teacher(frozen, scheduler, cfg.train.teacher_steps, cfg.train.teacher_eta)
+                if uses_fast_sampler(cfg):
+                    distill_replay_sampler(cfg, task_dir(out, k - 1), distill_fit, progress, log)
+                teacher = load_teacher(cfg, task_dir(out, k - 1), device)
             images = scenario.train_images(k, joint=cfg.train.strategy == "joint")
             init_dir = task_dir(out, k - 1) if k > 0 else None
             rows = train_fn(TaskSpec(cfg, k, student, teacher, init_dir, images, scheduler, progress))

@@ -33,17 +33,16 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from diffusers import UNet2DModel
-from tqdm.auto import tqdm
 
 from distcl.config import ConfigError, check_field
 from distcl.models import load_pipeline_parts
-from distcl.training import seeded_generator
+from distcl.training import DistillUnit, seeded_generator
 
 DIFFERENCES = ("first", "central")
 STUDENT_FILE = "pid.json"
@@ -120,12 +119,16 @@ class PIDStudent(torch.nn.Module):
         return frac * z + (1 - frac) * self.unet(self.c_in * z, self.schedule.timestep(t).to(z.device)).sample
 
     @torch.no_grad()
+    def generate(self, x_T: torch.Tensor) -> torch.Tensor:
+        """One step from x_T ~ N(0, I): x0 = x_theta(T x_T, sigma_min), clipped to [-1, 1]."""
+        t = torch.full((len(x_T),), self.schedule.sigma_min, dtype=torch.float64)
+        return self(x_T * self.T, t).clamp(-1, 1)
+
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """One step: x0 = x_theta(z, sigma_min), z ~ N(0, T^2 I), clipped to [-1, 1]; CPU."""
+        """``generate`` from n x_T drawn from ``generator``; CPU."""
         size = self.unet.config.sample_size
-        z = torch.randn((n, self.unet.config.in_channels, size, size), generator=generator) * self.T
-        t = torch.full((n,), self.schedule.sigma_min, dtype=torch.float64)
-        return self(z.to(self.unet.device), t).clamp(-1, 1).cpu()
+        x_T = torch.randn((n, self.unet.config.in_channels, size, size), generator=generator)
+        return self.generate(x_T.to(self.unet.device)).cpu()
 
 
 @dataclass
@@ -149,47 +152,36 @@ class PIDConfig:
         check_field(self.lr > 0, "lr", f"{self.lr} (allowed: > 0)")
 
 
-def pid_distill(teacher_dir: Path, out: Path, cfg: PIDConfig, device: torch.device, progress: bool = True,
-                log: Callable[[str], None] = print) -> Path:  # fmt: skip
-    """Train a one-step PID student of the teacher at ``teacher_dir`` into OUT (``load_pid_student(OUT)``)."""
-    cfg.validate()
+def pid_unit(teacher_dir: Path, out: Path, cfg: PIDConfig, device: torch.device | str) -> DistillUnit:
+    """The PID student of the teacher at ``teacher_dir`` (a distcl.training.DistillUnit), saved to OUT
+    (``load_pid_student(OUT)``). Step k: z ~ N(0, T^2 I) and grid indices i from generator (seed, "pid", k) for
+    the whole batch; loss = mean over the shard's rows of the residual (``pid_residual``)."""
     unet, scheduler = load_pipeline_parts(teacher_dir, device)
-    if unet.config.out_channels != 1 or scheduler.config.prediction_type != "epsilon":
-        raise ConfigError("--teacher", f"{teacher_dir} is not a distcl eps-prediction checkpoint")
-    out = Path(out)
-    settings = {"method": "pid", "teacher": str(Path(teacher_dir).resolve()), **asdict(cfg)}
-    if (out / STUDENT_FILE).exists():
-        if json.loads((out / STUDENT_FILE).read_text())["settings"] != settings:
-            raise ConfigError("--out", f"{out} holds a PID student with other settings (use another --out)")
-        log(f"[distcl] {out} already holds this PID student")
-        return out
     schedule = SigmaSchedule(scheduler.alphas_cumprod)
-    teacher = SigmaTeacher(unet.eval().requires_grad_(False), schedule)
     student = PIDStudent(copy.deepcopy(unet).requires_grad_(True), schedule)
+    teacher = SigmaTeacher(unet.eval().requires_grad_(False), schedule)
     grid = edm_time_grid(schedule.sigma_max, schedule.sigma_min, cfg.grid_points, cfg.rho)
-    optimizer = torch.optim.Adam(student.unet.parameters(), lr=cfg.lr)
     low = 1 if cfg.difference == "central" else 0
     size = unet.config.sample_size
-    rows = []
-    for step in tqdm(range(cfg.iterations), desc="pid", disable=not progress, leave=False):
+
+    def loss(model: torch.nn.Module, step: int, shard: slice) -> torch.Tensor:
         generator = seeded_generator(cfg.seed, "pid", step)
-        z = torch.randn((cfg.batch_size, 1, size, size), generator=generator) * schedule.sigma_max
-        i = torch.randint(low, cfg.grid_points - 1, (cfg.batch_size,), generator=generator)
-        loss = pid_residual(student, teacher, z.to(device), grid, i, cfg.difference).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.unet.parameters(), 1.0)
-        optimizer.step()
-        rows.append({"iteration": step, "loss": loss.item()})
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "unet", ignore_errors=True)  # from an attempt that did not finish
-    student.unet.save_pretrained(out / "unet")
-    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    record = {"settings": settings, "T": schedule.sigma_max, "sigma_min": schedule.sigma_min,
-              "alphas_cumprod": scheduler.alphas_cumprod.tolist()}  # fmt: skip
-    (out / STUDENT_FILE).write_text(json.dumps(record))  # written last: marks the student complete
-    log(f"[distcl] PID: {cfg.iterations} iterations, last loss {rows[-1]['loss']:.4f} -> {out}")
-    return out
+        z = torch.randn((cfg.batch_size, 1, size, size), generator=generator)[shard] * schedule.sigma_max
+        i = torch.randint(low, cfg.grid_points - 1, (cfg.batch_size,), generator=generator)[shard]
+        return pid_residual(model, teacher, z.to(device), grid, i, cfg.difference).mean()
+
+    out = Path(out)
+
+    def save(rows: list[dict]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / "unet", ignore_errors=True)  # from an attempt that did not finish
+        student.unet.save_pretrained(out / "unet")
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        record = {"T": schedule.sigma_max, "sigma_min": schedule.sigma_min,
+                  "alphas_cumprod": scheduler.alphas_cumprod.tolist()}  # fmt: skip
+        (out / STUDENT_FILE).write_text(json.dumps(record))  # written last: marks the student complete
+
+    return DistillUnit("pid", student, loss, cfg.iterations, cfg.lr, out, save)
 
 
 def load_pid_student(directory: Path, device: torch.device | str = "cpu") -> PIDStudent:

@@ -22,18 +22,17 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
-from distcl.config import ConfigError, check_field
+from distcl.config import check_field
 from distcl.diffusion import ddim_sample
 from distcl.models import load_pipeline_parts, save_checkpoint
-from distcl.training import seeded_generator
+from distcl.training import DistillUnit, seeded_generator
 
 PARAMETERISATIONS = {"x": "sample", "v": "v_prediction"}  # distcl name -> diffusers prediction_type
 DATA_SOURCES = ("teacher", "fmnist")
@@ -152,104 +151,70 @@ def student_scheduler(teacher_scheduler: DDIMScheduler, parameterisation: str) -
                                      prediction_type=PARAMETERISATIONS[parameterisation], clip_sample=False)  # fmt: skip
 
 
-def distill_stage(teacher_x: XPredictor, student: UNet2DModel, data: Callable[[int], torch.Tensor], n: int,
-                  cfg: ProgressiveConfig, schedule: TimeSchedule, prediction: str, device: torch.device,
-                  start: int = 0, on_step: Optional[Callable[[int, dict], None]] = None,
-                  progress: bool = True) -> list[dict]:  # fmt: skip
-    """``cfg.iterations`` Adam updates of the n-step ``student`` on PD targets of the 2n-step teacher; the draws
-    of step k come from generator (seed, "pd", n, k), so a resumed stage sees the same batches."""
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    student_x = model_x(student, prediction, schedule)
-    rows = []
-    student.train()
-    for step in tqdm(range(start, cfg.iterations), desc=f"distil {2 * n} -> {n} steps", disable=not progress,
-                     leave=False):  # fmt: skip
+def teacher_samples(unet: UNet2DModel, scheduler: DDIMScheduler, steps: int, batch_size: int,
+                    seed: int) -> Callable[[int, slice], torch.Tensor]:  # fmt: skip
+    """Data-free PD: batch k is the teacher's own ``steps``-step DDIM samples from x_T ~ generator (seed, "pd_data", k);
+    a shard generates only its rows."""
+    size = unet.config.sample_size
+
+    def batch(k: int, shard: slice) -> torch.Tensor:
+        generator = seeded_generator(seed, "pd_data", k)
+        x_T = torch.randn((batch_size, 1, size, size), generator=generator)[shard]
+        return ddim_sample(unet, scheduler, x_T.to(unet.device), steps, 0.0, generator).clamp(-1, 1)
+
+    return batch
+
+
+def image_batches(images: torch.Tensor, batch_size: int, seed: int) -> Callable[[int, slice], torch.Tensor]:
+    def batch(k: int, shard: slice) -> torch.Tensor:
+        idx = torch.randint(0, len(images), (batch_size,), generator=seeded_generator(seed, "pd_images", k))
+        return images[idx[shard]]
+
+    return batch
+
+
+def stage_unit(teacher_dir: Path, out: Path, n: int, cfg: ProgressiveConfig, device: torch.device | str,
+               images: Optional[torch.Tensor] = None) -> DistillUnit:  # fmt: skip
+    """PD stage n: the 2n-step teacher is the checkpoint at ``teacher_dir`` for the
+    first stage, else the previous stage's student OUT/steps_<2n>; the student starts as its copy and is saved
+    to OUT/steps_<n>/, a DDIMPipeline that samples in n steps.
+
+    Step k: x from ``cfg.data`` batch k, i and eps from generator (seed, "pd", n, k), both for the whole batch;
+    loss = mean over the shard's rows of max(SNR_t, 1) mean (x_target - xhat_S(z_t, t))^2."""
+    original, original_scheduler = load_pipeline_parts(teacher_dir, device)
+    scheduler = student_scheduler(original_scheduler, cfg.parameterisation)
+    schedule = TimeSchedule(scheduler.alphas_cumprod)
+    first = 2 * n == cfg.start_steps
+    unet, unet_scheduler = (original, original_scheduler) if first else load_pipeline_parts(out / f"steps_{2 * n}", device)
+    student = copy.deepcopy(unet).requires_grad_(True)
+    teacher_x = model_x(unet.eval().requires_grad_(False), unet_scheduler.config.prediction_type, schedule,
+                        TimeSchedule(unet_scheduler.alphas_cumprod),
+                        clip=unet_scheduler.config.clip_sample)  # its DDIM, as it samples replay  # fmt: skip
+    if cfg.data == "teacher":
+        data = teacher_samples(original.eval().requires_grad_(False), original_scheduler, cfg.start_steps,
+                               cfg.batch_size, cfg.seed)  # fmt: skip
+    else:
+        data = image_batches(images, cfg.batch_size, cfg.seed)
+    prediction = PARAMETERISATIONS[cfg.parameterisation]
+
+    def loss(model: torch.nn.Module, step: int, shard: slice) -> torch.Tensor:
         generator = seeded_generator(cfg.seed, "pd", n, step)
-        x = data(step).to(device)
-        i = torch.randint(1, n + 1, (len(x),), generator=generator)
+        x = data(step, shard).to(device)
+        i = torch.randint(1, n + 1, (cfg.batch_size,), generator=generator)[shard]
         t = (i.double() / n).to(device)
-        eps = torch.randn(x.shape, generator=generator).to(device)
+        eps = torch.randn((cfg.batch_size, *x.shape[1:]), generator=generator)[shard].to(device)
         alpha, sigma = schedule.alpha_sigma(t)
         z_t = alpha.to(x) * x + sigma.to(x) * eps
         with torch.no_grad():
             x_target, _ = pd_target(teacher_x, z_t, t, n, schedule)
         weight = truncated_snr_weight(t, schedule).to(x)
-        loss = (weight * ((x_target - student_x(z_t, t)) ** 2).mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        row = {"steps": n, "iteration": step, "loss": loss.item()}
-        rows.append(row)
-        if on_step is not None:
-            on_step(step, row)
-    student.eval()
-    return rows
+        student_x = model_x(model, prediction, schedule)
+        return (weight * ((x_target - student_x(z_t, t)) ** 2).mean(dim=(1, 2, 3))).mean()
 
+    directory = Path(out) / f"steps_{n}"
 
-def teacher_samples(unet: UNet2DModel, scheduler: DDIMScheduler, steps: int, batch_size: int,
-                    seed: int) -> Callable[[int], torch.Tensor]:  # fmt: skip
-    """Data-free PD: batch k is the teacher's own ``steps``-step DDIM samples from x_T ~ generator (seed, "pd_data", k)."""
-    size = unet.config.sample_size
+    def save(rows: list[dict]) -> None:
+        save_checkpoint(student, scheduler, directory)
+        (directory / "log.jsonl").write_text("".join(json.dumps({"steps": n, **r}) + "\n" for r in rows))
 
-    def batch(k: int) -> torch.Tensor:
-        generator = seeded_generator(seed, "pd_data", k)
-        x_T = torch.randn((batch_size, 1, size, size), generator=generator)
-        return ddim_sample(unet, scheduler, x_T.to(unet.device), steps, 0.0, generator).clamp(-1, 1).cpu()
-
-    return batch
-
-
-def image_batches(images: torch.Tensor, batch_size: int, seed: int) -> Callable[[int], torch.Tensor]:
-    def batch(k: int) -> torch.Tensor:
-        idx = torch.randint(0, len(images), (batch_size,), generator=seeded_generator(seed, "pd_images", k))
-        return images[idx]
-
-    return batch
-
-
-def progressive_distill(teacher_dir: Path, out: Path, cfg: ProgressiveConfig, device: torch.device,
-                        images: Optional[torch.Tensor] = None, progress: bool = True,
-                        log: Callable[[str], None] = print) -> list[Path]:  # fmt: skip
-    """Distil the DDIM teacher at ``teacher_dir`` stage by stage; stage n is saved as OUT/steps_<n>/, a
-    DDIMPipeline that samples in n steps. A stage whose directory exists is not redone (resume)."""
-    cfg.validate()
-    teacher, teacher_scheduler = load_pipeline_parts(teacher_dir, device)
-    if teacher.config.out_channels != 1 or teacher_scheduler.config.prediction_type != "epsilon":
-        raise ConfigError("--teacher", f"{teacher_dir} is not a distcl eps-prediction checkpoint")
-    out = Path(out)
-    settings = {"method": "progressive", "teacher": str(Path(teacher_dir).resolve()), **asdict(cfg)}
-    record = out / "distill.json"
-    if record.exists() and json.loads(record.read_text()) != settings:
-        raise ConfigError("--out", f"{out} holds a distillation with other settings (use another --out)")
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=2))
-    scheduler = student_scheduler(teacher_scheduler, cfg.parameterisation)
-    schedule = TimeSchedule(scheduler.alphas_cumprod)
-    own = TimeSchedule(teacher_scheduler.alphas_cumprod)
-    if cfg.data == "teacher":
-        data = teacher_samples(teacher, teacher_scheduler, cfg.start_steps, cfg.batch_size, cfg.seed)
-    else:
-        if images is None:
-            raise ConfigError("data", "fmnist needs training images")
-        data = image_batches(images, cfg.batch_size, cfg.seed)
-    teacher_x = model_x(teacher.eval().requires_grad_(False), "epsilon", schedule, own,
-                        clip=teacher_scheduler.config.clip_sample)  # its DDIM, as it samples replay
-    prediction = PARAMETERISATIONS[cfg.parameterisation]
-    saved = []
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    for n in cfg.stages():
-        directory = out / f"steps_{n}"
-        if directory.exists():
-            student, _ = load_pipeline_parts(directory, device)
-        else:
-            rows = distill_stage(teacher_x, student, data, n, cfg, schedule, prediction, device, progress=progress)
-            save_checkpoint(student, scheduler, directory)
-            (directory / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            log(f"[distcl] progressive distillation {2 * n} -> {n} steps: {cfg.iterations} iterations, "
-                f"last loss {rows[-1]['loss']:.4f} -> {directory}")  # fmt: skip
-        saved.append(directory)
-        frozen = copy.deepcopy(student).eval().requires_grad_(False)
-        teacher_x = model_x(frozen, prediction, schedule)  # the next stage halves this student
-        student = copy.deepcopy(student).requires_grad_(True)
-    return saved
+    return DistillUnit(f"steps_{n}", student, loss, cfg.iterations, cfg.lr, directory, save)

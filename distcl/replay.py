@@ -8,10 +8,14 @@
 | partial_generation | teacher DDIM from T stopped at t' (on its n-grid)   | eps_teacher(inp', t')|
 | gaussian           | N(0, I)                                             | eps_teacher(inp', t')|
 | lwf                | the current data's x_t (no extra items)             | eps_teacher(x_t, t)  |
+
+With a fast replay sampler (``replay_sampler.method`` progressive / pid), a student distilled from the teacher
+draws gr's and gd's x0_hat in place of DDIM_teacher; the targets stay the teacher's.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
@@ -29,6 +33,13 @@ class Teacher:
     scheduler: DDIMScheduler
     steps: int
     eta: float = 0.0
+    sampler: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # a fast student's x_T -> x0_hat (distcl.distill)
+
+    def sample(self, x_T: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x0_hat from x_T: the fast ``sampler`` when there is one, else the teacher's ``steps``-step DDIM."""
+        if self.sampler is not None:
+            return self.sampler(x_T)
+        return ddim_sample(self.unet, self.scheduler, x_T, self.steps, self.eta, generator)
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t).sample
@@ -62,7 +73,7 @@ def make_replay(teacher: Teacher, strategy: str, n: int, generator: torch.Genera
         return torch.randn(shape, generator=generator).to(device)
 
     if strategy in ("gr", "gd"):
-        x0_hat = ddim_sample(teacher.unet, teacher.scheduler, randn(), teacher.steps, teacher.eta, generator)
+        x0_hat = teacher.sample(randn(), generator)
         t = torch.randint(0, T, (n,), generator=generator).to(device)
         eps = randn()
         inputs = add_noise(x0_hat, eps, t, teacher.scheduler.alphas_cumprod)

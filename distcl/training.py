@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -201,4 +203,46 @@ def train_task(
     if ema is not None:
         ema.copy_to(student.parameters())
     student.eval()
+    return rows
+
+
+@dataclass
+class DistillUnit:
+    """One optimisation: ``iterations`` Adam steps at ``lr`` of ``model`` on ``loss(model, step, shard)``;
+    ``save(rows)`` writes the trained ``model`` to ``output``."""
+
+    name: str
+    model: torch.nn.Module
+    loss: Callable[[torch.nn.Module, int, slice], torch.Tensor]
+    iterations: int
+    lr: float
+    output: Path
+    save: Callable[[list[dict]], None]
+
+
+def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_at: Callable[[int], torch.Tensor],
+             steps: int, start: int = 0, grad_clip: float = 1.0,
+             on_step: Optional[Callable[[int, list[dict]], None]] = None, progress: bool = True,
+             desc: str = "", logged_loss: Callable[[torch.Tensor], float] = torch.Tensor.item) -> list[dict]:  # fmt: skip
+    """Steps ``start .. steps-1`` of a plain loop: loss = ``loss_at(step)``, backward, clip the gradient norm at
+    ``grad_clip``, optimizer step. Returns rows {iteration, loss: ``logged_loss(loss)``} (data-parallel workers:
+    the mean over workers); ``on_step(step, rows)`` runs after each step (checkpoints). Raises NonFiniteLossError
+    on a NaN/inf loss."""
+    model.train()
+    rows = []
+    bar = tqdm(range(start, steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        loss = loss_at(step)
+        value = logged_loss(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"non-finite loss {value} at {desc or 'optimisation'} step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        rows.append({"iteration": step, "loss": value})
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
+        if on_step is not None:
+            on_step(step, rows)
+    model.eval()
     return rows

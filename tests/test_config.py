@@ -47,6 +47,9 @@ def test_file_then_overrides(tmp_path):
         ("model.preset=huge", "model.preset", "allowed: tiny, small, paper"),
         ("data.class_order=[1,1,2,3,4,5,6,7,8,9]", "data.class_order", "distinct labels"),
         ("device=tpu", "device", "allowed: auto, cpu, cuda"),
+        ("replay_sampler.method=lcm", "replay_sampler.method", "allowed: ddim, progressive, pid"),
+        ("replay_sampler.steps=3", "replay_sampler.steps", "not reachable by halving 8"),
+        ("replay_sampler.iterations=0", "replay_sampler.iterations", "allowed: >= 1"),
     ],
 )
 def test_bad_fields_are_named_with_allowed_values(override, field, allowed):
@@ -76,3 +79,10 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
 def test_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Path(tmp_path / "nope.yaml"))
+
+
+def test_fast_replay_sampler_only_for_replay_that_samples_x0():
+    with pytest.raises(ConfigError, match="replay_sampler.method: 'pid' draws the x0_hat of gr and gd replay"):
+        load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gaussian"])
+    assert load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gr"])
+

@@ -11,7 +11,8 @@ from diffusers import DDIMPipeline
 from safetensors.torch import load_file
 
 from distcl.config import load_config
-from distcl.continual import run_continual, train_task_inline
+from distcl.continual import load_teacher, run_continual, train_task_inline
+from distcl.distill import fast_sampler
 from distcl.training import NonFiniteLossError
 
 pytestmark = pytest.mark.slow
@@ -138,3 +139,23 @@ def test_diverged_task_is_never_saved(tmp_path):
     assert (tmp_path / "task_0").is_dir() and not (tmp_path / "task_1").exists()
     assert not list(tmp_path.glob(".task_*"))
     assert sorted(pd.read_parquet(tmp_path / "metrics.parquet").task.unique()) == [0]
+
+
+def test_fast_replay_sampler_is_distilled_from_each_teacher_and_kept_on_resume(tmp_path):
+    cfg = load_config(preset="smoke", overrides=SHORT + [
+        "replay_sampler.method=progressive", "replay_sampler.start_steps=4", "replay_sampler.steps=2",
+        "replay_sampler.iterations=3", "replay_sampler.batch_size=4"])  # fmt: skip
+    logs = []
+    run_continual(cfg, tmp_path, progress=False, log=logs.append)
+    student = tmp_path / "replay_sampler" / "task_0" / "steps_2"
+    assert DDIMPipeline.from_pretrained(student).scheduler.config.prediction_type == "v_prediction"
+    assert not (tmp_path / "replay_sampler" / "task_1").exists()  # the last task teaches no one
+    teacher = load_teacher(cfg, tmp_path / "task_0", "cpu")
+    x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(teacher.sample(x_T, None), fast_sampler("progressive", student)(x_T))
+    assert any("progressive steps_2" in line for line in logs)
+    shutil.rmtree(tmp_path / "task_1")
+    logs.clear()
+    run_continual(cfg, tmp_path, progress=False, log=logs.append)  # task 1 again: its replay sampler is found
+    assert not any("progressive steps_" in line for line in logs) and (tmp_path / "task_1").is_dir()
+

@@ -97,7 +97,7 @@ def test_edm_grid():
 def test_pid_command_trains_a_one_step_student(unet, tmp_path, capsys):
     save_checkpoint(unet, build_scheduler(ModelConfig()), tmp_path / "teacher")
     out = tmp_path / "pid"
-    args = ["distill", "pid", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--no-progress",
+    args = ["distill", "pid", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--no-progress", "--inline",
             "--set", "iterations=4", "--set", "batch_size=4", "--set", "grid_points=20"]  # fmt: skip
     assert main(args) == 0
     student = load_pid_student(out)
@@ -112,7 +112,7 @@ def test_pid_command_trains_a_one_step_student(unet, tmp_path, capsys):
 def test_sample_command_reads_pid_students_and_ddim_checkpoints(unet, tmp_path):
     save_checkpoint(unet, build_scheduler(ModelConfig()), tmp_path / "teacher")
     assert main(["distill", "pid", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "pid"),
-                 "--no-progress", "--set", "iterations=1", "--set", "batch_size=2"]) == 0  # fmt: skip
+                 "--no-progress", "--inline", "--set", "iterations=1", "--set", "batch_size=2"]) == 0  # fmt: skip
     for model in ("pid", "teacher"):
         grid = tmp_path / f"{model}.png"
         assert main(["sample", "--model", str(tmp_path / model), "--out", str(grid), "--num", "4", "--steps", "2"]) == 0

@@ -9,6 +9,7 @@ from diffusers import DDIMPipeline, DDIMScheduler
 from distcl.cli import main
 from distcl.config import ConfigError, ModelConfig
 from distcl.diffusion import ddim_sample
+from distcl.distill import distill, fit_inline
 from distcl.models import build_scheduler, save_checkpoint
 from distcl.progressive import (
     ProgressiveConfig,
@@ -16,7 +17,6 @@ from distcl.progressive import (
     ddim_step,
     model_x,
     pd_target,
-    progressive_distill,
     student_scheduler,
 )
 
@@ -115,7 +115,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_progressive_command_writes_loadable_students_and_resumes(teacher_dir, tmp_path, capsys):
     out = tmp_path / "pd"
-    args = ["distill", "progressive", "--teacher", str(teacher_dir), "--out", str(out), "--no-progress",
+    args = ["distill", "progressive", "--teacher", str(teacher_dir), "--out", str(out), "--no-progress", "--inline",
             "--set", "start_steps=4", "--set", "iterations=3", "--set", "batch_size=4"]  # fmt: skip
     assert main(args) == 0
     for n in (2, 1):
@@ -127,7 +127,7 @@ def test_progressive_command_writes_loadable_students_and_resumes(teacher_dir, t
     mtime = (out / "steps_1" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime
     capsys.readouterr()
     assert main(args) == 0  # resumed: both stages found done
-    assert "progressive distillation" not in capsys.readouterr().out
+    assert "progressive steps_" not in capsys.readouterr().out
     assert (out / "steps_1" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime == mtime
     assert main([*args[:-2], "--set", "batch_size=8"]) == 2  # other settings, same --out: refused
     assert json.loads((out / "distill.json").read_text())["batch_size"] == 4
@@ -136,6 +136,6 @@ def test_progressive_command_writes_loadable_students_and_resumes(teacher_dir, t
 def test_distillation_lowers_the_stage_loss(teacher_dir):
     cfg = ProgressiveConfig(start_steps=2, target_steps=1, iterations=60, batch_size=16, lr=2e-3)
     out = teacher_dir.parent / "pd"
-    progressive_distill(teacher_dir, out, cfg, torch.device("cpu"), progress=False, log=lambda _: None)
+    distill("progressive", teacher_dir, out, cfg, fit_inline, progress=False, log=lambda _: None)
     losses = [json.loads(line)["loss"] for line in (out / "steps_1" / "log.jsonl").read_text().splitlines()]
     assert sum(losses[-10:]) < 0.7 * sum(losses[:10])  # seeded: the same draws every run

@@ -36,6 +36,19 @@ def test_gr_and_gd_targets(teacher, strategy):
 
 
 @torch.no_grad()
+def test_a_fast_sampler_draws_x0_and_the_teacher_still_sets_targets(unet, scheduler):
+    """replay_sampler progressive / pid: the student's x0_hat (here a stand-in map) replaces the teacher's DDIM."""
+    teacher = Teacher(unet, scheduler, steps=2, eta=0.0, sampler=lambda x_T: 0.5 * torch.tanh(x_T))
+    batch = make_replay(teacher, "gd", N, gen(3))
+    g = gen(3)
+    x0_hat = 0.5 * torch.tanh(torch.randn(N, 1, 8, 8, generator=g))
+    t = torch.randint(0, 1000, (N,), generator=g)
+    x_t = add_noise(x0_hat, torch.randn(N, 1, 8, 8, generator=g), t, scheduler.alphas_cumprod)
+    assert torch.allclose(batch.inputs, x_t, atol=1e-6)
+    assert torch.allclose(batch.targets, unet(x_t, t).sample, atol=1e-6)
+
+
+@torch.no_grad()
 def test_gd_and_gr_share_inputs(teacher):
     gr, gd = make_replay(teacher, "gr", N, gen(5)), make_replay(teacher, "gd", N, gen(5))
     assert torch.equal(gr.inputs, gd.inputs) and torch.equal(gr.timesteps, gd.timesteps)

@@ -17,13 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from distcl.config import load_config
-from distcl.continual import inline_image_replay, run_continual, task_dir
+from distcl.continual import distill_replay_sampler, inline_image_replay, load_teacher, run_continual, task_dir
+from distcl.distill import fit_inline
 from distcl.models import build_scheduler, load_unet
 from distcl.replay import Teacher
 from distcl.runtime import pipeline
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
 from distcl.runtime.train import FAULT_ENV
-from distcl.training import InlineReplay
+from distcl.training import InlineReplay, indexed_replay
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +114,24 @@ def test_killed_sampler_is_restarted_and_its_batches_reissued(cluster, inline_ru
         assert torch.allclose(batch.targets, expected.targets, atol=1e-4)
 
 
+def test_samplers_draw_gd_replay_with_the_distilled_student(cluster, inline_run, tmp_path):
+    cfg = config("replay_sampler.method=pid", "replay_sampler.iterations=2", "replay_sampler.batch_size=4")
+    teacher_dir = tmp_path / "task_0"
+    shutil.copytree(task_dir(inline_run, 0), teacher_dir)
+    distill_replay_sampler(cfg, teacher_dir, fit_inline, progress=False, log=lambda _: None)
+    pool = SamplerPool(cfg, batch_size=8)
+    try:
+        got = ray.get([pool.actors[i % 2].make.remote(1, str(teacher_dir), i) for i in range(2)])
+    finally:
+        pool.stop()
+    fast, plain = load_teacher(cfg, teacher_dir, "cpu"), load_teacher(config(), teacher_dir, "cpu")
+    for index, batch in enumerate(got):
+        expected = indexed_replay(fast, "gd", 8, cfg.seed, 1, index)
+        assert torch.allclose(batch.inputs, expected.inputs, atol=1e-4)
+        assert torch.allclose(batch.targets, expected.targets, atol=1e-4)
+        assert not torch.allclose(batch.inputs, indexed_replay(plain, "gd", 8, cfg.seed, 1, index).inputs, atol=1e-2)
+
+
 def test_classifier_replay_images_come_from_the_samplers(cluster, inline_run, tmp_path):
     cfg = config("classifier.enabled=true", "classifier.batch_size=4", "classifier.replay_steps=2")
     trainer = pipeline.RayTaskTrainer(tmp_path)
@@ -155,7 +174,7 @@ def _private(cmd, **kwargs):
 
 
 def test_killed_driver_resumes_from_the_last_checkpoint(inline_run, tmp_path):
-    long = ["train.max_steps=60", "runtime.checkpoint_every=10"]
+    long = ["train.max_steps=40", "runtime.checkpoint_every=10"]
     reference = tmp_path / "reference"
     run_continual(config("runtime.backend=inline", *long), reference, progress=False, log=lambda _: None)
     out = tmp_path / "run"
@@ -190,7 +209,29 @@ def _free_ports(n):
     return ports
 
 
-def test_smoke_with_the_classifier_as_a_ray_job(tmp_path):
+def _submit(address: str, env: dict, entrypoint: list[str], timeout_s: float) -> tuple[str, str]:
+    """``ray job submit`` ``entrypoint`` from the repository root; wait for its end: (status, logs)."""
+    submit = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
+                             *entrypoint], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                            timeout=120)  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
+    status = ""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = subprocess.run(["ray", "job", "status", "--address", address, job_id], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
+        if re.search(r"job '[^']+' (succeeded|failed|stopped)|': (succeeded|failed|stopped)", status.lower()):
+            break
+        time.sleep(3)
+    logs = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
+    return status, logs
+
+
+def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path):
+    """jobs/train_cl.py: gd with the classifier and a PID replay sampler distilled on Ray Train in the job;
+    jobs/distill.py: a progressive distillation of the run's first teacher."""
     gcs, dashboard, agent, client = _free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
@@ -199,36 +240,29 @@ def test_smoke_with_the_classifier_as_a_ray_job(tmp_path):
                      "--ray-client-server-port", str(client), "--temp-dir", temp_dir, "--include-dashboard", "true",
                      "--dashboard-host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
-    out = tmp_path / "smoke"
+    out, pd_out = tmp_path / "smoke", tmp_path / "pd"
+    overrides = SHORT + ["classifier.enabled=true", "classifier.epochs=1", "replay_sampler.method=pid",
+                         "replay_sampler.iterations=3", "replay_sampler.batch_size=8"]  # fmt: skip
     try:
         deadline = time.time() + 120
         while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
             assert head.poll() is None and time.time() < deadline, "the head node did not come up"
             time.sleep(1)
-        submit = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
-             "python", "jobs/train_cl.py", "--preset", "smoke", "--out", str(out), "--no-progress",
-             "--set", "classifier.enabled=true"],
-            env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
-        )  # fmt: skip
-        assert submit.returncode == 0, submit.stderr
-        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
-        status = ""
-        deadline = time.time() + 480
-        while time.time() < deadline:
-            status = subprocess.run(["ray", "job", "status", "--address", address, job_id], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
-            if re.search(r"job '[^']+' (succeeded|failed|stopped)|': (succeeded|failed|stopped)", status.lower()):
-                break
-            time.sleep(3)
-        logs = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
+        status, logs = _submit(address, env, ["python", "jobs/train_cl.py", "--preset", "smoke", "--out", str(out),
+                                              "--no-progress", *[a for o in overrides for a in ("--set", o)]], 480)  # fmt: skip
         assert "succeeded" in status.lower(), status + logs[-3000:]
+        status, pd_logs = _submit(address, env, ["python", "jobs/distill.py", "progressive", "--teacher",
+                                                 str(task_dir(out, 0)), "--out", str(pd_out), "--no-progress",
+                                                 "--set", "start_steps=2", "--set", "iterations=3",
+                                                 "--set", "batch_size=4"], 240)  # fmt: skip
+        assert "succeeded" in status.lower(), status + pd_logs[-3000:]
     finally:
         head.send_signal(signal.SIGKILL)
         head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
     metrics = pd.read_parquet(out / "metrics.parquet")
-    assert sorted(metrics.task.unique()) == [0, 1, 2, 3, 4]
-    assert sorted(metrics[metrics.metric == "accuracy"].task) == [0, 1, 2, 3, 4]  # the continual classifier
-    assert all(task_dir(out, k).is_dir() for k in range(5)) and "task 4 evaluated" in logs
+    assert sorted(metrics.task.unique()) == [0, 1] and "task 1 evaluated" in logs
+    assert sorted(metrics[metrics.metric == "accuracy"].task) == [0, 1]  # the continual classifier
+    assert (out / "replay_sampler" / "task_0" / "pid.json").is_file() and "pid pid: 3 iterations" in logs
+    assert "pid pid step 3/3" in logs  # progress from the Train worker
+    assert (pd_out / "steps_1" / "model_index.json").is_file() and "progressive steps_1: 3 iterations" in pd_logs

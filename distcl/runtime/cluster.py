@@ -1,11 +1,16 @@
-"""Offline check of a Ray cluster launcher config (cluster.yaml): Ray 2.60 has no dry run, so this wraps its
-private ``prepare_config`` + ``validate_config`` (the schema check ``ray up`` runs) in one place."""
+"""The cluster: joining one (or starting a local one), and the offline check of a Ray cluster launcher config
+(cluster.yaml): Ray 2.60 has no dry run, so this wraps its private ``prepare_config`` + ``validate_config`` (the
+schema check ``ray up`` runs) in one place."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
+import ray
 import yaml
+
+from distcl.config import RuntimeConfig
 
 
 def validate_cluster_config(path: str | Path) -> dict:
@@ -56,3 +61,17 @@ def validate_rayjob_manifest(path: str | Path) -> dict:
         if not containers or not all(isinstance(c, dict) and c.get("image") for c in containers):
             raise ValueError(f"{path}: {name}.template.spec.containers need an image each")
     return manifest
+
+
+def join_cluster(rt: RuntimeConfig, cpus_needed: float) -> bool:
+    """Join ``rt.address`` / $RAY_ADDRESS, else start a local cluster of ``rt.num_cpus`` CPUs (default: this
+    machine's, at least ``cpus_needed``). True when a local cluster was started; nothing when Ray is up."""
+    if ray.is_initialized():
+        return False
+    address = rt.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return False
+    num_cpus = rt.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)  # Tune's ASHA needs the dashboard
+    return True

@@ -4,7 +4,6 @@ the driver saves and evaluates (distcl.continual does the rest: resume, outputs)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,6 +14,8 @@ from ray.train import TrainingFailedError
 from distcl.config import RunConfig
 from distcl.continual import TaskSpec, run_continual, task_dir
 from distcl.replay import REPLAY_ITEM_STRATEGIES
+from distcl.runtime.cluster import join_cluster
+from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
 from distcl.runtime.train import fit_task
 
@@ -34,15 +35,7 @@ def layout_needs(cfg: RunConfig) -> dict[str, float]:
 
 def connect(cfg: RunConfig) -> None:
     """Join the configured cluster, or start a local one big enough for the layout."""
-    if ray.is_initialized():
-        return
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    needs = layout_needs(cfg)
-    num_cpus = cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(needs["CPU"] + 0.999))
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
+    join_cluster(cfg.runtime, layout_needs(cfg)["CPU"])
 
 
 def check_layout(cfg: RunConfig) -> None:
@@ -129,7 +122,7 @@ def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], N
     trainer = RayTaskTrainer(out, log)
     try:
         metrics = run_continual(cfg, out, train_fn=trainer, progress=progress, log=log, on_task=on_task,
-                                image_replay=trainer.image_replay)  # fmt: skip
+                                image_replay=trainer.image_replay, distill_fit=RayDistillFit(cfg.runtime))  # fmt: skip
     finally:
         trainer.close()
     trainer.clean_saved(cfg.data.num_tasks)

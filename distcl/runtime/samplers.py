@@ -1,5 +1,6 @@
-"""Teacher sampler actors: each loads teacher k-1 from its checkpoint and answers ``make(k, dir, index)`` with replay
-batch ``index`` of task k (inputs, timesteps and targets), so the trainer runs no teacher forward at all.
+"""Teacher sampler actors: each loads teacher k-1 (with its fast replay sampler, if any) from its checkpoint and
+answers ``make(k, dir, index)`` with replay batch ``index`` of task k (inputs, timesteps and targets), so the
+trainer runs no teacher forward at all.
 
 Batch ``index`` depends only on (run seed, k, index): the result is the same for any number of actors. An actor
 that dies is restarted by Ray (``max_restarts``) and its in-flight calls are retried (``max_task_retries``).
@@ -15,7 +16,8 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distcl.models import build_scheduler, load_unet
+from distcl.config import RunConfig
+from distcl.continual import load_teacher
 from distcl.replay import ReplayBatch, Teacher
 from distcl.solver import replay_images
 from distcl.training import indexed_replay, replay_index
@@ -28,30 +30,29 @@ class TeacherSampler:
     """One replay-making process. Requests are self-describing (task, teacher checkpoint, index), the loaded
     teacher only a cache: a restarted actor, or one moved on to the next task, answers every request right."""
 
-    def __init__(self, model_cfg, strategy: str, steps: int, eta: float, batch_size: int, seed: int, threads: int):
+    def __init__(self, cfg: RunConfig, batch_size: int, threads: int):
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.model_cfg, self.strategy, self.steps, self.eta = model_cfg, strategy, steps, eta
-        self.batch_size, self.seed = batch_size, seed
+        self.cfg, self.batch_size = cfg, batch_size
         self.loaded: Optional[tuple[int, str]] = None
         self.teacher: Optional[Teacher] = None
 
     def _teacher(self, task: int, teacher_dir: str) -> Teacher:
         if self.loaded != (task, teacher_dir):
-            unet = load_unet(Path(teacher_dir), self.model_cfg, self.device).eval().requires_grad_(False)
-            self.teacher = Teacher(unet, build_scheduler(self.model_cfg), self.steps, self.eta)
+            self.teacher = load_teacher(self.cfg, Path(teacher_dir), self.device)
             self.loaded = (task, teacher_dir)
         return self.teacher
 
     def make(self, task: int, teacher_dir: str, index: int) -> ReplayBatch:
         """Replay batch ``index`` of task ``task`` from the teacher saved at ``teacher_dir`` (CPU tensors)."""
-        batch = indexed_replay(self._teacher(task, teacher_dir), self.strategy, self.batch_size, self.seed, task, index)
+        teacher = self._teacher(task, teacher_dir)
+        batch = indexed_replay(teacher, self.cfg.train.strategy, self.batch_size, self.cfg.seed, task, index)
         return batch.to("cpu")
 
     def images(self, task: int, teacher_dir: str, index: int, n: int, steps: int, eta: float) -> torch.Tensor:
         """The classifier's replay image batch ``index`` of task ``task`` (distcl.solver.replay_images)."""
         teacher = self._teacher(task, teacher_dir)
-        return replay_images(teacher.unet, teacher.scheduler, n, steps, eta, self.seed, task, index)
+        return replay_images(teacher.unet, teacher.scheduler, n, steps, eta, self.cfg.seed, task, index)
 
     def where(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
@@ -67,10 +68,7 @@ class SamplerPool:
         options = dict(num_cpus=rt.sampler_cpus, num_gpus=rt.sampler_gpus, resources=resources,
                        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))  # fmt: skip
         self.actors = [
-            TeacherSampler.options(**options).remote(
-                cfg.model, cfg.train.strategy, cfg.train.teacher_steps, cfg.train.teacher_eta, batch_size,
-                cfg.seed, max(1, int(rt.sampler_cpus)),
-            )  # fmt: skip
+            TeacherSampler.options(**options).remote(cfg, batch_size, max(1, int(rt.sampler_cpus)))
             for _ in range(rt.num_samplers)
         ]
 

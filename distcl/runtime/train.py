@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config["samplers"]:
         rt = cfg.runtime
         replay = RemoteReplay(config["samplers"], k, init_dir, rank, world, steps, rt.replay_depth, rt.replay_timeout_s)
-    fault = _fault(config["fault"], k)
+    fault = planned_fault(config["fault"], str(k))
     last_print = [time.perf_counter(), start_step]
 
     def state_at(step: int, logged: list[dict]) -> dict:
@@ -101,9 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
         }  # fmt: skip
 
     def on_step(step: int, logged: list[dict]) -> None:
-        if fault is not None and step == fault[0] and not os.path.exists(fault[1]):
-            Path(fault[1]).touch()
-            raise RuntimeError(f"injected fault at task {k} step {step}")
+        inject_fault(fault, step, f"task {k}")
         if rank == 0 and logged and logged[-1]["step"] == step:
             now = time.perf_counter()
             items = (step + 1 - last_print[1]) * 2 * per_worker * world
@@ -123,12 +121,20 @@ def train_loop_per_worker(config: dict) -> None:
     _report(state_at(steps - 1, logged), {"task": k, "step": steps - 1, "final": True}, rank)
 
 
-def _fault(spec: Optional[str], task: int) -> Optional[tuple[int, str]]:
-    """Parse ``$DISTCL_INJECT_WORKER_FAULT`` ("<task>:<step>:<marker file>") for this task."""
+def planned_fault(spec: Optional[str], where: str) -> Optional[tuple[int, str]]:
+    """Parse ``$DISTCL_INJECT_WORKER_FAULT`` ("<where>:<step>:<marker file>"; where: a task index or a distillation
+    unit's name) for ``where``."""
     if not spec:
         return None
-    fault_task, step, marker = spec.split(":", 2)
-    return (int(step), marker) if int(fault_task) == task else None
+    fault_where, step, marker = spec.split(":", 2)
+    return (int(step), marker) if fault_where == where else None
+
+
+def inject_fault(fault: Optional[tuple[int, str]], step: int, where: str) -> None:
+    """Raise once at the planned step (the marker file records that it happened)."""
+    if fault is not None and step == fault[0] and not os.path.exists(fault[1]):
+        Path(fault[1]).touch()
+        raise RuntimeError(f"injected fault at {where} step {step}")
 
 
 def fit_task(cfg: DistclConfig, k: int, init_dir: Optional[Path], images_ref, samplers: list, storage: Path,

@@ -23,6 +23,7 @@ from ray import tune
 
 from distcl.config import ConfigError, from_dict
 from distcl.continual import run
+from distcl.runtime.cluster import join_cluster
 from distcl.runtime.pipeline import layout_needs
 from distcl.sweep import (
     SweepConfig,
@@ -77,17 +78,8 @@ def trial_needs(sweep: SweepConfig) -> dict[str, float]:
 def connect(sweep: SweepConfig) -> bool:
     """Join the sweep's cluster (``runtime.address`` / $RAY_ADDRESS), else start a local one sized for
     ``max_concurrent_trials`` trials; True when the cluster is local (its size is then known)."""
-    if ray.is_initialized():
-        return False
-    cfg = sweep.trial_config({})
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return False
     need = trial_needs(sweep)["CPU"] * sweep.max_concurrent_trials
-    num_cpus = cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)  # ASHA needs the dashboard
-    return True
+    return join_cluster(sweep.trial_config({}).runtime, need)
 
 
 def check_capacity(sweep: SweepConfig) -> None:
