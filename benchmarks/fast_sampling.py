@@ -72,9 +72,8 @@ def main() -> None:
     fit = partial(fit_inline, device=device)
     stages = distill("progressive", teacher_dir, work / "progressive", pd_cfg, fit, images)
     pd_s = (time.perf_counter() - start) / len(stages)
-    for directory in stages:
+    for steps, directory in zip(pd_cfg.stages(), stages):
         student, student_scheduler = load_pipeline_parts(directory, device)
-        steps = int(directory.name.split("_")[1])
         score("progressive", steps, generate(student.eval(), student_scheduler, n, steps, 0.0, cfg.eval.batch_size,
                                              seeds(), False), pd_s)  # fmt: skip
 

@@ -80,10 +80,8 @@ def load_teacher(cfg: RunConfig, teacher_dir: Path, device: torch.device | str) 
     unet = load_unet(teacher_dir, cfg.model, device).eval().requires_grad_(False)
     sampler = None
     if uses_fast_sampler(cfg):
-        directory = replay_sampler_dir(teacher_dir)
-        if cfg.replay_sampler.method == "progressive":
-            directory = directory / f"steps_{cfg.replay_sampler.steps}"
-        sampler = fast_sampler(cfg.replay_sampler.method, directory, device)
+        rs = cfg.replay_sampler
+        sampler = fast_sampler(rs.method, replay_sampler_dir(teacher_dir), device, rs.steps)
     return Teacher(unet, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta, sampler)
 
 

@@ -20,7 +20,7 @@ from distcl.config import ConfigError
 from distcl.diffusion import ddim_sample
 from distcl.models import load_pipeline_parts
 from distcl.pid import STUDENT_FILE, PIDConfig, load_pid_student, pid_unit
-from distcl.progressive import ProgressiveConfig, stage_unit
+from distcl.progressive import ProgressiveConfig, stage_dir, stage_unit
 from distcl.training import DistillUnit, optimise
 
 METHODS = {"progressive": ProgressiveConfig, "pid": PIDConfig}
@@ -45,9 +45,13 @@ class UnitSpec:
         return f"steps_{self.n}" if self.method == "progressive" else "pid"
 
     @property
+    def output(self) -> Path:
+        return stage_dir(self.out, self.n) if self.method == "progressive" else self.out
+
+    @property
     def done(self) -> bool:
         """The unit's output is complete (both are written last: an atomic rename, pid.json)."""
-        return (self.out / self.name).is_dir() if self.method == "progressive" else (self.out / STUDENT_FILE).is_file()
+        return self.output.is_dir() if self.method == "progressive" else (self.output / STUDENT_FILE).is_file()
 
     def build(self, device: torch.device | str, images: Optional[torch.Tensor] = None) -> DistillUnit:
         if self.method == "progressive":
@@ -96,19 +100,17 @@ def distill(method: str, teacher: Path, out: Path, cfg: MethodConfig, fit: Fit, 
         unit, rows = fit(spec, images, progress)
         unit.save(rows)
         log(f"[distcl] {method} {spec.name}: {unit.iterations} iterations, last loss {rows[-1]['loss']:.4f} "
-            f"-> {unit.output}")  # fmt: skip
-    return [out / spec.name if method == "progressive" else out for spec in specs]
+            f"-> {spec.output}")  # fmt: skip
+    return [spec.output for spec in specs]
 
 
-def fast_sampler(method: str, directory: Path, device: torch.device | str = "cpu") -> X0Sampler:
-    """The distilled sampler at ``directory`` as a map x_T -> x0_hat: a PD stage (``steps_<n>/``, n DDIM steps of
-    its own scheduler) or a PID student (one step, z = T x_T)."""
+def fast_sampler(method: str, out: Path, device: torch.device | str = "cpu", steps: Optional[int] = None) -> X0Sampler:
+    """The sampler distilled into ``out`` as a map x_T -> x0_hat: its ``steps``-step PD student (DDIM with the
+    student's own scheduler) or its PID student (one step, z = T x_T)."""
     if method == "pid":
-        student = load_pid_student(directory, device)
-        return student.generate
-    unet, scheduler = load_pipeline_parts(directory, device)
+        return load_pid_student(out, device).generate
+    unet, scheduler = load_pipeline_parts(stage_dir(out, steps), device)
     unet.eval().requires_grad_(False)
-    steps = int(Path(directory).name.split("_")[1])
 
     def sample(x_T: torch.Tensor) -> torch.Tensor:
         return ddim_sample(unet, scheduler, x_T, steps, 0.0, None).clamp(-1, 1)

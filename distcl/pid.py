@@ -181,7 +181,7 @@ def pid_unit(teacher_dir: Path, out: Path, cfg: PIDConfig, device: torch.device 
                   "alphas_cumprod": scheduler.alphas_cumprod.tolist()}  # fmt: skip
         (out / STUDENT_FILE).write_text(json.dumps(record))  # written last: marks the student complete
 
-    return DistillUnit("pid", student, loss, cfg.iterations, cfg.lr, out, save)
+    return DistillUnit(student, loss, cfg.iterations, cfg.lr, save)
 
 
 def load_pid_student(directory: Path, device: torch.device | str = "cpu") -> PIDStudent:

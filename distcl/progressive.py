@@ -151,6 +151,11 @@ def student_scheduler(teacher_scheduler: DDIMScheduler, parameterisation: str) -
                                      prediction_type=PARAMETERISATIONS[parameterisation], clip_sample=False)  # fmt: skip
 
 
+def stage_dir(out: Path, n: int) -> Path:
+    """Where the n-step student of a distillation into OUT is saved (a DDIMPipeline folder)."""
+    return Path(out) / f"steps_{n}"
+
+
 def teacher_samples(unet: UNet2DModel, scheduler: DDIMScheduler, steps: int, batch_size: int,
                     seed: int) -> Callable[[int, slice], torch.Tensor]:  # fmt: skip
     """Data-free PD: batch k is the teacher's own ``steps``-step DDIM samples from x_T ~ generator (seed, "pd_data", k);
@@ -185,7 +190,7 @@ def stage_unit(teacher_dir: Path, out: Path, n: int, cfg: ProgressiveConfig, dev
     scheduler = student_scheduler(original_scheduler, cfg.parameterisation)
     schedule = TimeSchedule(scheduler.alphas_cumprod)
     first = 2 * n == cfg.start_steps
-    unet, unet_scheduler = (original, original_scheduler) if first else load_pipeline_parts(out / f"steps_{2 * n}", device)
+    unet, unet_scheduler = (original, original_scheduler) if first else load_pipeline_parts(stage_dir(out, 2 * n), device)
     student = copy.deepcopy(unet).requires_grad_(True)
     teacher_x = model_x(unet.eval().requires_grad_(False), unet_scheduler.config.prediction_type, schedule,
                         TimeSchedule(unet_scheduler.alphas_cumprod),
@@ -211,10 +216,10 @@ def stage_unit(teacher_dir: Path, out: Path, n: int, cfg: ProgressiveConfig, dev
         student_x = model_x(model, prediction, schedule)
         return (weight * ((x_target - student_x(z_t, t)) ** 2).mean(dim=(1, 2, 3))).mean()
 
-    directory = Path(out) / f"steps_{n}"
+    directory = stage_dir(out, n)
 
     def save(rows: list[dict]) -> None:
         save_checkpoint(student, scheduler, directory)
         (directory / "log.jsonl").write_text("".join(json.dumps({"steps": n, **r}) + "\n" for r in rows))
 
-    return DistillUnit(f"steps_{n}", student, loss, cfg.iterations, cfg.lr, directory, save)
+    return DistillUnit(student, loss, cfg.iterations, cfg.lr, save)

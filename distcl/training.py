@@ -6,7 +6,6 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -209,14 +208,12 @@ def train_task(
 @dataclass
 class DistillUnit:
     """One optimisation: ``iterations`` Adam steps at ``lr`` of ``model`` on ``loss(model, step, shard)``;
-    ``save(rows)`` writes the trained ``model`` to ``output``."""
+    ``save(rows)`` writes the trained ``model`` to its output."""
 
-    name: str
     model: torch.nn.Module
     loss: Callable[[torch.nn.Module, int, slice], torch.Tensor]
     iterations: int
     lr: float
-    output: Path
     save: Callable[[list[dict]], None]
 
 

@@ -152,7 +152,7 @@ def test_fast_replay_sampler_is_distilled_from_each_teacher_and_kept_on_resume(t
     assert not (tmp_path / "replay_sampler" / "task_1").exists()  # the last task teaches no one
     teacher = load_teacher(cfg, tmp_path / "task_0", "cpu")
     x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(teacher.sample(x_T, None), fast_sampler("progressive", student)(x_T))
+    assert torch.allclose(teacher.sample(x_T, None), fast_sampler("progressive", student.parent, "cpu", 2)(x_T))
     assert any("progressive steps_2" in line for line in logs)
     shutil.rmtree(tmp_path / "task_1")
     logs.clear()
