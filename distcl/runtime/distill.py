@@ -6,26 +6,21 @@ the same OUT resumes from the latest one (its Train run is OUT/ray_train/<unit>)
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Optional
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-from ray.train.torch import TorchTrainer
+from ray.train import TrainingFailedError
 
 from distcl.config import ConfigError, RuntimeConfig
 from distcl.distill import UnitSpec
 from distcl.runtime.cluster import join_cluster
-from distcl.runtime.train import FAULT_ENV, inject_fault, planned_fault
+from distcl.runtime.train import fit_state, inject_fault, load_state, planned_fault, report_state, resolve_use_gpu
 from distcl.training import DistillUnit, optimise
 
-STATE_FILE = "state.pt"
 PRINT_EVERY_S = 10.0
 
 
@@ -40,8 +35,7 @@ def train_loop_per_worker(config: dict) -> None:
     start, rows = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_state(checkpoint)
         unit.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, rows = state["step"] + 1, state["rows"]
@@ -54,15 +48,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(step: int, logged: list[dict], final: bool = False) -> None:
         every_row = rows + logged
-        metrics = {"step": step, "loss": every_row[-1]["loss"], "final": final}
-        if rank != 0:
-            ray.train.report(metrics)
-            return
         state = {"model": unit.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "rows": every_row}  # fmt: skip
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+                 "rows": every_row} if rank == 0 else {}  # fmt: skip
+        report_state(state, {"step": step, "loss": every_row[-1]["loss"], "final": final}, rank)
 
     fault = planned_fault(config["fault"], spec.name)
 
@@ -104,32 +92,13 @@ class RayDistillFit:
         rt = self.runtime
         self.check(spec.cfg.batch_size)
         join_cluster(rt, rt.num_workers * rt.cpus_per_worker)
-        use_gpu = rt.use_gpu if rt.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= rt.num_workers
         images_ref = ray.put(images) if images is not None else None
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"spec": spec, "images": images_ref, "threads": rt.cpus_per_worker,
-                               "checkpoint_every": rt.checkpoint_every, "fault": os.environ.get(FAULT_ENV)},  # fmt: skip
-            scaling_config=ScalingConfig(
-                num_workers=rt.num_workers, use_gpu=use_gpu,
-                resources_per_worker={"CPU": rt.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
-                                      **({rt.worker_resource: 1} if rt.worker_resource else {})},
-            ),  # fmt: skip
-            run_config=RunConfig(
-                name=spec.name,
-                storage_path=str((spec.out / "ray_train").resolve()),
-                failure_config=FailureConfig(max_failures=rt.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-        )
+        config = {"spec": spec, "images": images_ref, "threads": rt.cpus_per_worker,
+                  "checkpoint_every": rt.checkpoint_every}  # fmt: skip
         try:
-            result = trainer.fit()
+            state = fit_state(train_loop_per_worker, config, rt, spec.name, spec.out / "ray_train", resolve_use_gpu(rt))
         except TrainingFailedError as err:
             raise RuntimeError(f"{spec.method} {spec.name} failed on Ray Train (nothing saved for it): {err}") from err
-        if result.error is not None:
-            raise RuntimeError(f"{spec.method} {spec.name} failed on Ray Train: {result.error}") from result.error
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         unit = spec.build("cpu", images)
         unit.model.load_state_dict(state["model"])
         return unit, state["rows"]

@@ -17,7 +17,7 @@ from distcl.replay import REPLAY_ITEM_STRATEGIES
 from distcl.runtime.cluster import join_cluster
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
-from distcl.runtime.train import fit_task
+from distcl.runtime.train import fit_task, resolve_use_gpu
 
 
 def layout_needs(cfg: RunConfig) -> dict[str, float]:
@@ -61,9 +61,7 @@ class RayTaskTrainer:
 
     def __call__(self, spec: TaskSpec) -> list[dict]:
         cfg, k = spec.cfg, spec.task
-        use_gpu = cfg.runtime.use_gpu
-        if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.runtime.num_workers
+        use_gpu = resolve_use_gpu(cfg.runtime)
         samplers = []
         if spec.teacher is not None and cfg.train.strategy in REPLAY_ITEM_STRATEGIES:
             samplers = self.samplers(cfg)

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 import ray.train
@@ -23,6 +23,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from distcl.config import RunConfig as DistclConfig
+from distcl.config import RuntimeConfig
 from distcl.models import build_scheduler, build_unet, load_unet
 from distcl.replay import Teacher
 from distcl.runtime.samplers import RemoteReplay
@@ -36,8 +37,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _report(state: dict, metrics: dict, rank: int) -> None:
-    """``ray.train.report`` on every worker (a barrier); rank 0 attaches the checkpoint."""
+def load_state(checkpoint: Checkpoint, device: torch.device | str = "cpu") -> dict:
+    """The state a ``report_state`` checkpoint holds."""
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+
+
+def report_state(state: dict, metrics: dict, rank: int) -> None:
+    """``ray.train.report`` on every worker (a barrier); rank 0 attaches ``state`` as the checkpoint."""
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -65,8 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_step, rows, recoveries = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        state = load_state(checkpoint, device)
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -110,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
                   flush=True)  # fmt: skip
             last_print[:] = [now, step + 1]
         if (step + 1) % cfg.runtime.checkpoint_every == 0 and step < steps - 1:
-            _report(state_at(step, logged), {"task": k, "step": step}, rank)
+            report_state(state_at(step, logged), {"task": k, "step": step}, rank)
 
     logged = train_task(
         model, optimizer, DataStream(images, per_worker, cfg.seed, k, rank, world), replay,
@@ -118,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
         noise_seed=noise_seed(cfg.seed, k, rank), device=device, ema=ema, lwf_teacher=lwf_teacher,
         start_step=start_step, on_step=on_step, progress=False,
     )  # fmt: skip
-    _report(state_at(steps - 1, logged), {"task": k, "step": steps - 1, "final": True}, rank)
+    report_state(state_at(steps - 1, logged), {"task": k, "step": steps - 1, "final": True}, rank)
 
 
 def planned_fault(spec: Optional[str], where: str) -> Optional[tuple[int, str]]:
@@ -137,22 +143,26 @@ def inject_fault(fault: Optional[tuple[int, str]], step: int, where: str) -> Non
         raise RuntimeError(f"injected fault at {where} step {step}")
 
 
-def fit_task(cfg: DistclConfig, k: int, init_dir: Optional[Path], images_ref, samplers: list, storage: Path,
-             use_gpu: bool) -> dict:  # fmt: skip
-    """Run task k on Ray Train and return the final state (model weights, logged rows, recoveries)."""
-    rt = cfg.runtime
+def resolve_use_gpu(rt: RuntimeConfig) -> bool:
+    """``runtime.use_gpu``; None: when the cluster has a GPU for every Train worker."""
+    return rt.use_gpu if rt.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= rt.num_workers
+
+
+def fit_state(loop: Callable[[dict], None], loop_config: dict, rt: RuntimeConfig, name: str, storage: Path,
+              use_gpu: bool) -> dict:  # fmt: skip
+    """Run ``loop`` on the ``rt`` layout of Train workers as the Train run ``name`` under ``storage`` (rerunning it
+    resumes from its latest checkpoint); the final state rank 0 reported (raises the run's error)."""
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "task": k, "init_dir": str(init_dir) if init_dir else None,
-                           "images": images_ref, "samplers": samplers, "fault": os.environ.get(FAULT_ENV)},  # fmt: skip
+        loop,
+        train_loop_config={**loop_config, "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ScalingConfig(
             num_workers=rt.num_workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": rt.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
                                   **({rt.worker_resource: 1} if rt.worker_resource else {})},
         ),  # fmt: skip
         run_config=RunConfig(
-            name=f"task_{k}",
-            storage_path=str(storage.resolve()),
+            name=name,
+            storage_path=str(Path(storage).resolve()),
             failure_config=FailureConfig(max_failures=rt.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -160,5 +170,12 @@ def fit_task(cfg: DistclConfig, k: int, init_dir: Optional[Path], images_ref, sa
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    with result.checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    return load_state(result.checkpoint)
+
+
+def fit_task(cfg: DistclConfig, k: int, init_dir: Optional[Path], images_ref, samplers: list, storage: Path,
+             use_gpu: bool) -> dict:  # fmt: skip
+    """Run task k on Ray Train and return the final state (model weights, logged rows, recoveries)."""
+    config = {"cfg": cfg, "task": k, "init_dir": str(init_dir) if init_dir else None, "images": images_ref,
+              "samplers": samplers}  # fmt: skip
+    return fit_state(train_loop_per_worker, config, cfg.runtime, f"task_{k}", storage, use_gpu)
