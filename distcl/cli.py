@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (searched first)")
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     run.add_argument("--inline", action="store_true", help="no Ray: one process, replay made on the trainer")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (the default when not on a terminal)")
     tune = sub.add_parser("tune", help="a Ray Tune sweep over run-config fields (see tuning/)")
     tune.add_argument("sweep", nargs="?", help="sweep file (fields of distcl.sweep.SweepConfig)")
     tune.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser_m.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
         parser_m.add_argument("--inline", action="store_true", help="no Ray: train in this process")
         parser_m.add_argument("--device", default="auto", help="with --inline: auto | cpu | cuda")
-        parser_m.add_argument("--no-progress", action="store_true", help="no progress bars")
+        parser_m.add_argument("--no-progress", action="store_true", help="no progress bars (the default off a terminal)")
         if method == "progressive":
             parser_m.add_argument("--data-dir", help="Fashion-MNIST files (with --set data=fmnist)")
     sample = sub.add_parser("sample", help="sample a checkpoint: a task_<k>/ or PD stage (DDIM), or a PID student")
@@ -95,6 +95,11 @@ def _guarded(what: str, work: Callable[[], int]) -> int:
         return 1
 
 
+def _progress(args) -> bool:
+    """Progress bars on a terminal, unless --no-progress; plain log lines in files and job logs."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def _run(args) -> int:
     overrides = list(args.overrides)
     if args.data_dir:
@@ -108,7 +113,7 @@ def _run(args) -> int:
         cfg = load_config(args.config, args.preset, overrides)
         from distcl.continual import run  # heavy imports only once the config is valid
 
-        metrics = run(cfg, Path(args.out or Path("runs") / cfg.name), progress=not args.no_progress)
+        metrics = run(cfg, Path(args.out or Path("runs") / cfg.name), progress=_progress(args))
         print(f"[distcl] done: {metrics}")
         return 0
 
@@ -163,7 +168,10 @@ def _distill(args) -> int:
 
             size = load_pipeline_parts(Path(args.teacher))[0].config.sample_size
             images = to_model_range(load_fashion_mnist(locate(args.data_dir, None))["train"].images, size)
-        saved = distill(args.method, Path(args.teacher), Path(args.out), cfg, fit, images, progress=not args.no_progress)
+        try:
+            saved = distill(args.method, Path(args.teacher), Path(args.out), cfg, fit, images, progress=_progress(args))
+        finally:
+            getattr(fit, "close", lambda: None)()  # the Ray fit's worker group
         print(f"[distcl] done: {', '.join(map(str, saved))}")
         return 0
 

@@ -339,6 +339,16 @@ def load_config(
     apply_overrides(merged, overrides or [])
     cfg = from_dict(RunConfig, merged)
     cfg.validate()
+    return absolute_paths(cfg)
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its directories (``data.data_dir``, ``cache_dir``) absolute, resolved against this process's
+    working directory: Ray workers, Tune trials and job drivers run in directories of their own."""
+    def absolute(path: Optional[str]) -> Optional[str]:
+        return str(Path(path).expanduser().resolve()) if path is not None else None
+
+    cfg.data.data_dir, cfg.cache_dir = absolute(cfg.data.data_dir), absolute(cfg.cache_dir)
     return cfg
 
 

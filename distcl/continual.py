@@ -238,7 +238,7 @@ def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_
     is called after task k is evaluated, in task order, also for tasks a resumed run finds done. With
     ``classifier.enabled`` the classifier's task k follows the generator's, its replay images from
     ``image_replay``. A fast replay sampler is distilled by ``distill_fit`` (default: in this process)."""
-    out = Path(out)
+    out = Path(out).resolve()  # it travels to Ray workers, whose working directory is not the caller's
     device = resolve_device(cfg.device)
     distill_fit = distill_fit or partial(fit_inline, device=device)
     cache = cache_dir(cfg.cache_dir)
@@ -301,6 +301,7 @@ def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_
 def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
         on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
     """Run ``cfg`` on its ``runtime.backend``: Ray (distcl.runtime.pipeline) or this process."""
+    out = Path(out).resolve()
     if cfg.runtime.backend == "ray":
         from distcl.runtime.pipeline import run as run_on_ray  # Ray only when asked for
 

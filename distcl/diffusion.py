@@ -36,25 +36,25 @@ def ddim_sample(
 
     Each step: x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t), clipped to [-1, 1];
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - s^2) eps + s z, s = eta * sigma_t(DDIM).
-    Returns x0; with ``stop_at`` (one grid timestep per item), returns item i's state x_{stop_at[i]}
-    as it was when the loop reached that timestep, before the step from it.
+    Returns x0; with ``stop_at`` (one timestep of the ``steps``-step grid per item), returns item i's state
+    x_{stop_at[i]} as it was when the loop reached that timestep, before the step from it (the loop runs to the
+    end: no host read of the stop times, so it never waits on the device).
     abar_prev is that of t - T // steps (diffusers' rule; 1 below t = 0): on the grid when ``steps`` divides T.
     Works on a private copy of the scheduler: ``set_timesteps`` mutates it.
     """
     sched = DDIMScheduler.from_config(scheduler.config)
-    sched.set_timesteps(steps, device=x_T.device)
+    sched.set_timesteps(steps)  # on the host, as diffusers' pipelines: step() indexes its CPU tables with t
+    stopped = None
     if stop_at is not None:
         stop_at = stop_at.to(x_T.device)
-        if not torch.isin(stop_at, sched.timesteps).all():
-            raise ValueError(f"stop_at must lie on the {steps}-step grid {sched.timesteps.tolist()}")
-        stopped = torch.empty_like(x_T)
+        # checked on the device, without a host read (a CPU tensor raises here, CUDA at its next sync)
+        torch._assert_async(torch.isin(stop_at, sched.timesteps.to(x_T.device)).all(),
+                            f"stop_at must lie on the {steps}-step grid (distcl.diffusion.sampling_timesteps)")  # fmt: skip
+        stopped = x_T
     x = x_T
     for t in tqdm(sched.timesteps, desc="ddim", leave=False, disable=not progress):
         if stop_at is not None:
-            hit = stop_at == t
-            stopped[hit] = x[hit]
-            if bool((stop_at >= t).all()):
-                return stopped
+            stopped = torch.where((stop_at == t).view(-1, *([1] * (x.dim() - 1))), x, stopped)
         eps = unet(x, t).sample
         x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
-    return x
+    return x if stop_at is None else stopped

@@ -82,18 +82,18 @@ def distill(method: str, teacher: Path, out: Path, cfg: MethodConfig, fit: Fit, 
     cfg.validate()
     if method == "progressive" and cfg.data == "fmnist" and images is None:
         raise ConfigError("data", "fmnist needs the training images (--data-dir)")
+    teacher, out = Path(teacher).resolve(), Path(out).resolve()  # both travel to Ray Train workers
     unet, scheduler = load_pipeline_parts(teacher)
     if unet.config.out_channels != 1 or scheduler.config.prediction_type != "epsilon":
         raise ConfigError("--teacher", f"{teacher} is not a distcl eps-prediction checkpoint")
-    out = Path(out)
-    settings = {"method": method, "teacher": str(Path(teacher).resolve()), **asdict(cfg)}
+    settings = {"method": method, "teacher": str(teacher), **asdict(cfg)}
     record = out / SETTINGS_FILE
     if record.exists() and json.loads(record.read_text()) != settings:
         raise ConfigError("--out", f"{out} holds a distillation with other settings (use another --out)")
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(settings, indent=2))
     stages = cfg.stages() if method == "progressive" else [None]
-    specs = [UnitSpec(method, Path(teacher), out, cfg, n) for n in stages]
+    specs = [UnitSpec(method, teacher, out, cfg, n) for n in stages]
     for spec in specs:  # in order: PD stage n's teacher is stage 2n's output
         if spec.done:
             continue

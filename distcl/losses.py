@@ -20,17 +20,19 @@ def continual_loss(
     task: int,
     replay_lambda: float,
     task_weighting: bool = True,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_data = MSE(pred_data, eps); L_replay = lambda * MSE(pred_replay, target_replay);
     L = (1 - w) L_data + w L_replay with w = 1 - 1/(k+1) (task_weighting), else L = L_data + L_replay;
-    L = L_data when there is no replay. Returns L and the float terms for logging."""
+    L = L_data when there is no replay. Returns L and its detached terms for logging (tensors on L's device: no
+    host read here)."""
     loss_data = F.mse_loss(pred_data, eps)
     if pred_replay is None:
-        return loss_data, {"loss": loss_data.item(), "loss_data": loss_data.item(), "loss_replay": 0.0}
+        zero = torch.zeros((), device=loss_data.device)
+        return loss_data, {"loss": loss_data.detach(), "loss_data": loss_data.detach(), "loss_replay": zero}
     loss_replay = replay_lambda * F.mse_loss(pred_replay, target_replay)
     if task_weighting:
         w = replay_weight(task)
         loss = (1 - w) * loss_data + w * loss_replay
     else:
         loss = loss_data + loss_replay
-    return loss, {"loss": loss.item(), "loss_data": loss_data.item(), "loss_replay": loss_replay.item()}
+    return loss, {"loss": loss.detach(), "loss_data": loss_data.detach(), "loss_replay": loss_replay.detach()}

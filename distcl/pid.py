@@ -55,13 +55,15 @@ class SigmaSchedule:
         self.alphas_cumprod = alphas_cumprod.double()
         self.log_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().log()  # increasing in t
         self.sigma_max, self.sigma_min = float(self.log_sigmas[-1].exp()), float(self.log_sigmas[0].exp())
+        self.log_sigma_range = float(self.log_sigmas[0]), float(self.log_sigmas[-1])  # host numbers: no device
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """t(sigma): linear interpolation in log sigma between the discrete timesteps (float)."""
-        log_sigma = sigma.double().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
-        hi = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
+        """t(sigma): linear interpolation in log sigma between the discrete timesteps (float, on sigma's device)."""
+        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigma = sigma.double().log().clamp(*self.log_sigma_range)
+        hi = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
         lo = hi - 1
-        w = (log_sigma - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
+        w = (log_sigma - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
         return (lo + w).float()
 
 

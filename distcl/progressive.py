@@ -50,8 +50,9 @@ class TimeSchedule:
         return (t.double() * self.T).round().long().clamp(1, self.T) - 1
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) with alpha^2 + sigma^2 = 1; (1, 0) at t = 0. Shape [B, 1, 1, 1], float32."""
-        abar = torch.where(t > 0, self.alphas_cumprod[self.timestep(t)], torch.ones_like(t, dtype=torch.float64))
+        """(alpha_t, sigma_t) with alpha^2 + sigma^2 = 1; (1, 0) at t = 0. Shape [B, 1, 1, 1], float32, on t's device."""
+        table = self.alphas_cumprod.to(t.device)
+        abar = torch.where(t > 0, table[self.timestep(t)], torch.ones_like(t, dtype=torch.float64))
         shape = (-1, 1, 1, 1)
         return abar.sqrt().float().view(shape), (1 - abar).sqrt().float().view(shape)
 

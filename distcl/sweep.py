@@ -145,6 +145,13 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if sweep.config is not None and not Path(sweep.config).is_absolute():
         sweep.config = str((path.parent / sweep.config).resolve())
     sweep.validate()
+    # The trials read their configs in Tune's working directories: the directories that the preset, config file
+    # or base name are fixed here, made absolute against this process's working directory (distcl.config).
+    resolved = sweep.trial_config({})
+    if resolved.cache_dir is not None:
+        sweep.base["cache_dir"] = resolved.cache_dir
+    if resolved.data.data_dir is not None:
+        sweep.base.setdefault("data", {})["data_dir"] = resolved.data.data_dir
     return sweep
 
 

@@ -135,7 +135,7 @@ def train_step(
         pred_data, pred_replay = pred[:B], pred[B:]
     else:
         pred_data, pred_replay = student(x_t, t).sample, None
-    loss, terms = continual_loss(
+    loss, tensors = continual_loss(
         pred_data,
         eps,
         pred_replay,
@@ -144,6 +144,7 @@ def train_step(
         train_cfg.replay_lambda,
         train_cfg.task_weighting,
     )
+    terms = {name: float(value) for name, value in tensors.items()}
     optimizer.zero_grad(set_to_none=True)
     if not math.isfinite(terms["loss"]):
         return terms

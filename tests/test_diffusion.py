@@ -78,5 +78,5 @@ def test_stop_at_returns_per_item_state(unet, scheduler):
     expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # ... must land on t = 499, not on t = 0
     assert not torch.allclose(one_step, expected)
     assert torch.allclose(got[1:], expected[1:], atol=1e-5)
-    with pytest.raises(ValueError, match="must lie on the 2-step grid"):
+    with pytest.raises(RuntimeError, match="must lie on the 2-step grid"):
         ddim_sample(unet, scheduler, x_T, 2, stop_at=torch.tensor([999, 500, 499]))

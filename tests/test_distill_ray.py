@@ -14,7 +14,7 @@ from distcl.models import build_scheduler, save_checkpoint
 from distcl.pid import load_pid_student
 from distcl.progressive import ProgressiveConfig
 from distcl.runtime.distill import RayDistillFit
-from distcl.runtime.train import FAULT_ENV
+from distcl.runtime.workers import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +49,12 @@ def test_two_ray_workers_with_a_fault_train_the_inline_students(cluster, teacher
     quiet = dict(progress=False, log=lambda _: None)
     inline = distill("progressive", teacher_dir, tmp_path / "inline", cfg, fit_inline, **quiet)
     marker = tmp_path / "fault_happened"
-    monkeypatch.setenv(FAULT_ENV, f"steps_1:3:{marker}")  # step 3: after the checkpoint at step 1
+    monkeypatch.setenv(FAULT_ENV, f"{tmp_path / 'ray' / 'steps_1'}:3:{marker}")  # after the checkpoint at step 1
     fit = RayDistillFit(RuntimeConfig(num_workers=2, checkpoint_every=2, max_failures=1))
-    on_ray = distill("progressive", teacher_dir, tmp_path / "ray", cfg, fit, **quiet)
+    try:
+        on_ray = distill("progressive", teacher_dir, tmp_path / "ray", cfg, fit, **quiet)
+    finally:
+        fit.close()
     assert marker.exists()
     assert [p.name for p in on_ray] == [p.name for p in inline] == ["steps_1"]
     start = weights(teacher_dir)

@@ -16,14 +16,14 @@ def test_continual_loss_pinned():
     pred, eps = fixed((2, 1, 2, 2), 0.0), fixed((2, 1, 2, 2), 0.5)  # L_data = 0.25
     pred_r, target_r = fixed((2, 1, 2, 2), 1.0), fixed((2, 1, 2, 2), 0.0)  # MSE = 1.0
     loss, terms = continual_loss(pred, eps, pred_r, target_r, task=3, replay_lambda=3.0)
-    assert terms["loss_data"] == pytest.approx(0.25) and terms["loss_replay"] == pytest.approx(3.0)
+    assert float(terms["loss_data"]) == pytest.approx(0.25) and float(terms["loss_replay"]) == pytest.approx(3.0)
     assert loss.item() == pytest.approx(0.25 * 0.25 + 0.75 * 3.0)  # (1 - w) L_data + w lambda MSE, w = 3/4
     unweighted, _ = continual_loss(pred, eps, pred_r, target_r, task=3, replay_lambda=3.0, task_weighting=False)
     assert unweighted.item() == pytest.approx(0.25 + 3.0)
     first, _ = continual_loss(pred, eps, pred_r, target_r, task=0, replay_lambda=3.0)
     assert first.item() == pytest.approx(0.25)  # task 0: w = 0
     alone, terms = continual_loss(pred, eps, None, None, task=2, replay_lambda=3.0)
-    assert alone.item() == pytest.approx(0.25) and terms["loss_replay"] == 0.0
+    assert alone.item() == pytest.approx(0.25) and float(terms["loss_replay"]) == 0.0
 
 
 def test_continual_loss_gradients_reach_both_terms():

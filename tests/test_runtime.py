@@ -23,11 +23,12 @@ from distcl.models import build_scheduler, load_unet
 from distcl.replay import Teacher
 from distcl.runtime import pipeline
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
-from distcl.runtime.train import FAULT_ENV
+from distcl.runtime.workers import FAULT_ENV
 from distcl.training import InlineReplay, indexed_replay
 
 pytestmark = pytest.mark.slow
 
+RAY = str(Path(sys.executable).parent / "ray")
 SHORT = ["data.num_tasks=2", "data.train_per_class=40", "data.test_per_class=20", "train.batch_size=8",
          "train.max_steps=12", "eval.num_samples=20", "eval.steps=2", "runtime.checkpoint_every=4"]  # fmt: skip
 
@@ -81,7 +82,7 @@ def test_ray_run_equals_inline_for_1_and_3_samplers_and_survives_a_worker_fault(
     three = tmp_path / "three"
     keep_task_0(one, three)
     marker = tmp_path / "fault-fired"
-    monkeypatch.setenv(FAULT_ENV, f"1:5:{marker}")  # raise once in the Train worker at task 1, step 5
+    monkeypatch.setenv(FAULT_ENV, f"task_1:5:{marker}")  # raise once in the Train worker at task 1, step 5
     capsys.readouterr()
     pipeline.run(config("runtime.num_samplers=3"), three, progress=False)
     assert marker.exists()
@@ -183,7 +184,7 @@ def test_killed_driver_resumes_from_the_last_checkpoint(inline_run, tmp_path):
     cmd += [arg for o in SHORT + long for arg in ("--set", o)]
     driver = _private(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    snapshot = out / "ray_train" / "task_1" / "checkpoint_manager_snapshot.json"  # a checkpoint is registered
+    snapshot = out / "ray_train" / "workers" / "checkpoint_manager_snapshot.json"  # a checkpoint is registered
     while not snapshot.exists() and time.time() < deadline:
         assert driver.poll() is None, "the driver ended before its first checkpoint"
         time.sleep(0.2)
@@ -211,7 +212,7 @@ def _free_ports(n):
 
 def _submit(address: str, env: dict, entrypoint: list[str], timeout_s: float) -> tuple[str, str]:
     """``ray job submit`` ``entrypoint`` from the repository root; wait for its end: (status, logs)."""
-    submit = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
+    submit = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
                              *entrypoint], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1],
                             timeout=120)  # fmt: skip
     assert submit.returncode == 0, submit.stderr
@@ -219,12 +220,12 @@ def _submit(address: str, env: dict, entrypoint: list[str], timeout_s: float) ->
     status = ""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        status = subprocess.run(["ray", "job", "status", "--address", address, job_id], env=env,
+        status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
         if re.search(r"job '[^']+' (succeeded|failed|stopped)|': (succeeded|failed|stopped)", status.lower()):
             break
         time.sleep(3)
-    logs = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env,
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
     return status, logs
 
@@ -234,35 +235,39 @@ def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path)
     jobs/distill.py: a progressive distillation of the run's first teacher."""
     gcs, dashboard, agent, client = _free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    head = _private(["ray", "start", "--head", "--block", "--num-cpus", "4", "--port", str(gcs),
+    # as a user whose environment is activated: `ray` and the jobs' `python` are the project's
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    head = _private([RAY, "start", "--head", "--block", "--num-cpus", "4", "--port", str(gcs),
                      "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
                      "--ray-client-server-port", str(client), "--temp-dir", temp_dir, "--include-dashboard", "true",
                      "--dashboard-host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
-    out, pd_out = tmp_path / "smoke", tmp_path / "pd"
     overrides = SHORT + ["classifier.enabled=true", "classifier.epochs=1", "replay_sampler.method=pid",
                          "replay_sampler.iterations=3", "replay_sampler.batch_size=8"]  # fmt: skip
     try:
         deadline = time.time() + 120
-        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
             assert head.poll() is None and time.time() < deadline, "the head node did not come up"
             time.sleep(1)
-        status, logs = _submit(address, env, ["python", "jobs/train_cl.py", "--preset", "smoke", "--out", str(out),
-                                              "--no-progress", *[a for o in overrides for a in ("--set", o)]], 480)  # fmt: skip
+        # relative --out: the job's driver runs in its own copy of the working dir, and writes there
+        status, logs = _submit(address, env, ["python", "jobs/train_cl.py", "--preset", "smoke", "--out",
+                                              "runs/job-smoke", *[a for o in overrides for a in ("--set", o)]], 480)  # fmt: skip
         assert "succeeded" in status.lower(), status + logs[-3000:]
+        out = Path(re.search(r"\[distcl\] done: (\S+)/metrics.parquet", logs).group(1))
+        assert out.is_absolute() and out.parts[-2:] == ("runs", "job-smoke")
         status, pd_logs = _submit(address, env, ["python", "jobs/distill.py", "progressive", "--teacher",
-                                                 str(task_dir(out, 0)), "--out", str(pd_out), "--no-progress",
+                                                 str(task_dir(out, 0)), "--out", "runs/pd",
                                                  "--set", "start_steps=2", "--set", "iterations=3",
                                                  "--set", "batch_size=4"], 240)  # fmt: skip
         assert "succeeded" in status.lower(), status + pd_logs[-3000:]
+        pd_out = Path(re.search(r"\[distcl\] done: (\S+)/steps_1", pd_logs).group(1))
+        metrics = pd.read_parquet(out / "metrics.parquet")
+        assert sorted(metrics.task.unique()) == [0, 1] and "task 1 evaluated" in logs
+        assert sorted(metrics[metrics.metric == "accuracy"].task) == [0, 1]  # the continual classifier
+        assert (out / "replay_sampler" / "task_0" / "pid.json").is_file() and "pid pid: 3 iterations" in logs
+        assert "pid pid step 3/3" in logs  # progress from the Train worker
+        assert (pd_out / "steps_1" / "model_index.json").is_file() and "progressive steps_1: 3 iterations" in pd_logs
     finally:
         head.send_signal(signal.SIGKILL)
         head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
-    metrics = pd.read_parquet(out / "metrics.parquet")
-    assert sorted(metrics.task.unique()) == [0, 1] and "task 1 evaluated" in logs
-    assert sorted(metrics[metrics.metric == "accuracy"].task) == [0, 1]  # the continual classifier
-    assert (out / "replay_sampler" / "task_0" / "pid.json").is_file() and "pid pid: 3 iterations" in logs
-    assert "pid pid step 3/3" in logs  # progress from the Train worker
-    assert (pd_out / "steps_1" / "model_index.json").is_file() and "progressive steps_1: 3 iterations" in pd_logs

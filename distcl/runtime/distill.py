@@ -1,8 +1,9 @@
-"""A distillation unit (a PD stage, the PID student) on Ray Train: W workers, DDP, each on its rows of every
-step's batch (distcl.distill); a checkpoint every ``runtime.checkpoint_every`` steps, and rerunning the unit with
-the same OUT resumes from the latest one (its Train run is OUT/ray_train/<unit>).
+"""A distillation unit (a PD stage, the PID student) as a work item of a Ray Train worker group
+(distcl.runtime.workers): W workers, DDP, each on its rows of every step's batch (distcl.distill); a checkpoint
+every ``runtime.checkpoint_every`` steps, and rerunning resumes an unfinished unit from its latest one.
 
-    distill(method, teacher, out, cfg, fit=RayDistillFit(runtime))
+    distill(method, teacher, out, cfg, fit=RayDistillFit(runtime))    # its own worker group, under OUT/ray_train
+    RayDistillFit(runtime, group)                                     # a continual run's group (fast replay samplers)
 """
 from __future__ import annotations
 
@@ -10,58 +11,48 @@ import time
 from typing import Optional
 
 import ray
-import ray.train
 import ray.train.torch
 import torch
-from ray.train import TrainingFailedError
 
 from distcl.config import ConfigError, RuntimeConfig
 from distcl.distill import UnitSpec
 from distcl.runtime.cluster import join_cluster
-from distcl.runtime.train import fit_state, inject_fault, load_state, planned_fault, report_state, resolve_use_gpu
+from distcl.runtime.workers import WORKER_LOG, WorkerGroup, WorkItem
 from distcl.training import DistillUnit, optimise
 
 PRINT_EVERY_S = 10.0
 
 
-def train_loop_per_worker(config: dict) -> None:
+def distill_unit_item(config: dict, item: WorkItem) -> dict:
+    """The unit ``config["spec"]`` on this worker; returns the final state (rank 0: weights and logged rows)."""
     spec: UnitSpec = config["spec"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config["threads"])))
+    rank, world = item.rank, item.world
     images = ray.get(config["images"]) if config["images"] is not None else None
-    unit = spec.build(ray.train.torch.get_device(), images)
+    unit = spec.build(item.device, images)
     optimizer = torch.optim.Adam(unit.model.parameters(), lr=unit.lr)
     start, rows = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = load_state(checkpoint)
-        unit.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, rows = state["step"] + 1, state["rows"]
+    if item.resume is not None:
+        unit.model.load_state_dict(item.resume["model"])
+        optimizer.load_state_dict(item.resume["optimizer"])
+        start, rows = item.resume["step"] + 1, item.resume["rows"]
         if rank == 0:
-            print(f"[distcl] {spec.method} {spec.name}: resumed at step {start} from checkpoint", flush=True)
-    model = ray.train.torch.prepare_model(unit.model)
+            WORKER_LOG.info(f"[distcl] {spec.method} {spec.name}: resumed at step {start} from checkpoint")
+    model = ray.train.torch.prepare_model(unit.model, move_to_device=False)
     shard = slice(rank, None, world)
-    every = config["checkpoint_every"]
     last_print = [time.perf_counter()]
 
-    def report(step: int, logged: list[dict], final: bool = False) -> None:
-        every_row = rows + logged
-        state = {"model": unit.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "rows": every_row} if rank == 0 else {}  # fmt: skip
-        report_state(state, {"step": step, "loss": every_row[-1]["loss"], "final": final}, rank)
-
-    fault = planned_fault(config["fault"], spec.name)
+    def state_at(step: int, logged: list[dict]) -> dict:
+        return {"model": unit.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "rows": rows + logged} if rank == 0 else {}  # fmt: skip
 
     def on_step(step: int, logged: list[dict]) -> None:
-        inject_fault(fault, step, spec.name)
+        item.inject_fault(step)
         if rank == 0 and (time.perf_counter() - last_print[0] > PRINT_EVERY_S or step == unit.iterations - 1):
-            print(f"[distcl] {spec.method} {spec.name} step {step + 1}/{unit.iterations}: "
-                  f"loss {logged[-1]['loss']:.4f}", flush=True)  # fmt: skip
+            WORKER_LOG.info(f"[distcl] {spec.method} {spec.name} step {step + 1}/{unit.iterations}: "
+                            f"loss {logged[-1]['loss']:.4f}")  # fmt: skip
             last_print[0] = time.perf_counter()
-        if (step + 1) % every == 0 and step < unit.iterations - 1:
-            report(step, logged)
+        if (step + 1) % config["checkpoint_every"] == 0 and step < unit.iterations - 1:
+            item.checkpoint(state_at(step, logged), {"step": step, "loss": logged[-1]["loss"]})
 
     def mean_over_workers(loss: torch.Tensor) -> float:
         if world > 1:
@@ -71,16 +62,17 @@ def train_loop_per_worker(config: dict) -> None:
 
     logged = optimise(model, optimizer, lambda step: unit.loss(model, step, shard), unit.iterations, start,
                       on_step=on_step, progress=False, logged_loss=mean_over_workers)  # fmt: skip
-    report(unit.iterations - 1, logged, final=True)
+    return state_at(unit.iterations - 1, logged)
 
 
 class RayDistillFit:
     """A distcl.distill ``Fit`` on Ray Train with the ``runtime`` layout (num_workers, cpus_per_worker, use_gpu,
-    checkpoint_every, max_failures, address / num_cpus of the cluster)."""
+    checkpoint_every, max_failures, address / num_cpus of the cluster): on ``group`` when given (a continual
+    run's), else on a worker group of its own under the first unit's OUT/ray_train, started on first use."""
 
-    def __init__(self, runtime: RuntimeConfig):
+    def __init__(self, runtime: RuntimeConfig, group: Optional[WorkerGroup] = None):
         runtime.validate()
-        self.runtime = runtime
+        self.runtime, self.group, self.own = runtime, group, group is None
 
     def check(self, batch_size: int) -> None:
         workers = self.runtime.num_workers
@@ -91,14 +83,18 @@ class RayDistillFit:
     def __call__(self, spec: UnitSpec, images: Optional[torch.Tensor], progress: bool) -> tuple[DistillUnit, list[dict]]:
         rt = self.runtime
         self.check(spec.cfg.batch_size)
-        join_cluster(rt, rt.num_workers * rt.cpus_per_worker)
+        if self.group is None:
+            join_cluster(rt, rt.num_workers * rt.cpus_per_worker)
+            self.group = WorkerGroup(rt, spec.out / "ray_train")
         images_ref = ray.put(images) if images is not None else None
-        config = {"spec": spec, "images": images_ref, "threads": rt.cpus_per_worker,
-                  "checkpoint_every": rt.checkpoint_every}  # fmt: skip
-        try:
-            state = fit_state(train_loop_per_worker, config, rt, spec.name, spec.out / "ray_train", resolve_use_gpu(rt))
-        except TrainingFailedError as err:
-            raise RuntimeError(f"{spec.method} {spec.name} failed on Ray Train (nothing saved for it): {err}") from err
+        config = {"spec": spec, "images": images_ref, "checkpoint_every": rt.checkpoint_every}
+        state = self.group.run(str(spec.output), distill_unit_item, config)  # the output: unique and stable
         unit = spec.build("cpu", images)
         unit.model.load_state_dict(state["model"])
         return unit, state["rows"]
+
+    def close(self) -> None:
+        """Stop the worker group this fit started (a continual run's own group is closed by the run)."""
+        if self.own and self.group is not None:
+            self.group.close()
+            self.group = None

@@ -1,6 +1,7 @@
 """The continual run on Ray: a local cluster by default (``ray.init()``), the ``runtime.address`` or
-``$RAY_ADDRESS`` cluster when set. Per task: sampler actors host teacher k-1, Ray Train updates the student,
-the driver saves and evaluates (distcl.continual does the rest: resume, outputs)."""
+``$RAY_ADDRESS`` cluster when set. One Ray Train worker group and one sampler pool serve every task of the run:
+sampler actors host teacher k-1, the Train workers update the student, the driver saves and evaluates
+(distcl.continual does the rest: resume, outputs)."""
 from __future__ import annotations
 
 import json
@@ -9,15 +10,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import ray
-from ray.train import TrainingFailedError
 
 from distcl.config import RunConfig
-from distcl.continual import TaskSpec, run_continual, task_dir
+from distcl.continual import TaskSpec, run_continual
 from distcl.replay import REPLAY_ITEM_STRATEGIES
 from distcl.runtime.cluster import join_cluster
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
-from distcl.runtime.train import fit_task, resolve_use_gpu
+from distcl.runtime.train import train_task_item
+from distcl.runtime.workers import WorkerGroup
 
 
 def layout_needs(cfg: RunConfig) -> dict[str, float]:
@@ -53,26 +54,29 @@ def check_layout(cfg: RunConfig) -> None:
 
 
 class RayTaskTrainer:
-    """A distcl.continual task trainer: samplers + Ray Train for task k, the final weights into the student."""
+    """A distcl.continual task trainer: the run's one Ray Train worker group (``start``: it comes up while the
+    driver loads data) trains every task; sampler actors host teacher k-1."""
 
     def __init__(self, out: Path, log: Callable[[str], None] = print):
         self.out, self.log = Path(out), log
         self.pool: Optional[SamplerPool] = None
+        self.group: Optional[WorkerGroup] = None
+
+    def start(self, cfg: RunConfig) -> WorkerGroup:
+        self.group = WorkerGroup(cfg.runtime, self.out / "ray_train")
+        return self.group
 
     def __call__(self, spec: TaskSpec) -> list[dict]:
         cfg, k = spec.cfg, spec.task
-        use_gpu = resolve_use_gpu(cfg.runtime)
         samplers = []
         if spec.teacher is not None and cfg.train.strategy in REPLAY_ITEM_STRATEGIES:
             samplers = self.samplers(cfg)
-        images_ref = ray.put(spec.images)
-        self.clean_saved(k)
-        try:
-            state = fit_task(cfg, k, spec.init_dir, images_ref, samplers, self.out / "ray_train", use_gpu)
-        except TrainingFailedError as err:  # a worker error after runtime.max_failures restarts
-            raise RuntimeError(f"task {k} failed on Ray Train (nothing saved for it): {err}") from err
-        finally:
-            del images_ref
+        init = ray.put({name: value.cpu() for name, value in spec.student.state_dict().items()})
+        images = ray.put(spec.images)
+        config = {"cfg": cfg, "task": k, "init": init, "images": images, "samplers": samplers,
+                  "teacher_dir": str(spec.init_dir) if spec.init_dir else None}  # fmt: skip
+        state = self.group.run(f"task_{k}", train_task_item, config)
+        del init, images
         for event in state["recoveries"]:
             self.log(f"[distcl] task {k}: recovered at step {event['resumed_at_step']} "
                      f"({event['recovery_s']:.1f}s after the checkpoint)")  # fmt: skip
@@ -104,12 +108,9 @@ class RayTaskTrainer:
         if self.pool is not None:
             self.pool.stop()
             self.pool = None
-
-    def clean_saved(self, upto: int) -> None:
-        """Drop the Train checkpoints of tasks before ``upto`` that the driver has saved as task_<j>/."""
-        for j in range(upto):
-            if task_dir(self.out, j).exists():
-                shutil.rmtree(self.out / "ray_train" / f"task_{j}", ignore_errors=True)
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
 
 def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
@@ -119,9 +120,10 @@ def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], N
     check_layout(cfg)
     trainer = RayTaskTrainer(out, log)
     try:
+        group = trainer.start(cfg)
         metrics = run_continual(cfg, out, train_fn=trainer, progress=progress, log=log, on_task=on_task,
-                                image_replay=trainer.image_replay, distill_fit=RayDistillFit(cfg.runtime))  # fmt: skip
+                                image_replay=trainer.image_replay, distill_fit=RayDistillFit(cfg.runtime, group))  # fmt: skip
     finally:
         trainer.close()
-    trainer.clean_saved(cfg.data.num_tasks)
+    shutil.rmtree(Path(out) / "ray_train", ignore_errors=True)  # every task is saved: its checkpoints are not needed
     return metrics

@@ -1,0 +1,212 @@
+"""The run's Ray Train worker group: one TorchTrainer, started once, serves a sequence of work items (the tasks of
+a continual run, the distillation units of a fast replay sampler or of ``distcl distill``).
+
+    group = WorkerGroup(runtime, storage=OUT/ray_train)       # TorchTrainer.fit() in a driver thread
+    state = group.run("task_1", train_task_item, {...})       # every worker runs the item; rank 0's final state
+    group.close()
+
+The driver posts an item to a small ``WorkChannel`` actor; every worker takes it, runs
+``item_fn(config, item) -> state``, reports the final state as a Train checkpoint and rank 0 hands it back through
+the channel. Mid-item checkpoints (``item.checkpoint``) carry the item's name, so a restarted worker group
+(``FailureConfig``) or a rerun driver (the same Train run name and storage path) resumes the item where its last
+checkpoint left it, and an item whose final checkpoint was written is not run again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distcl.config import RuntimeConfig
+
+STATE_FILE = "state.pt"
+TRAIN_RUN = "workers"  # the Train run's name under its storage path (stable: a rerun resumes it)
+FAULT_ENV = "DISTCL_INJECT_WORKER_FAULT"  # "<item>:<step>:<marker file>": raise once there (fault tests)
+# Progress of rank 0. Ray Train sends a worker's log records to the driver's console once (a print there is
+# also re-logged by Train: it would show twice).
+WORKER_LOG = logging.getLogger("distcl.worker")
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class WorkChannel:
+    """Items from the driver to the workers and rank 0's results back. ``next(after)`` waits for the newest item
+    not yet finished whose number is above ``after`` (a restarted worker asks with -1: the item in progress)."""
+
+    def __init__(self):
+        self.items: list[tuple] = []
+        self.results: dict[int, dict] = {}
+        self.closed = False
+        self.changed = asyncio.Condition()
+
+    async def post(self, name: str, fn: Callable, config: dict) -> int:
+        async with self.changed:
+            self.items.append((len(self.items), name, fn, config))
+            self.changed.notify_all()
+            return len(self.items) - 1
+
+    async def next(self, after: int) -> Optional[tuple]:
+        def pending():
+            return [item for item in self.items if item[0] > after and item[0] not in self.results]
+
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.closed or pending())
+            return None if self.closed else pending()[-1]
+
+    async def finish(self, seq: int, state: dict) -> None:
+        async with self.changed:
+            self.results[seq] = state
+            self.changed.notify_all()
+
+    async def result(self, seq: int) -> dict:
+        async with self.changed:
+            await self.changed.wait_for(lambda: seq in self.results)
+            return self.results[seq]
+
+    async def close(self) -> None:
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+@dataclass
+class WorkItem:
+    """What an item function gets besides its config: the worker's place, the state to resume from (the item's
+    last mid-item checkpoint, or None) and the checkpoint / fault hooks."""
+
+    name: str
+    rank: int
+    world: int
+    device: torch.device
+    resume: Optional[dict]
+    fault: Optional[tuple[int, str]]
+
+    def checkpoint(self, state: dict, metrics: dict) -> None:
+        """A mid-item checkpoint: every worker calls it at the same steps (``ray.train.report`` is a barrier)."""
+        report_state({**state, "item": self.name, "final": False}, {"item": self.name, **metrics}, self.rank)
+
+    def inject_fault(self, step: int) -> None:
+        """Raise once at the planned step of this item (the marker file records that it happened)."""
+        if self.fault is not None and step == self.fault[0] and not os.path.exists(self.fault[1]):
+            Path(self.fault[1]).touch()
+            raise RuntimeError(f"injected fault at {self.name} step {step}")
+
+
+def load_state(checkpoint: Checkpoint, device: torch.device | str = "cpu") -> dict:
+    """The state a ``report_state`` checkpoint holds."""
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+
+
+def report_state(state: dict, metrics: dict, rank: int) -> None:
+    """``ray.train.report`` on every worker (a barrier); rank 0 attaches ``state`` as the checkpoint."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def planned_fault(spec: Optional[str], name: str) -> Optional[tuple[int, str]]:
+    """Parse ``$DISTCL_INJECT_WORKER_FAULT`` ("<item name>:<step>:<marker file>") for item ``name``."""
+    if not spec:
+        return None
+    where, step, marker = spec.rsplit(":", 2)
+    return (int(step), marker) if where == name else None
+
+
+def worker_loop(config: dict) -> None:
+    """Every Train worker: take the channel's items in turn until it closes."""
+    channel = config["channel"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    device = ray.train.torch.get_device()
+    checkpoint = ray.train.get_checkpoint()
+    restored = load_state(checkpoint) if checkpoint is not None else None  # only for the first item taken
+    seq = -1
+    while (item := ray.get(channel.next.remote(seq))) is not None:
+        seq, name, fn, item_config = item
+        resume = restored if restored is not None and restored["item"] == name else None
+        restored = None
+        if resume is not None and resume["final"]:
+            state = resume
+        else:
+            work = WorkItem(name, rank, world, device, resume, planned_fault(config["fault"], name))
+            state = fn(item_config, work)
+            report_state({**state, "item": name, "final": True}, {"item": name, "final": True}, rank)
+        if rank == 0:
+            ray.get(channel.finish.remote(seq, state))
+
+
+def resolve_use_gpu(rt: RuntimeConfig) -> bool:
+    """``runtime.use_gpu``; None: when the cluster has a GPU for every Train worker."""
+    return rt.use_gpu if rt.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= rt.num_workers
+
+
+class WorkerGroup:
+    """``runtime.num_workers`` Train workers for a whole run: ``run(name, fn, config)`` runs one item on all of them
+    and returns rank 0's final state. Its Train run lives under ``storage`` (rerunning resumes it)."""
+
+    def __init__(self, rt: RuntimeConfig, storage: Path, poll_s: float = 1.0):
+        self.poll_s = poll_s
+        self.storage = Path(storage).resolve()
+        # outside any placement group of the caller (a Tune trial's), like the samplers
+        self.channel = WorkChannel.options(scheduling_strategy=PlacementGroupSchedulingStrategy(None)).remote()
+        use_gpu = resolve_use_gpu(rt)
+        self.trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={"channel": self.channel, "threads": rt.cpus_per_worker,
+                               "fault": os.environ.get(FAULT_ENV)},  # fmt: skip
+            scaling_config=ScalingConfig(
+                num_workers=rt.num_workers, use_gpu=use_gpu,
+                resources_per_worker={"CPU": rt.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+                                      **({rt.worker_resource: 1} if rt.worker_resource else {})},
+            ),  # fmt: skip
+            run_config=RunConfig(
+                name=TRAIN_RUN,
+                storage_path=str(self.storage),
+                failure_config=FailureConfig(max_failures=rt.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                # Ray Train's INFO lines (checkpoints, reports, worker group start) stay in its log files
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._fit, name="distcl-train", daemon=True)
+        self.thread.start()
+
+    def _fit(self) -> None:
+        try:
+            result = self.trainer.fit()
+            self.error = result.error
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting driver thread
+            self.error = err
+
+    def run(self, name: str, fn: Callable[[dict, WorkItem], dict], config: dict) -> dict:
+        """Run item ``name`` (its checkpoints carry the name: keep it stable across reruns); raises RuntimeError
+        when the worker group fails (after ``runtime.max_failures`` restarts)."""
+        result = self.channel.result.remote(ray.get(self.channel.post.remote(name, fn, config)))
+        while not ray.wait([result], timeout=self.poll_s)[0]:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"{name} failed on Ray Train (nothing saved for it): {self.error}")
+        return ray.get(result)
+
+    def close(self) -> None:
+        """End the workers' loop and the Train run (an error of the run is raised by ``run``)."""
+        ray.get(self.channel.close.remote())
+        self.thread.join()
+        ray.kill(self.channel)
