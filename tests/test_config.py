@@ -84,5 +84,6 @@ def test_missing_config_file_is_an_error(tmp_path):
 def test_fast_replay_sampler_only_for_replay_that_samples_x0():
     with pytest.raises(ConfigError, match="replay_sampler.method: 'pid' draws the x0_hat of gr and gd replay"):
         load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gaussian"])
-    assert load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gr"])
+    cfg = load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gr"])
+    assert (cfg.replay_sampler.method, cfg.train.strategy) == ("pid", "gr")
 

@@ -62,7 +62,6 @@ def test_ddim_deterministic_under_seed(unet, scheduler):
     b = ddim_sample(unet, scheduler, x_T, 4, 0.5, torch.Generator().manual_seed(3))
     c = ddim_sample(unet, scheduler, x_T, 4, 0.5, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.allclose(a, c)
-    assert torch.sum(a).item() == pytest.approx(torch.sum(b).item())
 
 
 @torch.no_grad()

@@ -4,11 +4,14 @@ continual classifier's replay images come from the sampler actors."""
 import json
 
 import pandas as pd
+import pytest
 import ray
 from ray.cluster_utils import Cluster
 
 from distcl.config import load_config
 from distcl.runtime.pipeline import run
+
+pytestmark = pytest.mark.slow
 
 
 def test_samplers_and_train_workers_land_on_their_nodes(tmp_path):

@@ -96,7 +96,11 @@ def test_bad_settings_name_the_field(fields, field, message):
     with pytest.raises(ConfigError, match=message) as err:
         ProgressiveConfig(**fields).validate()
     assert err.value.field == field
+
+
+def test_stages_halve_down_to_the_target():
     assert ProgressiveConfig(start_steps=8, target_steps=2).stages() == [4, 2]
+    assert ProgressiveConfig(start_steps=16, target_steps=1).stages() == [8, 4, 2, 1]
 
 
 @pytest.fixture

@@ -77,7 +77,8 @@ def test_ray_run_equals_inline_for_1_and_3_samplers_and_survives_a_worker_fault(
     assert not same_weights(weights(one, 1), weights(one, 0), atol=1e-4)
     assert not (one / "ray_train").exists() or not any((one / "ray_train").iterdir())
     log = pd.read_parquet(one / "train_log.parquet")
-    assert (log[log.task == 1].replay_wait_s >= 0).all() and log.step_s.notna().all()
+    task_1 = log[log.task == 1]
+    assert (task_1.replay_wait_s < task_1.step_s).all() and (task_1.replay_wait_s > 0).any()  # waits are timed
 
     three = tmp_path / "three"
     keep_task_0(one, three)

@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow
 
 SWEEP = {
     "name": "tiny",
