@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import RESULTS, machine
 from distcl.config import load_config
-from distcl.continual import run_continual
+from distcl.continual import TeacherFiles, run_continual
 from distcl.models import build_scheduler, build_unet, save_checkpoint
 from distcl.replay import Teacher
 from distcl.runtime.pipeline import run as run_on_ray
@@ -52,9 +52,9 @@ def trainer_steps(cfg, student, images, replay, task=1) -> float:
     return statistics.median(r["step_s"] for r in rows[1:])  # the first step warms up
 
 
-def replay_rate(actors, teacher_dir: str, batches: int, batch_size: int) -> float:
+def replay_rate(actors, teacher: list, batches: int, batch_size: int) -> float:
     """Replay items per second from ``actors`` (a deep enough window that no actor idles)."""
-    stream = RemoteReplay(actors, 1, teacher_dir, 0, 1, batches, depth=2 * len(actors), timeout_s=600)
+    stream = RemoteReplay(actors, 1, teacher, 0, 1, batches, depth=2 * len(actors), timeout_s=600)
     stream.get(0)  # warm up: teacher loaded, first batch made
     start = time.perf_counter()
     for step in range(1, batches):
@@ -80,17 +80,18 @@ def main() -> None:
     images_2B = torch.rand(8 * B, 1, size, size) * 2 - 1  # finetune on the same 2B items per step
 
     ray.init(address="local", num_cpus=3, include_dashboard=False)
+    teacher_files = [ray.put(TeacherFiles.read(cfg, work / "teacher"))]
     results = {"machine": machine(), "batch_size": B, "model": cfg.model.preset, "teacher_steps": 2}
     try:
         pool = SamplerPool(cfg, B)
-        replay_rate(pool.actors, str(work / "teacher"), 2, B)  # start the actor before timing
+        replay_rate(pool.actors, teacher_files, 2, B)  # start the actor before timing
         modes = {"finetune_2B": [], "gd_actors": [], "gd_inline": []}
         for _ in range(ROUNDS):
             student = build_unet(cfg.model)
             ft_cfg = load_config(preset="cpu", overrides=["train.strategy=finetune", "train.batch_size=128",
                                                           "train.log_every=1"])  # fmt: skip
             modes["finetune_2B"].append(trainer_steps(ft_cfg, student, images_2B, None))
-            stream = RemoteReplay(pool.actors, 1, str(work / "teacher"), 0, 1, STEPS, depth=4, timeout_s=600)
+            stream = RemoteReplay(pool.actors, 1, teacher_files, 0, 1, STEPS, depth=4, timeout_s=600)
             modes["gd_actors"].append(trainer_steps(cfg, build_unet(cfg.model), images_B, stream))
             inline = InlineReplay(teacher, "gd", B, cfg.seed, 1)
             modes["gd_inline"].append(trainer_steps(cfg, build_unet(cfg.model), images_B, inline))
@@ -103,12 +104,12 @@ def main() -> None:
             "goal_actors": "<= 1.05",
         }
 
-        one = replay_rate(pool.actors, str(work / "teacher"), 10, B)
+        one = replay_rate(pool.actors, teacher_files, 10, B)
         pool.stop()
         two_cfg = load_config(preset="cpu", overrides=["runtime.num_samplers=2"])
         pool = SamplerPool(two_cfg, B)
-        replay_rate(pool.actors, str(work / "teacher"), 4, B)
-        two = replay_rate(pool.actors, str(work / "teacher"), 20, B)
+        replay_rate(pool.actors, teacher_files, 4, B)
+        two = replay_rate(pool.actors, teacher_files, 20, B)
         pool.stop()
         results["p2_sampler_scaling"] = {"items_s_1": one, "items_s_2": two, "ratio": two / one, "goal": ">= 1.8"}
 

@@ -7,25 +7,31 @@ A task whose task_<k>/ exists is never retrained; one without metrics is (re-)ev
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
+import socket
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import IO, Callable, Iterator, Optional, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
 from diffusers import DDIMScheduler, UNet2DModel
+from tqdm.auto import tqdm
 
 from distcl.config import FAST_SAMPLER_STRATEGIES, ConfigError, RunConfig, from_dict
 from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate, select, to_model_range
 from distcl.distill import Fit, distill, fast_sampler, fit_inline
-from distcl.evaluation import Evaluator
+from distcl.evaluation import ChunkResult, EvalJob, Evaluator, EvalWorker, metrics_from_chunks, save_grid
 from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
+from distcl.progressive import stage_dir
 from distcl.replay import REPLAY_ITEM_STRATEGIES, Teacher
 from distcl.solver import (
     ImageReplay,
@@ -43,7 +49,6 @@ from distcl.training import (
     make_optimizer,
     noise_seed,
     resolve_device,
-    seeded_generator,
     steps_per_task,
     train_task,
 )
@@ -85,6 +90,37 @@ def load_teacher(cfg: RunConfig, teacher_dir: Path, device: torch.device | str) 
     return Teacher(unet, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta, sampler)
 
 
+@dataclass(frozen=True)
+class TeacherFiles:
+    """The checkpoint files of a teacher (OUT/task_<k>) and of the fast replay sampler it uses, by path relative to
+    OUT: plain bytes, so that sampler actors on any node get the teacher through the object store."""
+
+    name: str  # task_<k>
+    files: dict[str, bytes]
+
+    @classmethod
+    def read(cls, cfg: RunConfig, teacher_dir: Path) -> TeacherFiles:
+        teacher_dir = Path(teacher_dir)
+        load_unet(teacher_dir, cfg.model)  # a clear error here, in the driver, for a missing or foreign checkpoint
+        dirs = [teacher_dir]
+        if uses_fast_sampler(cfg):
+            rs = cfg.replay_sampler
+            sampler_dir = replay_sampler_dir(teacher_dir)
+            dirs.append(stage_dir(sampler_dir, rs.steps) if rs.method == "progressive" else sampler_dir)
+        root = teacher_dir.parent
+        files = {str(p.relative_to(root)): p.read_bytes() for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
+        return cls(teacher_dir.name, files)
+
+    def load(self, cfg: RunConfig, device: torch.device | str) -> Teacher:
+        """:func:`load_teacher` on a private copy of the files."""
+        with tempfile.TemporaryDirectory(prefix="distcl-teacher-") as root:
+            for name, data in self.files.items():
+                path = Path(root) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            return load_teacher(cfg, Path(root) / self.name, device)
+
+
 def append_rows(path: Path, rows: list[dict], task: int) -> None:
     """Rewrite the Parquet table at ``path`` with its rows of ``task`` replaced by ``rows`` (atomically)."""
     table = pa.Table.from_pylist(rows)
@@ -100,6 +136,47 @@ def append_rows(path: Path, rows: list[dict], task: int) -> None:
 def evaluated_tasks(out: Path) -> set[int]:
     path = out / "metrics.parquet"
     return set(pq.read_table(path, columns=["task"])["task"].to_pylist()) if path.exists() else set()
+
+
+_HELD_LOCKS: dict[Path, IO] = {}
+
+
+@contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """One driver per OUT: an exclusive ``flock`` on OUT/.lock while the run lasts. The kernel drops it when the
+    driver ends, however it ends, so a killed driver's OUT can be resumed at once; re-entrant in one process.
+    A second driver is refused (ConfigError on ``--out``, naming the holder); an OUT this call created is
+    removed again if the run fails before writing anything else."""
+    out = Path(out)
+    if out in _HELD_LOCKS:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError("--out", f"{out} is in use by another distcl run ({holder}); wait for it to end, "
+                                   "or use another --out") from None  # fmt: skip
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    _HELD_LOCKS[out] = lock
+    try:
+        yield
+    except BaseException:
+        if created and [p.name for p in out.iterdir()] == [".lock"]:
+            (out / ".lock").unlink()
+            out.rmdir()
+        raise
+    finally:
+        del _HELD_LOCKS[out]
+        lock.close()
 
 
 def prepare_out(cfg: RunConfig, out: Path) -> None:
@@ -136,30 +213,31 @@ def _diff(a, b, prefix=""):
 @dataclass
 class TaskSpec:
     """What a task trainer needs for task k: the student to train in place (it starts as the model after
-    task k-1, saved at ``init_dir``), the frozen teacher (None at task 0 and for finetune / joint) and the
-    task's training images."""
+    task k-1, saved at ``init_dir``: the teacher of the strategies that have one) and the task's training
+    images."""
 
     cfg: RunConfig
     task: int
     student: UNet2DModel
-    teacher: Optional[Teacher]
     init_dir: Optional[Path]
     images: torch.Tensor
     scheduler: DDIMScheduler
     progress: bool = True
 
-
-TaskTrainer = Callable[[TaskSpec], list[dict]]
-ImageReplayFactory = Callable[[RunConfig, int, Path, int], ImageReplay]  # (cfg, task, teacher dir, steps)
+    @property
+    def has_teacher(self) -> bool:
+        return self.init_dir is not None and self.cfg.train.strategy in TEACHER_STRATEGIES
 
 
 def train_task_inline(spec: TaskSpec) -> list[dict]:
     """Task k in this process: replay made by the teacher on the trainer's own device (the reference's way)."""
     cfg, k = spec.cfg, spec.task
     strategy = cfg.train.strategy
-    replay = None
-    if spec.teacher is not None and strategy in REPLAY_ITEM_STRATEGIES:
-        replay = InlineReplay(spec.teacher, strategy, cfg.train.batch_size, cfg.seed, k)
+    teacher, replay = None, None
+    if spec.has_teacher:
+        teacher = load_teacher(cfg, spec.init_dir, spec.student.device)
+    if teacher is not None and strategy in REPLAY_ITEM_STRATEGIES:
+        replay = InlineReplay(teacher, strategy, cfg.train.batch_size, cfg.seed, k)
     optimizer, ema = make_optimizer(spec.student, cfg.train)
     return train_task(
         spec.student,
@@ -173,7 +251,7 @@ def train_task_inline(spec: TaskSpec) -> list[dict]:
         noise_seed=noise_seed(cfg.seed, k),
         device=spec.student.device,
         ema=ema,
-        lwf_teacher=spec.teacher if strategy == "lwf" else None,
+        lwf_teacher=teacher if strategy == "lwf" else None,
         progress=spec.progress,
     )
 
@@ -185,12 +263,51 @@ def inline_image_replay(cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -
     return InlineImageReplay(unet, build_scheduler(cfg.model), c.batch_size, c.replay_steps, c.replay_eta, cfg.seed, k)
 
 
+class Backend(Protocol):
+    """Where a run's heavy work happens: this process (:class:`InlineBackend`) or a Ray cluster
+    (distcl.runtime.pipeline.RayBackend). The driver (:func:`run_continual`) only orchestrates."""
+
+    distill_fit: Fit  # distils fast replay samplers
+
+    def train_task(self, spec: TaskSpec) -> list[dict]:
+        """Train ``spec.student`` in place on task k; the training log's rows."""
+
+    def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> ImageReplay:
+        """The continual classifier's replay images of task k, made by the generator saved at ``teacher_dir``."""
+
+    def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
+        """Every chunk of ``job`` (any order)."""
+
+    def close(self) -> None: ...
+
+
+class InlineBackend:
+    """Every piece of the run in this process, on ``device`` (the reference's way)."""
+
+    def __init__(self, device: torch.device):
+        self.distill_fit = partial(fit_inline, device=device)
+        self.eval_worker = EvalWorker(device)
+
+    def train_task(self, spec: TaskSpec) -> list[dict]:
+        return train_task_inline(spec)
+
+    def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> ImageReplay:
+        return inline_image_replay(cfg, k, teacher_dir, steps)
+
+    def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
+        chunks = tqdm(job.chunks(), desc=f"evaluating task {job.task}", disable=not progress, leave=False)
+        return [self.eval_worker.run(job, chunk) for chunk in chunks]
+
+    def close(self) -> None:
+        pass
+
+
 def classifier_path(out: Path, k: int) -> Path:
     return out / "classifier" / f"task_{k}.pt"
 
 
 def train_classifier_task(cfg: RunConfig, scenario: Scenario, k: int, out: Path, device: torch.device,
-                          image_replay: ImageReplayFactory, progress: bool) -> list[dict]:  # fmt: skip
+                          backend: Backend, progress: bool) -> list[dict]:  # fmt: skip
     """Classifier task k (distcl.solver): starts from the classifier of task k-1; saved to classifier/task_<k>.pt."""
     c = cfg.classifier
     strategy = c.resolved_strategy(cfg.train.strategy)
@@ -201,7 +318,7 @@ def train_classifier_task(cfg: RunConfig, scenario: Scenario, k: int, out: Path,
     previous = copy.deepcopy(model).to(device).eval().requires_grad_(False) if strategy == "replay" and k > 0 else None
     images, labels = scenario.train_images(k, strategy == "joint"), scenario.train_labels(k, strategy == "joint")
     steps = solver_steps(len(labels), c.epochs, c.batch_size)
-    replay = image_replay(cfg, k, task_dir(out, k - 1), steps) if previous is not None else None
+    replay = backend.image_replay(cfg, k, task_dir(out, k - 1), steps) if previous is not None else None
     rows = train_solver_task(model, previous, images, labels, replay, k, steps, c, cfg.seed, device, progress)
     path = classifier_path(out, k)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,18 +346,22 @@ def classifier_metrics(cfg: RunConfig, scenario: Scenario, k: int, out: Path, de
     return metrics
 
 
-def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_inline, progress: bool = True,
+def run_continual(cfg: RunConfig, out: Path, backend: Optional[Backend] = None, progress: bool = True,
                   log: Callable[[str], None] = print,
-                  on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
-                  image_replay: ImageReplayFactory = inline_image_replay,
-                  distill_fit: Optional[Fit] = None) -> Path:  # fmt: skip
-    """Run (or resume) all tasks of ``cfg`` into ``out``; returns the metrics table's path. ``on_task(k, metrics)``
-    is called after task k is evaluated, in task order, also for tasks a resumed run finds done. With
-    ``classifier.enabled`` the classifier's task k follows the generator's, its replay images from
-    ``image_replay``. A fast replay sampler is distilled by ``distill_fit`` (default: in this process)."""
+                  on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
+    """Run (or resume) all tasks of ``cfg`` into ``out`` (an absolute path) on ``backend`` (default: this
+    process); returns the metrics table's path. ``on_task(k, metrics)`` is called after task k is evaluated, in
+    task order, also for tasks a resumed run finds done. With ``classifier.enabled`` the classifier's task k
+    follows the generator's."""
     out = Path(out).resolve()  # it travels to Ray workers, whose working directory is not the caller's
+    with out_lock(out):
+        return _run_tasks(cfg, out, backend, progress, log, on_task)
+
+
+def _run_tasks(cfg: RunConfig, out: Path, backend: Optional[Backend], progress: bool, log: Callable[[str], None],
+               on_task: Optional[Callable[[int, dict[str, float]], None]]) -> Path:  # fmt: skip
     device = resolve_device(cfg.device)
-    distill_fit = distill_fit or partial(fit_inline, device=device)
+    backend = backend or InlineBackend(device)
     cache = cache_dir(cfg.cache_dir)
     scheduler = build_scheduler(cfg.model)
     fresh = build_unet(cfg.model)  # validates the architecture before anything is written
@@ -261,29 +382,29 @@ def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_
                 student = build_unet(cfg.model).to(device)
             else:
                 student = load_unet(task_dir(out, k - 1), cfg.model, device)
-            teacher = None
-            if k > 0 and cfg.train.strategy in TEACHER_STRATEGIES:
-                if uses_fast_sampler(cfg):
-                    distill_replay_sampler(cfg, task_dir(out, k - 1), distill_fit, progress, log)
-                teacher = load_teacher(cfg, task_dir(out, k - 1), device)
-            images = scenario.train_images(k, joint=cfg.train.strategy == "joint")
             init_dir = task_dir(out, k - 1) if k > 0 else None
-            rows = train_fn(TaskSpec(cfg, k, student, teacher, init_dir, images, scheduler, progress))
+            spec = TaskSpec(cfg, k, student, init_dir, scenario.train_images(k, cfg.train.strategy == "joint"),
+                            scheduler, progress)  # fmt: skip
+            if spec.has_teacher and uses_fast_sampler(cfg):
+                distill_replay_sampler(cfg, init_dir, backend.distill_fit, progress, log)
+            rows = backend.train_task(spec)
             append_rows(out / "train_log.parquet", rows, k)
             save_checkpoint(student, scheduler, directory)
             log(f"[distcl] task {k} {scenario.tasks[k]}: trained {rows[-1]['step'] + 1} steps in "
                 f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}")  # fmt: skip
         if cfg.classifier.enabled and not classifier_path(out, k).exists():
             start = time.perf_counter()
-            rows = train_classifier_task(cfg, scenario, k, out, device, image_replay, progress)
+            rows = train_classifier_task(cfg, scenario, k, out, device, backend, progress)
             append_rows(out / "classifier_log.parquet", rows, k)
             log(f"[distcl] classifier task {k}: trained {len(rows)} steps in {time.perf_counter() - start:.1f}s, "
                 f"last loss {rows[-1]['loss']:.4f}")  # fmt: skip
         if k not in done_eval:
             start = time.perf_counter()
-            unet = load_unet(directory, cfg.model, device).eval()
-            metrics = evaluator.evaluate(unet, scheduler, scenario.test_split(k), seeded_generator(cfg.seed, "eval", k),
-                                         out / "samples" / f"task_{k}.png")  # fmt: skip
+            test = scenario.test_split(k)
+            state = load_unet(directory, cfg.model).state_dict()
+            job = evaluator.job(k, cfg.seed, cfg.model, state, test, scenario.sample_size)
+            metrics, grid = metrics_from_chunks(backend.evaluate(job, progress), test.labels)
+            save_grid(grid, out / "samples" / f"task_{k}.png")
             if cfg.classifier.enabled:
                 metrics.update(classifier_metrics(cfg, scenario, k, out, device))
             rows = [
@@ -301,7 +422,6 @@ def run_continual(cfg: RunConfig, out: Path, train_fn: TaskTrainer = train_task_
 def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
         on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
     """Run ``cfg`` on its ``runtime.backend``: Ray (distcl.runtime.pipeline) or this process."""
-    out = Path(out).resolve()
     if cfg.runtime.backend == "ray":
         from distcl.runtime.pipeline import run as run_on_ray  # Ray only when asked for
 

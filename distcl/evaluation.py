@@ -8,24 +8,32 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import torch_fidelity
+from diffusers.utils.torch_utils import randn_tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.utils import create_feature_extractor
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from distcl.config import EvalConfig, ModelConfig
 from distcl.data import Split, to_model_range
 from distcl.diffusion import ddim_sample
-from distcl.models import FashionClassifier
+from distcl.models import FashionClassifier, build_scheduler, build_unet
+from distcl.training import seeded_generator
 
 FMNIST_EXTRACTOR = "distcl-fmnist"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 METRICS = ("fid", "kld", "tv", "gen_in_seen")  # what Evaluator.evaluate returns after every task
 KLD_EPS = 1e-6  # floor on p_gen so that a class never generated gives a large, finite KL
+GRID_SIZE = 100  # samples in the 10x10 grid saved after every task
 
 
 class FashionFeatureExtractor(FeatureExtractorBase):
@@ -61,19 +69,6 @@ class FashionFeatureExtractor(FeatureExtractorBase):
 
 if FMNIST_EXTRACTOR not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
     torch_fidelity.register_feature_extractor(FMNIST_EXTRACTOR, FashionFeatureExtractor)
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """uint8 images [N, C, H, W] for torch-fidelity, repeated to 3 channels for Inception."""
-
-    def __init__(self, images: torch.Tensor, channels: int = 1):
-        self.images = images if channels == images.shape[1] else images.repeat(1, channels, 1, 1)
-
-    def __len__(self):
-        return self.images.shape[0]
-
-    def __getitem__(self, i):
-        return self.images[i]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -153,23 +148,6 @@ def class_histogram_metrics(true_labels: torch.Tensor, generated_labels: torch.T
     return {"kld": kld, "tv": tv, "gen_in_seen": float(p_gen[seen].sum())}
 
 
-def fid(generated: torch.Tensor, real: torch.Tensor, extractor: str, weights: Path, cuda: bool) -> float:
-    """FID between two uint8 image sets [N, 1, H, W] with torch-fidelity and the given feature extractor."""
-    channels = 3 if extractor == "inception-v3-compat" else 1
-    metrics = torch_fidelity.calculate_metrics(
-        input1=ImageDataset(generated, channels),
-        input2=ImageDataset(real, channels),
-        fid=True,
-        feature_extractor=extractor,
-        feature_extractor_weights_path=str(weights),
-        cuda=cuda,
-        save_cpu_ram=True,
-        cache=False,
-        verbose=False,
-    )
-    return float(metrics["frechet_inception_distance"])
-
-
 @torch.no_grad()
 def generate(unet, scheduler, n: int, steps: int, eta: float, batch_size: int, generator: torch.Generator,
              progress: bool = True) -> torch.Tensor:  # fmt: skip
@@ -183,14 +161,164 @@ def generate(unet, scheduler, n: int, steps: int, eta: float, batch_size: int, g
     return torch.cat(out)
 
 
+def sample_generators(seed: int, task: int, start: int, stop: int) -> list[torch.Generator]:
+    """One generator per evaluation sample i of task k, seeded by (run seed, "eval", k, i)."""
+    return [seeded_generator(seed, "eval", task, i) for i in range(start, stop)]
+
+
+@torch.no_grad()
+def generate_indexed(unet, scheduler, steps: int, eta: float, seed: int, task: int, start: int, stop: int) -> torch.Tensor:
+    """Evaluation samples [start, stop) of task k, in [-1, 1] on the CPU: sample i's x_T and DDIM noise come from
+    its own generator, so it is the same sample in any batch, on any worker."""
+    generators = sample_generators(seed, task, start, stop)
+    cfg = unet.config
+    x_T = randn_tensor((stop - start, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generators)
+    return ddim_sample(unet, scheduler, x_T.to(unet.device), steps, eta, generators).cpu()
+
+
+@dataclass
+class EvalNets:
+    """The labelling classifier's weights and the FID feature network (torch-fidelity name and its weights file):
+    plain data, sent to evaluation workers on any node through the object store."""
+
+    classifier: dict[str, torch.Tensor]
+    extractor: str
+    extractor_weights: bytes
+
+
+class LoadedNets:
+    """:class:`EvalNets` ready on ``device``: class labels and FID features of uint8 images."""
+
+    def __init__(self, nets: EvalNets, device: torch.device):
+        self.classifier = FashionClassifier()
+        self.classifier.load_state_dict(nets.classifier)
+        self.classifier.to(device).eval()
+        self.channels = 3 if nets.extractor == INCEPTION_EXTRACTOR else 1
+        cls = torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY[nets.extractor]
+        with tempfile.TemporaryDirectory() as tmp:  # torch-fidelity extractors load their weights from a file
+            weights = Path(tmp) / "weights.pth"
+            weights.write_bytes(nets.extractor_weights)
+            layer = cls.get_default_feature_layer_for_metric("fid")
+            self.extractor = create_feature_extractor(
+                nets.extractor, [layer], cuda=False, feature_extractor_weights_path=str(weights), verbose=False
+            ).to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """FID features [N, d] (CPU, float32) of uint8 images [N, C, H, W]."""
+        if images.shape[1] != self.channels:
+            images = images.repeat(1, self.channels, 1, 1)
+        out = [self.extractor(images[i : i + batch_size].to(self.device))[0].cpu() for i in range(0, len(images), batch_size)]
+        return torch.cat(out).float()
+
+    def labels(self, samples: torch.Tensor) -> torch.Tensor:
+        """The classifier's labels of samples in [-1, 1]."""
+        return classify(self.classifier, samples)
+
+
+@dataclass(frozen=True)
+class EvalChunk:
+    """One piece of a task's evaluation: generated samples [start, stop) or real test images [start, stop)."""
+
+    kind: str  # "generated" | "real"
+    start: int
+    stop: int
+
+
+@dataclass
+class EvalJob:
+    """Task k's evaluation as a worker needs it (plain data: it travels through the object store once per task):
+    the model after task k, the nets, and the uint8 test images of the classes seen so far."""
+
+    task: int
+    seed: int
+    eval_cfg: EvalConfig
+    model_cfg: ModelConfig
+    state: dict[str, torch.Tensor]
+    nets: EvalNets
+    real: torch.Tensor
+
+    def chunks(self) -> list[EvalChunk]:
+        """Generated samples in chunks of eval.batch_size, then the real images in chunks of the same size."""
+        b, n, m = self.eval_cfg.batch_size, self.eval_cfg.num_samples, len(self.real)
+        return [EvalChunk("generated", i, min(i + b, n)) for i in range(0, n, b)] + [
+            EvalChunk("real", i, min(i + b, m)) for i in range(0, m, b)
+        ]
+
+
+@dataclass
+class ChunkResult:
+    """What comes back from a chunk: features, and for generated samples their labels and the grid's images."""
+
+    chunk: EvalChunk
+    features: torch.Tensor
+    labels: Optional[torch.Tensor] = None
+    grid: Optional[torch.Tensor] = None  # uint8 samples of index < GRID_SIZE
+
+
+class EvalWorker:
+    """Runs chunks of evaluation jobs on ``device``; the nets and the model of the latest job stay loaded
+    (``key`` names the job: a worker serves many chunks of it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.key, self.nets, self.unet, self.scheduler = None, None, None, None
+
+    def load(self, job: EvalJob, key) -> None:
+        if key != self.key:
+            self.nets = LoadedNets(job.nets, self.device)  # small next to the UNet
+            self.unet = build_unet(job.model_cfg)
+            self.unet.load_state_dict(job.state)
+            self.unet.to(self.device).eval().requires_grad_(False)
+            self.scheduler = build_scheduler(job.model_cfg)
+            self.key = key
+
+    def run(self, job: EvalJob, chunk: EvalChunk, key=None) -> ChunkResult:
+        self.load(job, id(job) if key is None else key)
+        if chunk.kind == "real":
+            return ChunkResult(chunk, self.nets.features(job.real[chunk.start : chunk.stop]))
+        c = job.eval_cfg
+        samples = generate_indexed(self.unet, self.scheduler, c.steps, c.eta, job.seed, job.task, chunk.start, chunk.stop)
+        images = to_uint8(samples)
+        grid = images[: max(0, GRID_SIZE - chunk.start)]
+        return ChunkResult(chunk, self.nets.features(images), self.nets.labels(samples), grid)
+
+
+def fid_from_features(generated: torch.Tensor, real: torch.Tensor) -> float:
+    """FID between two feature sets [N, d] (torch-fidelity's statistics and Frechet distance, float64)."""
+    stats = [fid_features_to_statistics(f.double()) for f in (generated, real)]
+    return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+
+
+def metrics_from_chunks(results: list[ChunkResult], test_labels: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """FID, KLD, TV and gen_in_seen of a task from its chunks (any order), and the grid's uint8 samples."""
+    def cat(kind: str, part: str) -> torch.Tensor:
+        chosen = sorted((r for r in results if r.chunk.kind == kind), key=lambda r: r.chunk.start)
+        return torch.cat([getattr(r, part) for r in chosen])
+
+    metrics = {"fid": fid_from_features(cat("generated", "features"), cat("real", "features")),
+               **class_histogram_metrics(test_labels, cat("generated", "labels"))}  # fmt: skip
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise RuntimeError(f"non-finite evaluation metrics {metrics}")
+    return metrics, cat("generated", "grid")
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """A 10x10 grid of uint8 samples."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images[:GRID_SIZE].float() / 255, path, nrow=10)
+
+
 class Evaluator:
-    """FID / KLD / TV of a generator against the test images of the classes seen so far."""
+    """FID / KLD / TV of a generator against the test images of the classes seen so far. The driver's side:
+    it chooses the nets and makes each task's :class:`EvalJob`; any backend runs the job's chunks."""
 
     def __init__(self, eval_cfg, train: Split, test: Split, cache: Path, device: torch.device, progress: bool = True):
         self.cfg = eval_cfg
         self.device = device
         self.progress = progress
-        self.classifier, self.classifier_accuracy, classifier_path = load_or_train_classifier(
+        classifier, self.classifier_accuracy, classifier_path = load_or_train_classifier(
             cache, train, test, eval_cfg.classifier_epochs, device, progress
         )
         inception = inception_weights(cache)
@@ -202,31 +330,27 @@ class Evaluator:
         use_inception = eval_cfg.feature_extractor == "inception" or (
             eval_cfg.feature_extractor == "auto" and inception is not None
         )
-        self.extractor, self.extractor_weights = (
-            ("inception-v3-compat", inception) if use_inception else (FMNIST_EXTRACTOR, classifier_path)
-        )
+        extractor, weights = (INCEPTION_EXTRACTOR, inception) if use_inception else (FMNIST_EXTRACTOR, classifier_path)
+        state = {k: v.cpu() for k, v in classifier.state_dict().items()}
+        self.nets = EvalNets(state, extractor, Path(weights).read_bytes())
 
-    def evaluate(self, unet, scheduler, test: Split, generator: torch.Generator,
-                 grid_path: Optional[Path] = None) -> dict[str, float]:  # fmt: skip
-        """Sample ``num_samples`` with DDIM (eval steps, eta), then :meth:`score` them."""
-        samples = generate(unet, scheduler, self.cfg.num_samples, self.cfg.steps, self.cfg.eta,
-                           self.cfg.batch_size, generator, self.progress)  # fmt: skip
-        return self.score(samples, test, grid_path)
+    def job(self, task: int, seed: int, model_cfg: ModelConfig, state: dict, test: Split, size: int) -> EvalJob:
+        """Task ``task``'s evaluation of the model with weights ``state`` against the split ``test``
+        (at the model's sample ``size``)."""
+        real = to_uint8(to_model_range(test.images, size))
+        return EvalJob(task, seed, self.cfg, model_cfg, state, self.nets, real)
 
     def score(self, samples: torch.Tensor, test: Split, grid_path: Optional[Path] = None) -> dict[str, float]:
-        """FID, KLD, TV of generated ``samples`` ([-1, 1], any sampler) against ``test``; a 10x10 grid saved."""
+        """FID, KLD, TV of given ``samples`` ([-1, 1], any sampler) against ``test``, in this process."""
+        nets = LoadedNets(self.nets, self.device)
+        images = to_uint8(samples)
+        real = to_uint8(to_model_range(test.images, samples.shape[-1]))
+        results = [ChunkResult(EvalChunk("generated", 0, len(samples)), nets.features(images), nets.labels(samples), images),
+                   ChunkResult(EvalChunk("real", 0, len(real)), nets.features(real))]  # fmt: skip
+        metrics, grid = metrics_from_chunks(results, test.labels)
         if grid_path is not None:
-            grid_path.parent.mkdir(parents=True, exist_ok=True)
-            save_image((samples[:100] + 1) / 2, grid_path, nrow=10)
-        real = to_model_range(test.images, samples.shape[-1])
-        metrics = {
-            "fid": fid(to_uint8(samples), to_uint8(real), self.extractor, self.extractor_weights,
-                       self.device.type == "cuda"),  # fmt: skip
-            **class_histogram_metrics(test.labels, classify(self.classifier, samples)),
-        }
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise RuntimeError(f"non-finite evaluation metrics {metrics}")
+            save_grid(grid, grid_path)
         return metrics
 
     def describe(self) -> dict:
-        return {"feature_extractor": self.extractor, "classifier_test_accuracy": self.classifier_accuracy}
+        return {"feature_extractor": self.nets.extractor, "classifier_test_accuracy": self.classifier_accuracy}

@@ -1,6 +1,10 @@
-"""Shared fixtures: a tiny seeded UNet and the reference DDIM scheduler."""
+"""Shared fixtures: a tiny seeded UNet, the reference DDIM scheduler, the Fashion-MNIST files, the README's
+quickstart run."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,7 @@ from diffusers import UNet2DModel
 from distcl.config import ModelConfig
 from distcl.data import DEBIAN_DIR
 from distcl.models import build_scheduler
+from tests.readme import quickstart_command
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
@@ -45,3 +50,17 @@ def fmnist_dir() -> Path:
         "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
     )), f"Fashion-MNIST missing from {DEBIAN_DIR}: apt-get install -y dataset-fashion-mnist"  # fmt: skip
     return DEBIAN_DIR
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's quickstart command, verbatim, from a fresh working directory (relative --out, Ray backend,
+    a new local cluster), as a user whose environment is activated runs it: (its OUT, the finished process).
+    The README test reads its console; the end-to-end tests read its outputs (copy OUT to change it)."""
+    cwd = tmp_path_factory.mktemp("quickstart")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(quickstart_command(), shell=True, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return cwd / "runs" / "smoke", done

@@ -3,17 +3,24 @@ import math
 import pytest
 import torch
 
-from distcl.config import EvalConfig
+from distcl.config import EvalConfig, ModelConfig
 from distcl.data import cache_dir, load_fashion_mnist, select, to_model_range
 from distcl.evaluation import (
     FMNIST_EXTRACTOR,
+    EvalJob,
+    EvalNets,
     Evaluator,
+    EvalWorker,
+    LoadedNets,
     class_histogram_metrics,
     classify,
-    fid,
+    fid_from_features,
+    generate_indexed,
     load_or_train_classifier,
+    metrics_from_chunks,
     to_uint8,
 )
+from distcl.models import build_unet
 
 
 def test_class_histogram_metrics():
@@ -48,14 +55,17 @@ def test_classifier_is_accurate_and_cached(classifier, splits):
 
 
 def test_fid_separates_classes(classifier, splits):
-    _, _, path = classifier
+    net, _, path = classifier
+    nets = LoadedNets(EvalNets(net.state_dict(), FMNIST_EXTRACTOR, path.read_bytes()), torch.device("cpu"))
+
+    def fid(a, b):
+        return fid_from_features(nets.features(a), nets.features(b))
+
     test = splits["test"]
     shirts = to_uint8(to_model_range(select(test, [0], 400).images, 16))
     shirts_b = to_uint8(to_model_range(select(test, [0], 800).images[400:], 16))
     bags = to_uint8(to_model_range(select(test, [8], 400).images, 16))
-    same = fid(shirts, shirts, FMNIST_EXTRACTOR, path, cuda=False)
-    near = fid(shirts, shirts_b, FMNIST_EXTRACTOR, path, cuda=False)
-    far = fid(shirts, bags, FMNIST_EXTRACTOR, path, cuda=False)
+    same, near, far = fid(shirts, shirts), fid(shirts, shirts_b), fid(shirts, bags)
     assert abs(same) < 1e-3 and 0 < near < far / 5
 
 
@@ -64,3 +74,32 @@ def test_inception_requested_without_weights(splits, tmp_path, monkeypatch, clas
     with pytest.raises(FileNotFoundError, match="eval.feature_extractor: 'inception' needs"):
         Evaluator(EvalConfig(feature_extractor="inception"), splits["train"], splits["test"], classifier[2].parent,
                   torch.device("cpu"), progress=False)  # fmt: skip
+
+
+def test_an_evaluation_sample_depends_only_on_seed_task_and_index(unet, scheduler):
+    whole = generate_indexed(unet, scheduler, 3, 0.5, 42, 1, 0, 6)  # eta > 0: fresh noise at every step
+    parts = torch.cat([generate_indexed(unet, scheduler, 3, 0.5, 42, 1, 0, 2),
+                       generate_indexed(unet, scheduler, 3, 0.5, 42, 1, 2, 6)])  # fmt: skip
+    assert torch.allclose(whole, parts, atol=1e-5)
+    assert not torch.allclose(whole, generate_indexed(unet, scheduler, 3, 0.5, 42, 2, 0, 6), atol=1e-2)  # task
+    assert not torch.allclose(whole, generate_indexed(unet, scheduler, 3, 0.5, 69, 1, 0, 6), atol=1e-2)  # seed
+
+
+def test_chunked_evaluation_gives_the_same_metrics_for_any_chunk_size(splits, classifier):
+    net, _, path = classifier
+    model_cfg = ModelConfig()
+    torch.manual_seed(0)
+    state = build_unet(model_cfg).state_dict()
+    nets = EvalNets(net.state_dict(), FMNIST_EXTRACTOR, path.read_bytes())
+    test = select(splits["test"], [0, 1], 100)  # more images than features (128): a full-rank covariance
+    worker = EvalWorker(torch.device("cpu"))
+
+    def evaluate(batch_size):
+        job = EvalJob(1, 42, EvalConfig(num_samples=160, steps=2, batch_size=batch_size), model_cfg, state, nets,
+                      to_uint8(to_model_range(test.images, 16)))  # fmt: skip
+        assert len(job.chunks()) == -(-160 // batch_size) + -(-200 // batch_size)
+        return metrics_from_chunks(list(reversed([worker.run(job, c) for c in job.chunks()])), test.labels)
+
+    (one, grid_one), (many, grid_many) = evaluate(200), evaluate(30)
+    assert one == pytest.approx(many, rel=1e-5, abs=1e-6) and one["fid"] > 0
+    assert grid_one.shape == (100, 1, 16, 16) and (grid_one.int() - grid_many.int()).abs().max() <= 1

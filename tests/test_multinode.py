@@ -1,12 +1,13 @@
 """A simulated multi-node cluster (ray.cluster_utils.Cluster): a head that schedules nothing, a sampler node
 with the custom resource sampler actors ask for, a training node. Each kind of work lands on its node, and the
-continual classifier's replay images come from the sampler actors."""
+continual classifier's replay images come from the sampler actors, which also evaluate; the actors start once."""
 import json
 
 import pandas as pd
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
 
 from distcl.config import load_config
 from distcl.runtime.pipeline import run
@@ -26,12 +27,15 @@ def test_samplers_and_train_workers_land_on_their_nodes(tmp_path):
             "classifier.enabled=true", "classifier.epochs=0.2",
         ])  # fmt: skip
         run(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+        started = {name: len(list_actors(filters=[("class_name", "=", name)], detail=True))  # alive or dead
+                   for name in ("TeacherSampler", "RayTrainWorker")}  # fmt: skip
     finally:
         ray.shutdown()
         cluster.shutdown()
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())
     assert placement["task_0"] == {"train_workers": [train_node.node_id], "samplers": []}  # no teacher at task 0
     assert placement["task_1"] == {"train_workers": [train_node.node_id], "samplers": [sampler_node.node_id]}
+    assert started == {"TeacherSampler": 1, "RayTrainWorker": 1}  # once per run, not per task
     assert (tmp_path / "run" / "task_1" / "unet").is_dir()
     metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert sorted(metrics[metrics.metric == "accuracy"].task) == [0, 1]

@@ -17,7 +17,17 @@ import torch
 from safetensors.torch import load_file
 
 from distcl.config import load_config
-from distcl.continual import distill_replay_sampler, inline_image_replay, load_teacher, run_continual, task_dir
+from distcl.continual import (
+    InlineBackend,
+    TeacherFiles,
+    distill_replay_sampler,
+    inline_image_replay,
+    load_teacher,
+    run_continual,
+    task_dir,
+)
+from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, load_fashion_mnist
+from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.distill import fit_inline
 from distcl.models import build_scheduler, load_unet
 from distcl.replay import Teacher
@@ -30,7 +40,8 @@ pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).parent / "ray")
 SHORT = ["data.num_tasks=2", "data.train_per_class=40", "data.test_per_class=20", "train.batch_size=8",
-         "train.max_steps=12", "eval.num_samples=20", "eval.steps=2", "runtime.checkpoint_every=4"]  # fmt: skip
+         "train.max_steps=12", "eval.num_samples=20", "eval.steps=2", "runtime.checkpoint_every=4",
+         "runtime.num_samplers=1"]  # fmt: skip
 
 
 def config(*extra):
@@ -98,8 +109,8 @@ def test_killed_sampler_is_restarted_and_its_batches_reissued(cluster, inline_ru
     cfg = config("runtime.num_samplers=2")
     pool = SamplerPool(cfg, batch_size=8)
     try:
-        teacher_dir = str(task_dir(inline_run, 0))
-        stream = RemoteReplay(pool.actors, 1, teacher_dir, rank=0, world=1, steps=10, depth=4, timeout_s=120)
+        teacher = [ray.put(TeacherFiles.read(cfg, task_dir(inline_run, 0)))]
+        stream = RemoteReplay(pool.actors, 1, teacher, rank=0, world=1, steps=10, depth=4, timeout_s=120)
         pid = ray.get(pool.actors[0].where.remote())["pid"]
         got = [stream.get(s) for s in range(3)]  # steps 3..6 now in flight
         ray.kill(pool.actors[0], no_restart=False)
@@ -117,13 +128,15 @@ def test_killed_sampler_is_restarted_and_its_batches_reissued(cluster, inline_ru
 
 
 def test_samplers_draw_gd_replay_with_the_distilled_student(cluster, inline_run, tmp_path):
-    cfg = config("replay_sampler.method=pid", "replay_sampler.iterations=2", "replay_sampler.batch_size=4")
+    cfg = config("replay_sampler.method=pid", "replay_sampler.iterations=2", "replay_sampler.batch_size=4",
+                 "runtime.num_samplers=2")  # fmt: skip
     teacher_dir = tmp_path / "task_0"
     shutil.copytree(task_dir(inline_run, 0), teacher_dir)
     distill_replay_sampler(cfg, teacher_dir, fit_inline, progress=False, log=lambda _: None)
     pool = SamplerPool(cfg, batch_size=8)
     try:
-        got = ray.get([pool.actors[i % 2].make.remote(1, str(teacher_dir), i) for i in range(2)])
+        teacher = [ray.put(TeacherFiles.read(cfg, teacher_dir))]  # with its fast sampler's files
+        got = ray.get([pool.actors[i % 2].make.remote(1, teacher, i) for i in range(2)])
     finally:
         pool.stop()
     fast, plain = load_teacher(cfg, teacher_dir, "cpu"), load_teacher(config(), teacher_dir, "cpu")
@@ -136,26 +149,53 @@ def test_samplers_draw_gd_replay_with_the_distilled_student(cluster, inline_run,
 
 def test_classifier_replay_images_come_from_the_samplers(cluster, inline_run, tmp_path):
     cfg = config("classifier.enabled=true", "classifier.batch_size=4", "classifier.replay_steps=2")
-    trainer = pipeline.RayTaskTrainer(tmp_path)
+    backend = pipeline.RayBackend(cfg, tmp_path)
     try:
-        remote = trainer.image_replay(cfg, 1, task_dir(inline_run, 0), steps=3)
+        remote = backend.image_replay(cfg, 1, task_dir(inline_run, 0), steps=3)
         got = [remote.get(s) for s in range(3)]
     finally:
-        trainer.close()
+        backend.close()
     inline = inline_image_replay(cfg, 1, task_dir(inline_run, 0), steps=3)
     for step, images in enumerate(got):
         assert images.shape == (4, 1, 16, 16)
         assert torch.allclose(images, inline.get(step), atol=1e-4)
 
 
+def test_evaluation_on_1_and_2_samplers_equals_inline_and_survives_a_killed_sampler(cluster, inline_run):
+    cfg = config("data.test_per_class=50", "eval.num_samples=160", "eval.batch_size=40")  # 4 + 5 chunks
+    splits = load_fashion_mnist(DEBIAN_DIR)
+    test = build_scenario(splits, cfg.data, cfg.seed, 16).test_split(1)
+    evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache_dir(), torch.device("cpu"), progress=False)
+    job = evaluator.job(1, cfg.seed, cfg.model, load_unet(task_dir(inline_run, 1), cfg.model).state_dict(), test, 16)
+    inline, inline_grid = metrics_from_chunks(InlineBackend(torch.device("cpu")).evaluate(job, False), test.labels)
+    for n in (1, 2):
+        pool = SamplerPool(config(f"runtime.num_samplers={n}"), batch_size=8)
+        try:
+            chunks = pool.evaluate(job)
+            got = [next(chunks)]
+            pid = ray.get(pool.actors[-1].where.remote())["pid"]
+            if n == 2:
+                ray.kill(pool.actors[-1], no_restart=False)  # its queued chunks are retried on the restarted actor
+            got += list(chunks)
+            assert (ray.get(pool.actors[-1].where.remote())["pid"] != pid) == (n == 2)
+        finally:
+            pool.stop()
+        assert sorted((r.chunk.kind, r.chunk.start) for r in got) == sorted((c.kind, c.start) for c in job.chunks())
+        metrics, grid = metrics_from_chunks(got, test.labels)
+        assert metrics == pytest.approx(inline, rel=1e-4) and (grid.int() - inline_grid.int()).abs().max() <= 1
+
+
 def test_a_raising_sampler_is_a_clear_error(cluster, inline_run, tmp_path):
     pool = SamplerPool(config(), batch_size=8)
     try:
-        stream = RemoteReplay(pool.actors, 1, str(tmp_path / "no-teacher"), 0, 1, steps=4, depth=2, timeout_s=60)
-        with pytest.raises(Exception, match="no diffusers checkpoint at .*no-teacher"):
+        stream = RemoteReplay(pool.actors, 1, [ray.put(TeacherFiles("task_0", {}))], 0, 1, steps=4, depth=2,
+                              timeout_s=60)  # fmt: skip
+        with pytest.raises(Exception, match="no diffusers checkpoint at .*task_0"):
             stream.get(0)
     finally:
         pool.stop()
+    with pytest.raises(FileNotFoundError, match="no diffusers checkpoint at .*no-teacher"):  # read in the driver
+        TeacherFiles.read(config(), tmp_path / "no-teacher")
 
 
 def test_layout_larger_than_the_cluster_is_refused(cluster):
@@ -178,6 +218,8 @@ def _private(cmd, **kwargs):
 def test_killed_driver_resumes_from_the_last_checkpoint(inline_run, tmp_path):
     long = ["train.max_steps=40", "runtime.checkpoint_every=10"]
     reference = tmp_path / "reference"
+    keep_task_0(inline_run, reference)  # task 0 as the run's (the config's diff is max_steps alone)
+    (reference / "config.yaml").unlink()
     run_continual(config("runtime.backend=inline", *long), reference, progress=False, log=lambda _: None)
     out = tmp_path / "run"
     keep_task_0(reference, out)

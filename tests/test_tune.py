@@ -18,8 +18,9 @@ SWEEP = {
     "name": "tiny",
     "preset": "smoke",
     "base": {
-        "data": {"num_tasks": 2},
+        "data": {"num_tasks": 2, "train_per_class": 40, "test_per_class": 20},
         "train": {"max_steps": 3},
+        "eval": {"num_samples": 20, "steps": 2},
         "runtime": {"backend": "inline", "num_cpus": 2},  # trials run in-process: Tune's mechanics, quickly
     },
     "params": {"train.replay_lambda": [0.5, 3.0], "seed": [42, 69]},

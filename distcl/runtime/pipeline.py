@@ -1,7 +1,7 @@
 """The continual run on Ray: a local cluster by default (``ray.init()``), the ``runtime.address`` or
 ``$RAY_ADDRESS`` cluster when set. One Ray Train worker group and one sampler pool serve every task of the run:
-sampler actors host teacher k-1, the Train workers update the student, the driver saves and evaluates
-(distcl.continual does the rest: resume, outputs)."""
+sampler actors host teacher k-1 and evaluate model k, the Train workers update the student, the driver
+orchestrates (distcl.continual does the rest: resume, outputs)."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import ray
+from tqdm.auto import tqdm
 
 from distcl.config import RunConfig
-from distcl.continual import TaskSpec, run_continual
+from distcl.continual import TaskSpec, TeacherFiles, out_lock, run_continual
+from distcl.evaluation import ChunkResult, EvalJob
 from distcl.replay import REPLAY_ITEM_STRATEGIES
 from distcl.runtime.cluster import join_cluster
 from distcl.runtime.distill import RayDistillFit
@@ -53,28 +55,26 @@ def check_layout(cfg: RunConfig) -> None:
             )
 
 
-class RayTaskTrainer:
-    """A distcl.continual task trainer: the run's one Ray Train worker group (``start``: it comes up while the
-    driver loads data) trains every task; sampler actors host teacher k-1."""
+class RayBackend:
+    """A distcl.continual backend on Ray: the run's one Ray Train worker group (it comes up while the driver
+    loads data) trains every task and distils the fast replay samplers; the sampler actors host teacher k-1
+    and evaluate."""
 
-    def __init__(self, out: Path, log: Callable[[str], None] = print):
-        self.out, self.log = Path(out), log
+    def __init__(self, cfg: RunConfig, out: Path, log: Callable[[str], None] = print):
+        self.cfg, self.out, self.log = cfg, Path(out), log
         self.pool: Optional[SamplerPool] = None
-        self.group: Optional[WorkerGroup] = None
-
-    def start(self, cfg: RunConfig) -> WorkerGroup:
+        self.teacher_ref: tuple[Optional[Path], list] = (None, [])
         self.group = WorkerGroup(cfg.runtime, self.out / "ray_train")
-        return self.group
+        self.distill_fit = RayDistillFit(cfg.runtime, self.group)
 
-    def __call__(self, spec: TaskSpec) -> list[dict]:
+    def train_task(self, spec: TaskSpec) -> list[dict]:
         cfg, k = spec.cfg, spec.task
-        samplers = []
-        if spec.teacher is not None and cfg.train.strategy in REPLAY_ITEM_STRATEGIES:
-            samplers = self.samplers(cfg)
+        samplers, teacher = [], None
+        if spec.has_teacher and cfg.train.strategy in REPLAY_ITEM_STRATEGIES:
+            samplers, teacher = self.samplers(), self.teacher(spec.init_dir)
         init = ray.put({name: value.cpu() for name, value in spec.student.state_dict().items()})
         images = ray.put(spec.images)
-        config = {"cfg": cfg, "task": k, "init": init, "images": images, "samplers": samplers,
-                  "teacher_dir": str(spec.init_dir) if spec.init_dir else None}  # fmt: skip
+        config = {"cfg": cfg, "task": k, "init": init, "images": images, "samplers": samplers, "teacher": teacher}
         state = self.group.run(f"task_{k}", train_task_item, config)
         del init, images
         for event in state["recoveries"]:
@@ -84,17 +84,30 @@ class RayTaskTrainer:
         self.record_placement(k, state["worker_nodes"])
         return state["rows"]
 
-    def samplers(self, cfg: RunConfig) -> list:
+    def samplers(self) -> list:
         """The run's sampler actors, started on first use."""
         if self.pool is None:
-            self.pool = SamplerPool(cfg, cfg.train.batch_size // cfg.runtime.num_workers)
+            self.pool = SamplerPool(self.cfg, self.cfg.train.batch_size // self.cfg.runtime.num_workers)
         return self.pool.actors
 
+    def teacher(self, teacher_dir: Path) -> list:
+        """``[ref]`` to the TeacherFiles of ``teacher_dir``, put in the object store once per teacher."""
+        if self.teacher_ref[0] != teacher_dir:
+            self.teacher_ref = (teacher_dir, [ray.put(TeacherFiles.read(self.cfg, teacher_dir))])
+        return self.teacher_ref[1]
+
     def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> RemoteReplay:
-        """The classifier's replay images of task k, made by the sampler actors (an ImageReplayFactory)."""
+        """The classifier's replay images of task k, made by the sampler actors."""
         c, rt = cfg.classifier, cfg.runtime
-        return RemoteReplay(self.samplers(cfg), k, str(teacher_dir), 0, 1, steps, rt.replay_depth, rt.replay_timeout_s,
+        return RemoteReplay(self.samplers(), k, self.teacher(teacher_dir), 0, 1, steps, rt.replay_depth, rt.replay_timeout_s,
                             method="images", extra=(c.batch_size, c.replay_steps, c.replay_eta))  # fmt: skip
+
+    def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
+        """On the sampler actors (SamplerPool.evaluate)."""
+        self.samplers()
+        chunks = self.pool.evaluate(job)
+        return list(tqdm(chunks, total=len(job.chunks()), desc=f"evaluating task {job.task}", disable=not progress,
+                         leave=False))  # fmt: skip
 
     def record_placement(self, k: int, worker_nodes: list[str]) -> None:
         """OUT/placement.json: the node ids of task k's Train workers (by rank) and sampler actors."""
@@ -118,12 +131,12 @@ def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], N
     """``distcl run`` on Ray (arguments as distcl.continual.run_continual)."""
     connect(cfg)
     check_layout(cfg)
-    trainer = RayTaskTrainer(out, log)
-    try:
-        group = trainer.start(cfg)
-        metrics = run_continual(cfg, out, train_fn=trainer, progress=progress, log=log, on_task=on_task,
-                                image_replay=trainer.image_replay, distill_fit=RayDistillFit(cfg.runtime, group))  # fmt: skip
-    finally:
-        trainer.close()
-    shutil.rmtree(Path(out) / "ray_train", ignore_errors=True)  # every task is saved: its checkpoints are not needed
+    out = Path(out).resolve()
+    with out_lock(out):  # before the Train workers write into OUT/ray_train
+        backend = RayBackend(cfg, out, log)
+        try:
+            metrics = run_continual(cfg, out, backend, progress=progress, log=log, on_task=on_task)
+        finally:
+            backend.close()
+        shutil.rmtree(out / "ray_train", ignore_errors=True)  # every task is saved: its checkpoints are not needed
     return metrics

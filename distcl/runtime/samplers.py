@@ -1,6 +1,8 @@
-"""Teacher sampler actors: each loads teacher k-1 (with its fast replay sampler, if any) from its checkpoint and
-answers ``make(k, dir, index)`` with replay batch ``index`` of task k (inputs, timesteps and targets), so the
-trainer runs no teacher forward at all.
+"""Teacher sampler actors: each loads teacher k-1 (with its fast replay sampler, if any) from its checkpoint files,
+which come through the object store, and
+answers ``make(k, teacher, index)`` with replay batch ``index`` of task k (inputs, timesteps and targets), so the
+trainer runs no teacher forward at all; after each task they evaluate its model (``evaluate``: chunks of
+distcl.evaluation's job).
 
 Batch ``index`` depends only on (run seed, k, index): the result is the same for any number of actors. An actor
 that dies is restarted by Ray (``max_restarts``) and its in-flight calls are retried (``max_task_retries``).
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import ray
 import torch
@@ -18,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distcl.config import RunConfig
 from distcl.continual import load_teacher
+from distcl.evaluation import ChunkResult, EvalChunk, EvalJob, EvalWorker
 from distcl.replay import ReplayBatch, Teacher
 from distcl.solver import replay_images
 from distcl.training import indexed_replay, replay_index
@@ -27,32 +30,42 @@ ACTOR_RESTARTS = 4
 
 @ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
 class TeacherSampler:
-    """One replay-making process. Requests are self-describing (task, teacher checkpoint, index), the loaded
-    teacher only a cache: a restarted actor, or one moved on to the next task, answers every request right."""
+    """One replay-making process. Requests are self-describing (task, teacher, index), the loaded teacher only a
+    cache: a restarted actor, or one moved on to the next task, answers every request right."""
 
     def __init__(self, cfg: RunConfig, batch_size: int, threads: int):
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.cfg, self.batch_size = cfg, batch_size
-        self.loaded: Optional[tuple[int, str]] = None
+        self.loaded: Optional[str] = None
         self.teacher: Optional[Teacher] = None
+        self.eval_worker, self.eval_job = EvalWorker(self.device), None
 
-    def _teacher(self, task: int, teacher_dir: str) -> Teacher:
-        if self.loaded != (task, teacher_dir):
-            self.teacher = load_teacher(self.cfg, Path(teacher_dir), self.device)
-            self.loaded = (task, teacher_dir)
+    def _teacher(self, teacher: list) -> Teacher:
+        """``teacher[0]``: a ref to the teacher's distcl.continual.TeacherFiles, fetched once per teacher."""
+        key = teacher[0].hex()
+        if self.loaded != key:
+            self.teacher = ray.get(teacher[0]).load(self.cfg, self.device)
+            self.loaded = key
         return self.teacher
 
-    def make(self, task: int, teacher_dir: str, index: int) -> ReplayBatch:
-        """Replay batch ``index`` of task ``task`` from the teacher saved at ``teacher_dir`` (CPU tensors)."""
-        teacher = self._teacher(task, teacher_dir)
-        batch = indexed_replay(teacher, self.cfg.train.strategy, self.batch_size, self.cfg.seed, task, index)
+    def make(self, task: int, teacher: list, index: int) -> ReplayBatch:
+        """Replay batch ``index`` of task ``task`` from ``teacher`` (CPU tensors)."""
+        batch = indexed_replay(self._teacher(teacher), self.cfg.train.strategy, self.batch_size, self.cfg.seed, task,
+                               index)  # fmt: skip
         return batch.to("cpu")
 
-    def images(self, task: int, teacher_dir: str, index: int, n: int, steps: int, eta: float) -> torch.Tensor:
+    def images(self, task: int, teacher: list, index: int, n: int, steps: int, eta: float) -> torch.Tensor:
         """The classifier's replay image batch ``index`` of task ``task`` (distcl.solver.replay_images)."""
-        teacher = self._teacher(task, teacher_dir)
-        return replay_images(teacher.unet, teacher.scheduler, n, steps, eta, self.cfg.seed, task, index)
+        unet, scheduler = self._teacher(teacher).unet, self._teacher(teacher).scheduler
+        return replay_images(unet, scheduler, n, steps, eta, self.cfg.seed, task, index)
+
+    def evaluate(self, job_ref: list, chunk: EvalChunk) -> ChunkResult:
+        """A chunk of the evaluation job in ``job_ref[0]`` (fetched once per job)."""
+        key = job_ref[0].hex()
+        if self.eval_worker.key != key:
+            self.eval_job = ray.get(job_ref[0])
+        return self.eval_worker.run(self.eval_job, chunk, key)
 
     def where(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
@@ -72,6 +85,15 @@ class SamplerPool:
             for _ in range(rt.num_samplers)
         ]
 
+    def evaluate(self, job: EvalJob) -> Iterator[ChunkResult]:
+        """The job's chunks spread over the actors (chunk i on actor i % n), as they finish. The job goes to the
+        object store once; only features, labels and the grid's samples come back."""
+        job_ref = [ray.put(job)]  # in a list: an actor fetches it once, not with every call
+        pending = [self.actors[i % len(self.actors)].evaluate.remote(job_ref, c) for i, c in enumerate(job.chunks())]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+
     def stop(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
@@ -79,14 +101,14 @@ class SamplerPool:
 
 
 class RemoteReplay:
-    """Worker ``rank``'s replay stream: batch index = step * world + rank, asked of actor index % n (its ``method``:
+    """Worker ``rank``'s replay stream from ``teacher`` (``[ref]`` to its TeacherFiles): batch index = step * world + rank, asked of actor index % n (its ``method``:
     ``make`` for replay batches, ``images`` with ``extra`` = (n, steps, eta) for the classifier's images).
     At most ``depth`` requests are in flight (Ray's "limit pending tasks" pattern); ``get`` waits for its own."""
 
-    def __init__(self, actors: list, task: int, teacher_dir: str, rank: int, world: int, steps: int, depth: int,
+    def __init__(self, actors: list, task: int, teacher: list, rank: int, world: int, steps: int, depth: int,
                  timeout_s: float, method: str = "make", extra: tuple = ()):  # fmt: skip
         self.method, self.extra = method, extra
-        self.actors, self.task, self.teacher_dir = actors, task, teacher_dir
+        self.actors, self.task, self.teacher = actors, task, teacher
         self.rank, self.world, self.steps = rank, world, steps
         self.depth, self.timeout_s = depth, timeout_s
         self.pending: dict[int, ray.ObjectRef] = {}
@@ -95,7 +117,7 @@ class RemoteReplay:
     def _submit(self, step: int) -> None:
         index = replay_index(step, self.rank, self.world)
         actor = self.actors[index % len(self.actors)]
-        self.pending[step] = getattr(actor, self.method).remote(self.task, self.teacher_dir, index, *self.extra)
+        self.pending[step] = getattr(actor, self.method).remote(self.task, self.teacher, index, *self.extra)
 
     def get(self, step: int) -> ReplayBatch:
         if self.next_step is None or step not in self.pending and step >= self.next_step:

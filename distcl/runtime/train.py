@@ -25,7 +25,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def train_task_item(config: dict, item: WorkItem) -> dict:
     """Task k on this worker: ``config`` holds cfg, task, init (a ref to the starting state dict: the model after
-    task k-1, or task 0's seeded initialisation), images (a ref), samplers and teacher_dir (the samplers' key).
+    task k-1, or task 0's seeded initialisation), images (a ref), samplers and teacher (``[ref]`` to the samplers' TeacherFiles).
     Returns the final state: model weights, logged rows, recoveries, the workers' node ids."""
     cfg: RunConfig = config["cfg"]
     k: int = config["task"]
@@ -64,7 +64,7 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
     replay = None
     if config["samplers"]:
         rt = cfg.runtime
-        replay = RemoteReplay(config["samplers"], k, config["teacher_dir"], rank, world, steps, rt.replay_depth,
+        replay = RemoteReplay(config["samplers"], k, config["teacher"], rank, world, steps, rt.replay_depth,
                               rt.replay_timeout_s)  # fmt: skip
     last_print = [time.perf_counter(), start_step]
 
