@@ -293,7 +293,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"preset": "tiny"},
         "data": {"train_per_class": 300, "test_per_class": 100},
         "train": {"strategy": "gd", "batch_size": 32, "max_steps": 25, "log_every": 5},
-        "eval": {"num_samples": 200, "steps": 10, "batch_size": 200},
+        "eval": {"num_samples": 200, "steps": 10, "batch_size": 100},  # a chunk for each of the 2 sampler actors
         "classifier": {"epochs": 2.0, "batch_size": 32, "lr": 2e-3},
     },
     # The benchmark scale on 2 CPU cores (see benchmarks/): the 16x16 tiny UNet, 500 steps per task, and a

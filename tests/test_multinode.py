@@ -33,8 +33,8 @@ def test_samplers_and_train_workers_land_on_their_nodes(tmp_path):
         ray.shutdown()
         cluster.shutdown()
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())
-    assert placement["task_0"] == {"train_workers": [train_node.node_id], "samplers": []}  # no teacher at task 0
-    assert placement["task_1"] == {"train_workers": [train_node.node_id], "samplers": [sampler_node.node_id]}
+    for task in ("task_0", "task_1"):  # the samplers evaluate task 0, and replay teacher 0 in task 1
+        assert placement[task] == {"train_workers": [train_node.node_id], "samplers": [sampler_node.node_id]}
     assert started == {"TeacherSampler": 1, "RayTrainWorker": 1}  # once per run, not per task
     assert (tmp_path / "run" / "task_1" / "unet").is_dir()
     metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")

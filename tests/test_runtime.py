@@ -29,7 +29,7 @@ from distcl.continual import (
 from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, load_fashion_mnist
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.distill import fit_inline
-from distcl.models import build_scheduler, load_unet
+from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
 from distcl.replay import Teacher
 from distcl.runtime import pipeline
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
@@ -253,13 +253,17 @@ def _free_ports(n):
     return ports
 
 
-def _submit(address: str, env: dict, entrypoint: list[str], timeout_s: float) -> tuple[str, str]:
-    """``ray job submit`` ``entrypoint`` from the repository root; wait for its end: (status, logs)."""
+def _submit(address: str, env: dict, entrypoint: list[str]) -> str:
+    """``ray job submit --no-wait`` of ``entrypoint`` from the repository root: the job id."""
     submit = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
                              *entrypoint], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1],
                             timeout=120)  # fmt: skip
     assert submit.returncode == 0, submit.stderr
-    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
+    return re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
+
+
+def _wait(address: str, env: dict, job_id: str, timeout_s: float) -> tuple[str, str]:
+    """Wait for the job's end: (status, logs)."""
     status = ""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -275,7 +279,7 @@ def _submit(address: str, env: dict, entrypoint: list[str], timeout_s: float) ->
 
 def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path):
     """jobs/train_cl.py: gd with the classifier and a PID replay sampler distilled on Ray Train in the job;
-    jobs/distill.py: a progressive distillation of the run's first teacher."""
+    jobs/distill.py: a progressive distillation, side by side with it on the same cluster."""
     gcs, dashboard, agent, client = _free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths must fit 107 bytes
     # as a user whose environment is activated: `ray` and the jobs' `python` are the project's
@@ -293,15 +297,18 @@ def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path)
             assert head.poll() is None and time.time() < deadline, "the head node did not come up"
             time.sleep(1)
         # relative --out: the job's driver runs in its own copy of the working dir, and writes there
-        status, logs = _submit(address, env, ["python", "jobs/train_cl.py", "--preset", "smoke", "--out",
-                                              "runs/job-smoke", *[a for o in overrides for a in ("--set", o)]], 480)  # fmt: skip
+        train_job = _submit(address, env, ["python", "jobs/train_cl.py", "--preset", "smoke", "--out",
+                                           "runs/job-smoke", *[a for o in overrides for a in ("--set", o)]])  # fmt: skip
+        teacher = tmp_path / "teacher"  # the two jobs run side by side on the cluster
+        save_checkpoint(build_unet(config().model), build_scheduler(config().model), teacher)
+        distill_job = _submit(address, env, ["python", "jobs/distill.py", "progressive", "--teacher", str(teacher),
+                                             "--out", "runs/pd", "--set", "start_steps=2", "--set", "iterations=3",
+                                             "--set", "batch_size=4"])  # fmt: skip
+        status, logs = _wait(address, env, train_job, 480)
         assert "succeeded" in status.lower(), status + logs[-3000:]
         out = Path(re.search(r"\[distcl\] done: (\S+)/metrics.parquet", logs).group(1))
         assert out.is_absolute() and out.parts[-2:] == ("runs", "job-smoke")
-        status, pd_logs = _submit(address, env, ["python", "jobs/distill.py", "progressive", "--teacher",
-                                                 str(task_dir(out, 0)), "--out", "runs/pd",
-                                                 "--set", "start_steps=2", "--set", "iterations=3",
-                                                 "--set", "batch_size=4"], 240)  # fmt: skip
+        status, pd_logs = _wait(address, env, distill_job, 240)
         assert "succeeded" in status.lower(), status + pd_logs[-3000:]
         pd_out = Path(re.search(r"\[distcl\] done: (\S+)/steps_1", pd_logs).group(1))
         metrics = pd.read_parquet(out / "metrics.parquet")

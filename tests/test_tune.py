@@ -24,7 +24,7 @@ SWEEP = {
         "runtime": {"backend": "inline", "num_cpus": 2},  # trials run in-process: Tune's mechanics, quickly
     },
     "params": {"train.replay_lambda": [0.5, 3.0], "seed": [42, 69]},
-    "max_concurrent_trials": 1,
+    "max_concurrent_trials": 2,
 }
 
 

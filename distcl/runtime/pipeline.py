@@ -62,16 +62,17 @@ class RayBackend:
 
     def __init__(self, cfg: RunConfig, out: Path, log: Callable[[str], None] = print):
         self.cfg, self.out, self.log = cfg, Path(out), log
-        self.pool: Optional[SamplerPool] = None
         self.teacher_ref: tuple[Optional[Path], list] = (None, [])
         self.group = WorkerGroup(cfg.runtime, self.out / "ray_train")
+        # the actors come up while the Train workers do and the driver loads data: task 0's evaluation needs them
+        self.pool: Optional[SamplerPool] = SamplerPool(cfg, cfg.train.batch_size // cfg.runtime.num_workers)
         self.distill_fit = RayDistillFit(cfg.runtime, self.group)
 
     def train_task(self, spec: TaskSpec) -> list[dict]:
         cfg, k = spec.cfg, spec.task
         samplers, teacher = [], None
         if spec.has_teacher and cfg.train.strategy in REPLAY_ITEM_STRATEGIES:
-            samplers, teacher = self.samplers(), self.teacher(spec.init_dir)
+            samplers, teacher = self.pool.actors, self.teacher(spec.init_dir)
         init = ray.put({name: value.cpu() for name, value in spec.student.state_dict().items()})
         images = ray.put(spec.images)
         config = {"cfg": cfg, "task": k, "init": init, "images": images, "samplers": samplers, "teacher": teacher}
@@ -84,11 +85,6 @@ class RayBackend:
         self.record_placement(k, state["worker_nodes"])
         return state["rows"]
 
-    def samplers(self) -> list:
-        """The run's sampler actors, started on first use."""
-        if self.pool is None:
-            self.pool = SamplerPool(self.cfg, self.cfg.train.batch_size // self.cfg.runtime.num_workers)
-        return self.pool.actors
 
     def teacher(self, teacher_dir: Path) -> list:
         """``[ref]`` to the TeacherFiles of ``teacher_dir``, put in the object store once per teacher."""
@@ -99,12 +95,11 @@ class RayBackend:
     def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> RemoteReplay:
         """The classifier's replay images of task k, made by the sampler actors."""
         c, rt = cfg.classifier, cfg.runtime
-        return RemoteReplay(self.samplers(), k, self.teacher(teacher_dir), 0, 1, steps, rt.replay_depth, rt.replay_timeout_s,
+        return RemoteReplay(self.pool.actors, k, self.teacher(teacher_dir), 0, 1, steps, rt.replay_depth, rt.replay_timeout_s,
                             method="images", extra=(c.batch_size, c.replay_steps, c.replay_eta))  # fmt: skip
 
     def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
         """On the sampler actors (SamplerPool.evaluate)."""
-        self.samplers()
         chunks = self.pool.evaluate(job)
         return list(tqdm(chunks, total=len(job.chunks()), desc=f"evaluating task {job.task}", disable=not progress,
                          leave=False))  # fmt: skip

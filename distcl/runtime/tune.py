@@ -160,15 +160,21 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
         tuner = build_tuner(sweep, out)
     grid = tuner.fit()
     num_tasks = sweep.trial_config({}).data.num_tasks
-    rows = []
+    rows, unreported = [], 0
     for result in grid:
+        if result.config is None:  # started just before a Ctrl-C and reported nothing: left for the resume
+            unreported += 1
+            continue
         values = {key: result.config[key] for key in sweep.params}
         reported = (result.metrics or {}).get("run_dir")  # a trial that never reported: its name if grid
         directory = Path(reported) if reported else trial_dir(out, sweep, values, "unreported")
         rows.append(trial_row(values, directory, num_tasks, error=result.error is not None))
-    summary = write_results(sweep, pd.DataFrame(rows), out, log)
+    summary = write_results(sweep, pd.DataFrame(rows), out, log) if rows else None  # none: Ctrl-C at once
     stopped = sum(row["status"] == "stopped" for row in rows)  # without ASHA, only Ctrl-C stops a trial early
-    unfinished = stopped if sweep.scheduler == "none" else len(grid) - grid.num_terminated - grid.num_errors
+    if sweep.scheduler == "none":
+        unfinished = stopped + unreported
+    else:
+        unfinished = len(grid) - grid.num_terminated - grid.num_errors
     if unfinished:  # Ctrl-C: Tune saved its state and returned early
         raise RuntimeError(f"interrupted with {unfinished} of {len(grid)} trials unfinished (tables written for "
                            f"the others); continue with: distcl tune --resume {out}")  # fmt: skip
