@@ -118,9 +118,10 @@ def train_step(
     scheduler: DDIMScheduler,
     generator: torch.Generator,
     lwf_teacher: Optional[Teacher] = None,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """t ~ U{0..T-1}, x_t = noise(x0, eps, t); one student forward on cat[x_t, inp'] and the continual loss;
-    Adam step after clipping the gradient norm. LwF (``lwf_teacher``) distils on the data items themselves."""
+    Adam step after clipping the gradient norm. LwF (``lwf_teacher``) distils on the data items themselves.
+    Returns the loss terms and the gradient norm as device tensors: no host sync."""
     device = x0.device
     B = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)
@@ -144,14 +145,11 @@ def train_step(
         train_cfg.replay_lambda,
         train_cfg.task_weighting,
     )
-    terms = {name: float(value) for name, value in tensors.items()}
     optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(terms["loss"]):
-        return terms
     loss.backward()
-    terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), train_cfg.grad_clip))
+    tensors["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), train_cfg.grad_clip).detach()
     optimizer.step()
-    return terms
+    return tensors
 
 
 def train_task(
@@ -177,9 +175,12 @@ def train_task(
     ``replay.get(step)`` gives the step's ReplayBatch (None: no replay items); the step's t and eps come from
     generator (*noise_seed, step). Returns a log row every ``log_every`` steps and at the last step: task, step,
     loss terms, step_s, replay_wait_s (time spent waiting for replay). ``on_step(step, rows)`` runs after each
-    step (checkpointing). Raises NonFiniteLossError on a NaN/inf loss. With EMA, its weights end in ``student``."""
+    step (checkpointing). The host reads the device only at logged steps: there a NaN/inf loss since the last
+    one raises NonFiniteLossError naming its first step (the diverged task is never saved; a mid-task checkpoint
+    may hold its weights, and a resume from it fails the same way). With EMA, its weights end in ``student``."""
     student.train()
     rows = []
+    first_bad = torch.tensor(-1, device=device)  # the first step with a non-finite loss, -1: none
     bar = tqdm(range(start_step, steps), desc=f"task {task}", disable=not progress, leave=False)
     for step in bar:
         start = time.perf_counter()
@@ -190,14 +191,16 @@ def train_task(
             student, optimizer, x0, replay_batch, task=task, train_cfg=train_cfg,
             scheduler=scheduler, generator=seeded_generator(*noise_seed, step), lwf_teacher=lwf_teacher,
         )  # fmt: skip
-        if not math.isfinite(terms["loss"]):
-            raise NonFiniteLossError(f"non-finite loss {terms['loss']} at task {task} step {step}")
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms["loss"]), step, first_bad)
         if ema is not None:
             ema.step(student.parameters())
         if step % train_cfg.log_every == 0 or step == steps - 1:
+            if (bad := int(first_bad)) >= 0:
+                raise NonFiniteLossError(f"non-finite loss at task {task} step {bad}")
+            logged = {name: float(value) for name, value in terms.items()}
             step_s = time.perf_counter() - start
-            rows.append({"task": task, "step": step, **terms, "step_s": step_s, "replay_wait_s": replay_wait})
-            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            rows.append({"task": task, "step": step, **logged, "step_s": step_s, "replay_wait_s": replay_wait})
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
         if on_step is not None:
             on_step(step, rows)
     if ema is not None:

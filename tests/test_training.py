@@ -64,11 +64,15 @@ def test_ema_weights_are_copied_in():
     assert not torch.equal(params(plain), params(ema))
 
 
-def test_non_finite_loss_names_task_and_step():
+def test_non_finite_loss_names_task_and_its_first_step():
     images = IMAGES.clone()
     images[:] = float("nan")
     with pytest.raises(NonFiniteLossError, match="at task 2 step 0"):
         run("finetune", images=images, task=2)
+    images = IMAGES.clone()
+    images[DataStream(images, 4, 0, 1).indices(3)[0]] = float("nan")  # one item of step 3's batch
+    with pytest.raises(NonFiniteLossError, match="at task 1 step 3$"):  # read at logged step 4, not at each step
+        run("finetune", images=images, steps=5)
 
 
 def test_data_stream_epochs_shards_and_purity():

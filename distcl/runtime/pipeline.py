@@ -18,7 +18,7 @@ from distcl.evaluation import ChunkResult, EvalJob
 from distcl.replay import REPLAY_ITEM_STRATEGIES
 from distcl.runtime.cluster import join_cluster
 from distcl.runtime.distill import RayDistillFit
-from distcl.runtime.samplers import RemoteReplay, SamplerPool
+from distcl.runtime.samplers import RemoteReplay, SamplerPool, classifier_replay
 from distcl.runtime.train import train_task_item
 from distcl.runtime.workers import WorkerGroup
 
@@ -94,9 +94,7 @@ class RayBackend:
 
     def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> RemoteReplay:
         """The classifier's replay images of task k, made by the sampler actors."""
-        c, rt = cfg.classifier, cfg.runtime
-        return RemoteReplay(self.pool.actors, k, self.teacher(teacher_dir), 0, 1, steps, rt.replay_depth, rt.replay_timeout_s,
-                            method="images", extra=(c.batch_size, c.replay_steps, c.replay_eta))  # fmt: skip
+        return classifier_replay(self.pool.actors, cfg, k, self.teacher(teacher_dir), steps)
 
     def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
         """On the sampler actors (SamplerPool.evaluate)."""

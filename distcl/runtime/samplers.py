@@ -133,3 +133,10 @@ class RemoteReplay:
                 "are the sampler actors' resources (runtime.sampler_cpus, sampler_gpus, sampler_resource) there?"
             )
         return ray.get(ref)
+
+
+def classifier_replay(actors: list, cfg, task: int, teacher: list, steps: int) -> RemoteReplay:
+    """The continual classifier's replay images of task ``task`` from ``teacher``, made by ``actors``."""
+    c, rt = cfg.classifier, cfg.runtime
+    return RemoteReplay(actors, task, teacher, 0, 1, steps, rt.replay_depth, rt.replay_timeout_s, method="images",
+                        extra=(c.batch_size, c.replay_steps, c.replay_eta))  # fmt: skip
