@@ -18,6 +18,7 @@ STRATEGIES = ("finetune", "joint", "gr", "gd", "partial_generation", "gaussian",
 DEVICES = ("auto", "cpu", "cuda")
 FEATURE_EXTRACTORS = ("auto", "fmnist", "inception")
 BACKENDS = ("ray", "inline")
+PRECISIONS = ("fp32", "bf16")
 CLASSIFIER_STRATEGIES = ("auto", "replay", "finetune", "joint")
 REPLAY_SAMPLERS = ("ddim", "progressive", "pid")
 FAST_SAMPLER_STRATEGIES = ("gr", "gd")  # whose replay starts from a full sample x0_hat
@@ -103,6 +104,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: Optional[float] = None  # None: no EMA (the reference's choice)
     log_every: int = 10
+    precision: str = "fp32"  # bf16: the student's forward under bfloat16 autocast (the loss and Adam in fp32)
 
     def validate(self) -> None:
         check_field(self.strategy in STRATEGIES, "train.strategy", f"{self.strategy!r} (allowed: {', '.join(STRATEGIES)})")
@@ -120,6 +122,8 @@ class TrainConfig:
             f"{self.ema_decay} (allowed: null or 0 < decay < 1)",
         )
         check_field(self.log_every >= 1, "train.log_every", f"{self.log_every} (allowed: >= 1)")
+        check_field(self.precision in PRECISIONS, "train.precision",
+                    f"{self.precision!r} (allowed: {', '.join(PRECISIONS)})")  # fmt: skip
 
 
 @dataclass

@@ -263,6 +263,34 @@ def inline_image_replay(cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -
     return InlineImageReplay(unet, build_scheduler(cfg.model), c.batch_size, c.replay_steps, c.replay_eta, cfg.seed, k)
 
 
+@dataclass
+class ClassifierSpec:
+    """What the continual classifier's task k needs: its starting weights (the classifier after task k-1, or the
+    seeded initialisation), the task's images and labels, its steps, and the generator whose samples it replays
+    (``replay_from``: OUT/task_<k-1>; None without replay)."""
+
+    cfg: RunConfig
+    task: int
+    init: dict[str, torch.Tensor]
+    images: torch.Tensor
+    labels: torch.Tensor
+    steps: int
+    replay_from: Optional[Path]
+    progress: bool = True
+
+
+def train_classifier(spec: ClassifierSpec, replay: Optional[ImageReplay], device: torch.device | str
+                     ) -> tuple[dict[str, torch.Tensor], list[dict]]:  # fmt: skip
+    """Classifier task k on ``device`` (distcl.solver.train_solver_task); with ``replay``, the frozen starting
+    weights label the replay images. Returns the trained weights (CPU) and the log rows."""
+    model = SolverCNN()
+    model.load_state_dict(spec.init)
+    previous = copy.deepcopy(model).to(device).eval().requires_grad_(False) if replay is not None else None
+    rows = train_solver_task(model, previous, spec.images, spec.labels, replay, spec.task, spec.steps,
+                             spec.cfg.classifier, spec.cfg.seed, device, spec.progress)  # fmt: skip
+    return {name: value.cpu() for name, value in model.state_dict().items()}, rows
+
+
 class Backend(Protocol):
     """Where a run's heavy work happens: this process (:class:`InlineBackend`) or a Ray cluster
     (distcl.runtime.pipeline.RayBackend). The driver (:func:`run_continual`) only orchestrates."""
@@ -272,8 +300,8 @@ class Backend(Protocol):
     def train_task(self, spec: TaskSpec) -> list[dict]:
         """Train ``spec.student`` in place on task k; the training log's rows."""
 
-    def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> ImageReplay:
-        """The continual classifier's replay images of task k, made by the generator saved at ``teacher_dir``."""
+    def train_classifier(self, spec: ClassifierSpec) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """The continual classifier's task k (:func:`train_classifier`): its weights and log rows."""
 
     def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
         """Every chunk of ``job`` (any order)."""
@@ -285,14 +313,18 @@ class InlineBackend:
     """Every piece of the run in this process, on ``device`` (the reference's way)."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.distill_fit = partial(fit_inline, device=device)
         self.eval_worker = EvalWorker(device)
 
     def train_task(self, spec: TaskSpec) -> list[dict]:
         return train_task_inline(spec)
 
-    def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> ImageReplay:
-        return inline_image_replay(cfg, k, teacher_dir, steps)
+    def train_classifier(self, spec: ClassifierSpec) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        replay = None
+        if spec.replay_from is not None:
+            replay = inline_image_replay(spec.cfg, spec.task, spec.replay_from, spec.steps)
+        return train_classifier(spec, replay, self.device)
 
     def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
         chunks = tqdm(job.chunks(), desc=f"evaluating task {job.task}", disable=not progress, leave=False)
@@ -306,23 +338,21 @@ def classifier_path(out: Path, k: int) -> Path:
     return out / "classifier" / f"task_{k}.pt"
 
 
-def train_classifier_task(cfg: RunConfig, scenario: Scenario, k: int, out: Path, device: torch.device,
-                          backend: Backend, progress: bool) -> list[dict]:  # fmt: skip
-    """Classifier task k (distcl.solver): starts from the classifier of task k-1; saved to classifier/task_<k>.pt."""
+def train_classifier_task(cfg: RunConfig, scenario: Scenario, k: int, out: Path, backend: Backend,
+                          progress: bool) -> list[dict]:  # fmt: skip
+    """Classifier task k (distcl.solver) on ``backend``: it starts from the classifier of task k-1; saved to
+    classifier/task_<k>.pt."""
     c = cfg.classifier
     strategy = c.resolved_strategy(cfg.train.strategy)
     torch.manual_seed(derive_seed(cfg.seed, "classifier_init"))
-    model = SolverCNN()
-    if k > 0:
-        model.load_state_dict(torch.load(classifier_path(out, k - 1), map_location="cpu"))
-    previous = copy.deepcopy(model).to(device).eval().requires_grad_(False) if strategy == "replay" and k > 0 else None
+    init = SolverCNN().state_dict() if k == 0 else torch.load(classifier_path(out, k - 1), map_location="cpu")
     images, labels = scenario.train_images(k, strategy == "joint"), scenario.train_labels(k, strategy == "joint")
-    steps = solver_steps(len(labels), c.epochs, c.batch_size)
-    replay = backend.image_replay(cfg, k, task_dir(out, k - 1), steps) if previous is not None else None
-    rows = train_solver_task(model, previous, images, labels, replay, k, steps, c, cfg.seed, device, progress)
+    spec = ClassifierSpec(cfg, k, init, images, labels, solver_steps(len(labels), c.epochs, c.batch_size),
+                          task_dir(out, k - 1) if strategy == "replay" and k > 0 else None, progress)  # fmt: skip
+    weights, rows = backend.train_classifier(spec)
     path = classifier_path(out, k)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.cpu().state_dict(), path.with_suffix(".tmp"))
+    torch.save(weights, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     return rows
 
@@ -394,7 +424,7 @@ def _run_tasks(cfg: RunConfig, out: Path, backend: Optional[Backend], progress: 
                 f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}")  # fmt: skip
         if cfg.classifier.enabled and not classifier_path(out, k).exists():
             start = time.perf_counter()
-            rows = train_classifier_task(cfg, scenario, k, out, device, backend, progress)
+            rows = train_classifier_task(cfg, scenario, k, out, backend, progress)
             append_rows(out / "classifier_log.parquet", rows, k)
             log(f"[distcl] classifier task {k}: trained {len(rows)} steps in {time.perf_counter() - start:.1f}s, "
                 f"last loss {rows[-1]['loss']:.4f}")  # fmt: skip

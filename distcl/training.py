@@ -121,7 +121,7 @@ def train_step(
 ) -> dict[str, torch.Tensor]:
     """t ~ U{0..T-1}, x_t = noise(x0, eps, t); one student forward on cat[x_t, inp'] and the continual loss;
     Adam step after clipping the gradient norm. LwF (``lwf_teacher``) distils on the data items themselves.
-    Returns the loss terms and the gradient norm as device tensors: no host sync."""
+    ``train.precision`` bf16 runs the forward under bfloat16 autocast; the loss is taken in fp32. Returns the loss terms and the gradient norm as device tensors: no host sync."""
     device = x0.device
     B = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)
@@ -129,13 +129,13 @@ def train_step(
     x_t = add_noise(x0, eps, t, scheduler.alphas_cumprod)
     if lwf_teacher is not None:
         replay = replay_on_data(lwf_teacher, x_t, t)
-        pred = student(x_t, t).sample
-        pred_data, pred_replay = pred, pred
-    elif replay is not None:
-        pred = student(torch.cat([x_t, replay.inputs]), torch.cat([t, replay.timesteps])).sample
-        pred_data, pred_replay = pred[:B], pred[B:]
-    else:
-        pred_data, pred_replay = student(x_t, t).sample, None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16"):
+        if replay is not None and lwf_teacher is None:
+            pred = student(torch.cat([x_t, replay.inputs]), torch.cat([t, replay.timesteps])).sample.float()
+            pred_data, pred_replay = pred[:B], pred[B:]
+        else:
+            pred = student(x_t, t).sample.float()
+            pred_data, pred_replay = pred, (pred if lwf_teacher is not None else None)
     loss, tensors = continual_loss(
         pred_data,
         eps,

@@ -142,6 +142,27 @@ def test_every_strategy_runs(strategy, tmp_path):
     assert sorted(pd.read_parquet(tmp_path / "metrics.parquet").task.unique()) == [0, 1]
 
 
+def test_a_driver_killed_during_an_evaluation_redoes_only_that_evaluation(tmp_path):
+    cfg = load_config(preset="smoke", overrides=SHORT)
+    quiet = dict(progress=False, log=lambda _: None)
+    run_continual(cfg, tmp_path / "whole", **quiet)
+
+    class KilledInEvaluation(InlineBackend):
+        def evaluate(self, job, progress):
+            if job.task == 1:
+                raise KeyboardInterrupt  # what a driver sees of Ctrl-C; a SIGKILL leaves the same files
+            return super().evaluate(job, progress)
+
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(cfg, out, KilledInEvaluation(torch.device("cpu")), **quiet)
+    assert (out / "task_1").is_dir() and sorted(pd.read_parquet(out / "metrics.parquet").task.unique()) == [0]
+    logs = []
+    run_continual(cfg, out, progress=False, log=logs.append)
+    assert not any("trained" in line for line in logs) and any("task 1 evaluated" in line for line in logs)
+    assert pd.read_parquet(out / "metrics.parquet").equals(pd.read_parquet(tmp_path / "whole" / "metrics.parquet"))
+
+
 def test_diverged_task_is_never_saved(tmp_path):
     cfg = load_config(preset="smoke", overrides=SHORT)
 

@@ -58,6 +58,15 @@ def test_strategies_train(strategy):
     assert (rows[0]["loss_replay"] > 0) == (strategy != "finetune")
 
 
+def test_bf16_autocast_trains_close_to_fp32():
+    full, rows = run("gd")
+    half, rows_bf16 = run("gd", precision="bf16")
+    assert not torch.equal(params(full), params(half))  # the forward really ran in bfloat16
+    assert all(p.dtype == torch.float32 for p in half.parameters())  # weights and Adam stay fp32
+    for a, b in zip(rows, rows_bf16):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+
+
 def test_ema_weights_are_copied_in():
     plain, _ = run("finetune", steps=3)
     ema, _ = run("finetune", steps=3, ema_decay=0.5)

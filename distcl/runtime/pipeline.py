@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -13,13 +14,13 @@ import ray
 from tqdm.auto import tqdm
 
 from distcl.config import RunConfig
-from distcl.continual import TaskSpec, TeacherFiles, out_lock, run_continual
+from distcl.continual import ClassifierSpec, TaskSpec, TeacherFiles, out_lock, run_continual
 from distcl.evaluation import ChunkResult, EvalJob
 from distcl.replay import REPLAY_ITEM_STRATEGIES
 from distcl.runtime.cluster import join_cluster
 from distcl.runtime.distill import RayDistillFit
-from distcl.runtime.samplers import RemoteReplay, SamplerPool, classifier_replay
-from distcl.runtime.train import train_task_item
+from distcl.runtime.samplers import SamplerPool
+from distcl.runtime.train import classifier_task_item, train_task_item
 from distcl.runtime.workers import WorkerGroup
 
 
@@ -92,9 +93,12 @@ class RayBackend:
             self.teacher_ref = (teacher_dir, [ray.put(TeacherFiles.read(self.cfg, teacher_dir))])
         return self.teacher_ref[1]
 
-    def image_replay(self, cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> RemoteReplay:
-        """The classifier's replay images of task k, made by the sampler actors."""
-        return classifier_replay(self.pool.actors, cfg, k, self.teacher(teacher_dir), steps)
+    def train_classifier(self, spec: ClassifierSpec) -> tuple[dict, list[dict]]:
+        """On the Train workers (rank 0), replay images from the sampler actors."""
+        teacher = self.teacher(spec.replay_from) if spec.replay_from is not None else None
+        config = {"spec": replace(spec, progress=False), "samplers": self.pool.actors, "teacher": teacher}
+        state = self.group.run(f"classifier_{spec.task}", classifier_task_item, config)
+        return state["weights"], state["rows"]
 
     def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
         """On the sampler actors (SamplerPool.evaluate)."""

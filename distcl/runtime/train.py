@@ -1,4 +1,4 @@
-"""A continual task as a work item of the run's Ray Train worker group (distcl.runtime.workers): worker r trains on
+"""A continual task (and the continual classifier's) as a work item of the run's Ray Train worker group (distcl.runtime.workers): worker r trains on
 data shard r with replay batches r, r+W, ... from the sampler actors, DDP through ``prepare_model``; a checkpoint
 every ``runtime.checkpoint_every`` steps. The student's starting weights come through the object store.
 """
@@ -12,9 +12,10 @@ import ray.train.torch
 import torch
 
 from distcl.config import RunConfig
+from distcl.continual import train_classifier
 from distcl.models import build_scheduler, build_unet
 from distcl.replay import Teacher
-from distcl.runtime.samplers import RemoteReplay
+from distcl.runtime.samplers import RemoteReplay, classifier_replay
 from distcl.runtime.workers import WORKER_LOG, WorkItem
 from distcl.training import DataStream, make_optimizer, noise_seed, steps_per_task, train_task
 
@@ -94,3 +95,17 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
         start_step=start_step, on_step=on_step, progress=False,
     )  # fmt: skip
     return state_at(steps - 1, logged)
+
+
+def classifier_task_item(config: dict, item: WorkItem) -> dict:
+    """The continual classifier's task as a work item: ``config`` holds spec (a distcl.continual.ClassifierSpec),
+    samplers and teacher (``[ref]``, or None without replay). Rank 0 trains the small CNN, its replay images
+    from the sampler actors; the other ranks only meet it at the item's final report."""
+    if item.rank != 0:
+        return {}
+    spec = config["spec"]
+    replay = None
+    if config["teacher"] is not None:
+        replay = classifier_replay(config["samplers"], spec.cfg, spec.task, config["teacher"], spec.steps)
+    weights, rows = train_classifier(spec, replay, item.device)
+    return {"weights": weights, "rows": rows}
