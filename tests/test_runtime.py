@@ -67,7 +67,7 @@ def keep_task_0(src, dst):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=True)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # the jobs test starts its own head
     yield
     ray.shutdown()
 
@@ -275,7 +275,8 @@ def _wait(address: str, env: dict, job_id: str, timeout_s: float) -> tuple[str, 
 
 
 def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path):
-    """jobs/train_cl.py: gd with the classifier and a PID replay sampler distilled on Ray Train in the job;
+    """jobs/train_cl.py: gd with a PID replay sampler distilled on Ray Train in the job (the continual classifier
+    on Ray is in test_multinode.py);
     jobs/distill.py: a progressive distillation, side by side with it on the same cluster."""
     gcs, dashboard, agent, client = _free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths must fit 107 bytes
@@ -286,8 +287,7 @@ def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path)
                      "--ray-client-server-port", str(client), "--temp-dir", temp_dir, "--include-dashboard", "true",
                      "--dashboard-host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
-    overrides = SHORT + ["classifier.enabled=true", "classifier.epochs=1", "replay_sampler.method=pid",
-                         "replay_sampler.iterations=3", "replay_sampler.batch_size=8"]  # fmt: skip
+    overrides = SHORT + ["replay_sampler.method=pid", "replay_sampler.iterations=3", "replay_sampler.batch_size=8"]
     try:
         deadline = time.time() + 120
         while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
@@ -310,7 +310,6 @@ def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path)
         pd_out = Path(re.search(r"\[distcl\] done: (\S+)/steps_1", pd_logs).group(1))
         metrics = pd.read_parquet(out / "metrics.parquet")
         assert sorted(metrics.task.unique()) == [0, 1] and "task 1 evaluated" in logs
-        assert sorted(metrics[metrics.metric == "accuracy"].task) == [0, 1]  # the continual classifier
         assert (out / "replay_sampler" / "task_0" / "pid.json").is_file() and "pid pid: 3 iterations" in logs
         assert "pid pid step 3/3" in logs  # progress from the Train worker
         assert (pd_out / "steps_1" / "model_index.json").is_file() and "progressive steps_1: 3 iterations" in pd_logs
