@@ -1,16 +1,18 @@
 """Thin-driver benchmark: how much of a Ray run's CPU its driver uses, what the Ray backend costs against
 ``--inline``, and how one task's evaluation scales over sampler actors. Every run starts from nothing (a new
-local cluster for each Ray run), one after the other on the same machine.
+cluster for each Ray run), one after the other on the same machine.
 
     python -m benchmarks.thin_driver           # about 10 minutes on 2 cores
 
-- driver_cpu_share: CPU seconds of the driver process (this one) during the smoke preset on Ray, divided by
-  the machine's busy CPU seconds over the same time (/proc/stat; the machine runs nothing else).
-- smoke_ray_over_inline: wall time of the smoke preset on Ray divided by the same run ``--inline``.
+- driver_cpu_share: CPU seconds of the driver process (this one) / the machine's busy CPU seconds over the same
+  time (/proc/stat; the machine runs nothing else), for the cpu preset's gd run with the continual classifier,
+  shortened to 2 tasks x 60 steps, on a simulated 3-node cluster (ray.cluster_utils.Cluster: a 0-CPU head, a
+  sampler node, a trainer node).
+- smoke_ray_over_inline: wall time of the smoke preset on Ray (a new local cluster) / the same run ``--inline``.
 - p3_ray_over_inline: the same for the cpu preset's gd run, shortened to 2 tasks x 60 steps, 1 sampler actor.
-- eval_scaling_2_over_1: wall time of one task's evaluation at the cpu preset's settings (1,000 samples, 10 DDIM
-  steps, the 10 classes' test images) on 1 sampler actor divided by the same on 2 (1 CPU each); the metrics of
-  both are printed, and must be equal.
+- eval_scaling_2_over_1: wall time of one evaluation at the ``paper`` model size (the 42.9 M UNet, randomly
+  initialised: the cost does not depend on the weights) of 200 samples x 10 DDIM steps and 500 test images, on
+  1 sampler actor / on 2 (1 CPU each); both metrics are written, and must be equal.
 
 Writes benchmarks/results/thin_driver.json.
 """
@@ -26,16 +28,18 @@ from pathlib import Path
 
 import ray
 import torch
+from ray.cluster_utils import Cluster
 
 from benchmarks.common import RESULTS, machine
 from distcl.config import load_config
-from distcl.continual import run, task_dir
-from distcl.data import build_scenario, cache_dir, load_fashion_mnist, locate
+from distcl.continual import run
+from distcl.data import cache_dir, load_fashion_mnist, locate, select
 from distcl.evaluation import Evaluator, metrics_from_chunks
-from distcl.models import load_unet
+from distcl.models import build_unet
 from distcl.runtime.samplers import SamplerPool
 
 P3 = ["data.num_tasks=2", "train.max_steps=60", "runtime.num_samplers=1"]
+ON_NODES = ["classifier.enabled=true", "runtime.sampler_resource=sampler_slot", "runtime.worker_resource=trainer_slot"]
 
 
 def driver_cpu_s() -> float:
@@ -61,6 +65,19 @@ def timed_run(preset: str, overrides: list[str], out: Path) -> dict:
     return {"wall_s": wall, "driver_cpu_s": driver, "machine_cpu_s": total}
 
 
+def on_three_nodes(overrides: list[str], out: Path) -> dict:
+    """``timed_run`` of the cpu preset on a 0-CPU head with a sampler node and a trainer node."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster.add_node(num_cpus=1, resources={"sampler_slot": 1})
+    cluster.add_node(num_cpus=1, resources={"trainer_slot": 1})
+    ray.init(address=cluster.address)
+    try:
+        return timed_run("cpu", overrides, out)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def eval_seconds(job, test_labels: torch.Tensor, samplers: int) -> tuple[float, dict]:
     """Wall time of ``job`` on a pool of ``samplers`` actors (started beforehand) and its metrics."""
     pool = SamplerPool(load_config(preset="cpu", overrides=[f"runtime.num_samplers={samplers}"]), 1)
@@ -82,35 +99,37 @@ def main() -> None:
         "smoke_ray": timed_run("smoke", [], work / "smoke-ray"),
         "p3_inline": timed_run("cpu", P3 + ["runtime.backend=inline"], work / "p3-inline"),
         "p3_ray": timed_run("cpu", P3, work / "p3-ray"),
+        "three_nodes": on_three_nodes(P3 + ON_NODES, work / "three-nodes"),
     }
-    cfg = load_config(preset="cpu")
+    cfg = load_config(preset="paper", overrides=["eval.num_samples=200", "eval.batch_size=50"])
     splits = load_fashion_mnist(locate(cfg.data.data_dir, cfg.cache_dir))
-    scenario = build_scenario(splits, cfg.data, cfg.seed, 16)
-    test = scenario.test_split(cfg.data.num_tasks - 1)
+    test = select(splits["test"], list(range(10)), 50)
     evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache_dir(cfg.cache_dir), torch.device("cpu"),
                           progress=False)  # fmt: skip
-    state = load_unet(task_dir(work / "p3-ray", 1), cfg.model).state_dict()  # scored against all 10 classes
-    job = evaluator.job(cfg.data.num_tasks - 1, cfg.seed, cfg.model, state, test, scenario.sample_size)
+    torch.manual_seed(0)
+    job = evaluator.job(4, cfg.seed, cfg.model, build_unet(cfg.model).state_dict(), test, 32)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         one_s, one = eval_seconds(job, test.labels, 1)
         two_s, two = eval_seconds(job, test.labels, 2)
     finally:
         ray.shutdown()
+    three = runs["three_nodes"]
     results = {
         "machine": machine(),
         "runs": runs,
-        "driver_cpu_share": runs["smoke_ray"]["driver_cpu_s"] / runs["smoke_ray"]["machine_cpu_s"],
+        "driver_cpu_share": three["driver_cpu_s"] / three["machine_cpu_s"],
         "smoke_ray_over_inline": runs["smoke_ray"]["wall_s"] / runs["smoke_inline"]["wall_s"],
         "p3_ray_over_inline": runs["p3_ray"]["wall_s"] / runs["p3_inline"]["wall_s"],
-        "eval": {"chunks": len(job.chunks()), "one_sampler_s": one_s, "two_samplers_s": two_s,
+        "eval": {"model": "paper", "samples": 200, "steps": 10, "real_images": len(test.labels),
+                 "chunks": len(job.chunks()), "one_sampler_s": one_s, "two_samplers_s": two_s,
                  "metrics_one": one, "metrics_two": two},  # fmt: skip
         "eval_scaling_2_over_1": one_s / two_s,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "thin_driver.json").write_text(json.dumps(results, indent=2))
     print(f"| figure | value |\n|---|---|\n"
-          f"| driver CPU share, smoke on Ray | {results['driver_cpu_share']:.3f} |\n"
+          f"| driver CPU share, cpu preset short, 3 nodes | {results['driver_cpu_share']:.3f} |\n"
           f"| smoke: Ray / inline wall time | {results['smoke_ray_over_inline']:.3f} "
           f"({runs['smoke_ray']['wall_s']:.1f} s / {runs['smoke_inline']['wall_s']:.1f} s) |\n"
           f"| cpu preset, 2 tasks x 60 steps: Ray / inline | {results['p3_ray_over_inline']:.3f} "
