@@ -108,24 +108,11 @@ def section() -> str:
     thin = RESULTS / "thin_driver.json"
     if thin.exists():
         t = json.loads(thin.read_text())
-        runs, ev = t["runs"], t["eval"]
         parts += [
             "Thin driver (`benchmarks/results/thin_driver.json`, `python -m benchmarks.thin_driver`), one run after "
             "the other, each Ray run on a new local cluster:",
             "",
-            "| figure | measured |",
-            "|---|---|",
-            "| driver CPU seconds / the machine's busy CPU seconds: cpu preset gd with the continual classifier, "
-            f"2 tasks x 60 steps, simulated 3-node cluster (0-CPU head) | {t['driver_cpu_share']:.3f} "
-            f"({runs['three_nodes']['driver_cpu_s']:.1f} s of {runs['three_nodes']['machine_cpu_s']:.1f} s) |",
-            f"| smoke preset: wall time on Ray / inline | {t['smoke_ray_over_inline']:.2f} "
-            f"({runs['smoke_ray']['wall_s']:.1f} s / {runs['smoke_inline']['wall_s']:.1f} s) |",
-            f"| cpu preset, 2 tasks x 60 steps: Ray / inline | {t['p3_ray_over_inline']:.2f} "
-            f"({runs['p3_ray']['wall_s']:.1f} s / {runs['p3_inline']['wall_s']:.1f} s) |",
-            f"| one evaluation at the `{ev['model']}` model size ({ev['samples']} samples x {ev['steps']} DDIM steps, "
-            f"{ev['real_images']} test images, {ev['chunks']} chunks): 1 sampler actor / 2 | "
-            f"{t['eval_scaling_2_over_1']:.2f} ({ev['one_sampler_s']:.1f} s / {ev['two_samplers_s']:.1f} s), FID "
-            f"{ev['metrics_one']['fid']:.3f} and {ev['metrics_two']['fid']:.3f} |",
+            *thin_driver_table(t),
             "",
             "On 2 cores Ray's fixed costs (a cluster, a Train worker group, the sampler actors) dominate short runs: "
             "the smoke ratio was 4.2 with a Train worker group per task, the goal is 1.3; the whole cpu preset "
@@ -136,6 +123,26 @@ def section() -> str:
         ]
     parts.append(END)
     return "\n".join(parts)
+
+
+def thin_driver_table(t: dict) -> list[str]:
+    """The figures of benchmarks/results/thin_driver.json as a Markdown table."""
+    runs, ev = t["runs"], t["eval"]
+    return [
+        "| figure | measured |",
+        "|---|---|",
+        "| driver CPU seconds / the machine's busy CPU seconds: cpu preset gd with the continual classifier, "
+        f"2 tasks x 60 steps, simulated 3-node cluster (0-CPU head) | {t['driver_cpu_share']:.3f} "
+        f"({runs['three_nodes']['driver_cpu_s']:.1f} s of {runs['three_nodes']['machine_cpu_s']:.1f} s) |",
+        f"| smoke preset: wall time on Ray / inline | {t['smoke_ray_over_inline']:.2f} "
+        f"({runs['smoke_ray']['wall_s']:.1f} s / {runs['smoke_inline']['wall_s']:.1f} s) |",
+        f"| cpu preset, 2 tasks x 60 steps: Ray / inline | {t['p3_ray_over_inline']:.2f} "
+        f"({runs['p3_ray']['wall_s']:.1f} s / {runs['p3_inline']['wall_s']:.1f} s) |",
+        f"| one evaluation at the `{ev['model']}` model size ({ev['samples']} samples x {ev['steps']} DDIM steps, "
+        f"{ev['real_images']} test images, {ev['chunks']} chunks): 1 sampler actor / 2 | "
+        f"{t['eval_scaling_2_over_1']:.2f} ({ev['one_sampler_s']:.1f} s / {ev['two_samplers_s']:.1f} s), FID "
+        f"{ev['metrics_one']['fid']:.3f} and {ev['metrics_two']['fid']:.3f} |",
+    ]
 
 
 def finding(df: pd.DataFrame) -> list[str]:

@@ -31,6 +31,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from benchmarks.common import RESULTS, machine
+from benchmarks.readme_results import thin_driver_table
 from distcl.config import load_config
 from distcl.continual import run
 from distcl.data import cache_dir, load_fashion_mnist, locate, select
@@ -128,14 +129,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "thin_driver.json").write_text(json.dumps(results, indent=2))
-    print(f"| figure | value |\n|---|---|\n"
-          f"| driver CPU share, cpu preset short, 3 nodes | {results['driver_cpu_share']:.3f} |\n"
-          f"| smoke: Ray / inline wall time | {results['smoke_ray_over_inline']:.3f} "
-          f"({runs['smoke_ray']['wall_s']:.1f} s / {runs['smoke_inline']['wall_s']:.1f} s) |\n"
-          f"| cpu preset, 2 tasks x 60 steps: Ray / inline | {results['p3_ray_over_inline']:.3f} "
-          f"({runs['p3_ray']['wall_s']:.1f} s / {runs['p3_inline']['wall_s']:.1f} s) |\n"
-          f"| evaluation, 1 / 2 sampler actors | {results['eval_scaling_2_over_1']:.3f} ({one_s:.1f} s / {two_s:.1f} s) |\n"
-          f"| evaluation metrics, 1 and 2 actors | fid {one['fid']:.3f} / {two['fid']:.3f}, kld {one['kld']:.4f} / {two['kld']:.4f} |")  # fmt: skip
+    print("\n".join(thin_driver_table(results)))
 
 
 if __name__ == "__main__":

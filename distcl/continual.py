@@ -30,7 +30,7 @@ from distcl.config import FAST_SAMPLER_STRATEGIES, ConfigError, RunConfig, from_
 from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate, select, to_model_range
 from distcl.distill import Fit, distill, fast_sampler, fit_inline
 from distcl.evaluation import ChunkResult, EvalJob, Evaluator, EvalWorker, metrics_from_chunks, save_grid
-from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
+from distcl.models import build_scheduler, build_unet, load_unet, require_checkpoint, save_checkpoint
 from distcl.progressive import stage_dir
 from distcl.replay import REPLAY_ITEM_STRATEGIES, Teacher
 from distcl.solver import (
@@ -101,7 +101,7 @@ class TeacherFiles:
     @classmethod
     def read(cls, cfg: RunConfig, teacher_dir: Path) -> TeacherFiles:
         teacher_dir = Path(teacher_dir)
-        load_unet(teacher_dir, cfg.model)  # a clear error here, in the driver, for a missing or foreign checkpoint
+        require_checkpoint(teacher_dir)  # a clear error here, in the driver (the run loaded it as its student)
         dirs = [teacher_dir]
         if uses_fast_sampler(cfg):
             rs = cfg.replay_sampler
@@ -379,10 +379,10 @@ def classifier_metrics(cfg: RunConfig, scenario: Scenario, k: int, out: Path, de
 def run_continual(cfg: RunConfig, out: Path, backend: Optional[Backend] = None, progress: bool = True,
                   log: Callable[[str], None] = print,
                   on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
-    """Run (or resume) all tasks of ``cfg`` into ``out`` (an absolute path) on ``backend`` (default: this
-    process); returns the metrics table's path. ``on_task(k, metrics)`` is called after task k is evaluated, in
-    task order, also for tasks a resumed run finds done. With ``classifier.enabled`` the classifier's task k
-    follows the generator's."""
+    """Run (or resume) all tasks of ``cfg`` into ``out`` on ``backend`` (default: this process); returns the
+    metrics table's path. ``on_task(k, metrics)`` is called after task k is evaluated, in task order, also for
+    tasks a resumed run finds done. With ``classifier.enabled`` the classifier's task k follows the
+    generator's."""
     out = Path(out).resolve()  # it travels to Ray workers, whose working directory is not the caller's
     with out_lock(out):
         return _run_tasks(cfg, out, backend, progress, log, on_task)

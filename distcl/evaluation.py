@@ -31,7 +31,7 @@ from distcl.training import seeded_generator
 FMNIST_EXTRACTOR = "distcl-fmnist"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
-METRICS = ("fid", "kld", "tv", "gen_in_seen")  # what Evaluator.evaluate returns after every task
+METRICS = ("fid", "kld", "tv", "gen_in_seen")  # what metrics_from_chunks returns after every task
 KLD_EPS = 1e-6  # floor on p_gen so that a class never generated gives a large, finite KL
 GRID_SIZE = 100  # samples in the 10x10 grid saved after every task
 
@@ -258,24 +258,24 @@ class ChunkResult:
 
 
 class EvalWorker:
-    """Runs chunks of evaluation jobs on ``device``; the nets and the model of the latest job stay loaded
-    (``key`` names the job: a worker serves many chunks of it)."""
+    """Runs chunks of evaluation jobs on ``device``; the nets and the model of the latest job stay loaded (the
+    worker holds that job: a worker serves many chunks of it, and another job object is loaded anew)."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        self.key, self.nets, self.unet, self.scheduler = None, None, None, None
+        self.job, self.nets, self.unet, self.scheduler = None, None, None, None
 
-    def load(self, job: EvalJob, key) -> None:
-        if key != self.key:
+    def load(self, job: EvalJob) -> None:
+        if job is not self.job:
             self.nets = LoadedNets(job.nets, self.device)  # small next to the UNet
             self.unet = build_unet(job.model_cfg)
             self.unet.load_state_dict(job.state)
             self.unet.to(self.device).eval().requires_grad_(False)
             self.scheduler = build_scheduler(job.model_cfg)
-            self.key = key
+            self.job = job
 
-    def run(self, job: EvalJob, chunk: EvalChunk, key=None) -> ChunkResult:
-        self.load(job, id(job) if key is None else key)
+    def run(self, job: EvalJob, chunk: EvalChunk) -> ChunkResult:
+        self.load(job)
         if chunk.kind == "real":
             return ChunkResult(chunk, self.nets.features(job.real[chunk.start : chunk.stop]))
         c = job.eval_cfg

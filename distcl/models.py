@@ -61,11 +61,16 @@ def save_checkpoint(unet: UNet2DModel, scheduler: DDIMScheduler, directory: Path
     os.replace(tmp, directory)
 
 
+def require_checkpoint(directory: Path) -> None:
+    """FileNotFoundError unless ``directory`` holds a DDIMPipeline folder's UNet."""
+    if not (Path(directory) / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"no diffusers checkpoint at {directory} (expected {directory}/unet/config.json)")
+
+
 def load_unet(directory: Path, model_cfg, device: torch.device | str = "cpu") -> UNet2DModel:
     """The UNet saved at ``directory`` (a DDIMPipeline folder), checked to be the configured architecture."""
     directory = Path(directory)
-    if not (directory / "unet" / "config.json").is_file():
-        raise FileNotFoundError(f"no diffusers checkpoint at {directory} (expected {directory}/unet/config.json)")
+    require_checkpoint(directory)
     unet = UNet2DModel.from_pretrained(directory / "unet")
     expected = unet_spec(model_cfg)
     wrong = {k: (unet.config[k], v) for k, v in expected.items() if _plain(unet.config[k]) != _plain(v)}

@@ -7,6 +7,7 @@ from distcl.config import EvalConfig, ModelConfig
 from distcl.data import cache_dir, load_fashion_mnist, select, to_model_range
 from distcl.evaluation import (
     FMNIST_EXTRACTOR,
+    EvalChunk,
     EvalJob,
     EvalNets,
     Evaluator,
@@ -103,3 +104,20 @@ def test_chunked_evaluation_gives_the_same_metrics_for_any_chunk_size(splits, cl
     (one, grid_one), (many, grid_many) = evaluate(200), evaluate(30)
     assert one == pytest.approx(many, rel=1e-5, abs=1e-6) and one["fid"] > 0
     assert grid_one.shape == (100, 1, 16, 16) and (grid_one.int() - grid_many.int()).abs().max() <= 1
+
+
+def test_a_worker_loads_each_new_job_s_model(splits, classifier):
+    net, _, path = classifier
+    nets = EvalNets(net.state_dict(), FMNIST_EXTRACTOR, path.read_bytes())
+    real = to_uint8(to_model_range(select(splits["test"], [0], 8).images, 16))
+
+    def job(seed):  # the model after another task: other weights, a new job object
+        torch.manual_seed(seed)
+        return EvalJob(1, 42, EvalConfig(num_samples=4, steps=2, batch_size=4), ModelConfig(),
+                       build_unet(ModelConfig()).state_dict(), nets, real)  # fmt: skip
+
+    worker, chunk = EvalWorker(torch.device("cpu")), EvalChunk("generated", 0, 4)
+    for seed in (0, 1):
+        got = worker.run(job(seed), chunk)  # the previous job may be freed: its model must not be reused
+        assert torch.equal(got.grid, EvalWorker(torch.device("cpu")).run(job(seed), chunk).grid)
+    assert not torch.equal(got.grid, worker.run(job(0), chunk).grid)

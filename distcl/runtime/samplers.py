@@ -1,6 +1,5 @@
 """Teacher sampler actors: each loads teacher k-1 (with its fast replay sampler, if any) from its checkpoint files,
-which come through the object store, and
-answers ``make(k, teacher, index)`` with replay batch ``index`` of task k (inputs, timesteps and targets), so the
+which come through the object store, and answers ``make(k, teacher, index)`` with replay batch ``index`` of task k (inputs, timesteps and targets), so the
 trainer runs no teacher forward at all; after each task they evaluate its model (``evaluate``: chunks of
 distcl.evaluation's job).
 
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from typing import Iterator, Optional
 
 import ray
@@ -19,7 +17,6 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distcl.config import RunConfig
-from distcl.continual import load_teacher
 from distcl.evaluation import ChunkResult, EvalChunk, EvalJob, EvalWorker
 from distcl.replay import ReplayBatch, Teacher
 from distcl.solver import replay_images
@@ -39,7 +36,7 @@ class TeacherSampler:
         self.cfg, self.batch_size = cfg, batch_size
         self.loaded: Optional[str] = None
         self.teacher: Optional[Teacher] = None
-        self.eval_worker, self.eval_job = EvalWorker(self.device), None
+        self.eval_worker, self.eval_job, self.eval_key = EvalWorker(self.device), None, None
 
     def _teacher(self, teacher: list) -> Teacher:
         """``teacher[0]``: a ref to the teacher's distcl.continual.TeacherFiles, fetched once per teacher."""
@@ -57,15 +54,15 @@ class TeacherSampler:
 
     def images(self, task: int, teacher: list, index: int, n: int, steps: int, eta: float) -> torch.Tensor:
         """The classifier's replay image batch ``index`` of task ``task`` (distcl.solver.replay_images)."""
-        unet, scheduler = self._teacher(teacher).unet, self._teacher(teacher).scheduler
-        return replay_images(unet, scheduler, n, steps, eta, self.cfg.seed, task, index)
+        loaded = self._teacher(teacher)
+        return replay_images(loaded.unet, loaded.scheduler, n, steps, eta, self.cfg.seed, task, index)
 
     def evaluate(self, job_ref: list, chunk: EvalChunk) -> ChunkResult:
         """A chunk of the evaluation job in ``job_ref[0]`` (fetched once per job)."""
         key = job_ref[0].hex()
-        if self.eval_worker.key != key:
-            self.eval_job = ray.get(job_ref[0])
-        return self.eval_worker.run(self.eval_job, chunk, key)
+        if self.eval_key != key:
+            self.eval_job, self.eval_key = ray.get(job_ref[0]), key
+        return self.eval_worker.run(self.eval_job, chunk)
 
     def where(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
@@ -101,8 +98,9 @@ class SamplerPool:
 
 
 class RemoteReplay:
-    """Worker ``rank``'s replay stream from ``teacher`` (``[ref]`` to its TeacherFiles): batch index = step * world + rank, asked of actor index % n (its ``method``:
-    ``make`` for replay batches, ``images`` with ``extra`` = (n, steps, eta) for the classifier's images).
+    """Worker ``rank``'s replay stream from ``teacher`` (``[ref]`` to its TeacherFiles): batch index =
+    step * world + rank, asked of actor index % n (its ``method``: ``make`` for replay batches, ``images`` with
+    ``extra`` = (n, steps, eta) for the classifier's images).
     At most ``depth`` requests are in flight (Ray's "limit pending tasks" pattern); ``get`` waits for its own."""
 
     def __init__(self, actors: list, task: int, teacher: list, rank: int, world: int, steps: int, depth: int,

@@ -1,6 +1,7 @@
-"""A continual task (and the continual classifier's) as a work item of the run's Ray Train worker group (distcl.runtime.workers): worker r trains on
-data shard r with replay batches r, r+W, ... from the sampler actors, DDP through ``prepare_model``; a checkpoint
-every ``runtime.checkpoint_every`` steps. The student's starting weights come through the object store.
+"""A continual task (and the continual classifier's) as a work item of the run's Ray Train worker group
+(distcl.runtime.workers): worker r trains on data shard r with replay batches r, r+W, ... from the sampler
+actors, DDP through ``prepare_model``; a checkpoint every ``runtime.checkpoint_every`` steps. The student's
+starting weights come through the object store.
 """
 from __future__ import annotations
 
