@@ -41,9 +41,27 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/nu
 fi
 
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-# torch and torchvision as one matching pair (where pip is capped, the capped pair; else the newest)
-"${PIP[@]}" "torch>=2.1" "torchvision>=0.16"
+# torch and torchvision as one matching pair (where pip is capped, the capped pair; else the newest);
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ picks a build for another CUDA version (into a new
+# .venv: an installed torch is kept).
+TORCH=("torch>=2.1" "torchvision>=0.16")
+"${PIP[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH[@]}"
 "${PIP[@]}" -e ".[test]"
+
+# On a machine with an NVIDIA driver, a torch that can use it, or one line naming the driver that torch needs
+# (nothing is reinstalled behind the user's back: a CPU-only torch keeps working).
+torch_cuda() { "$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "none")'; }
+driver_for() {  # the oldest driver that runs CUDA $1 (NVIDIA's minor-version compatibility)
+  case "${1%%.*}" in 11) echo 450.80.02 ;; 12) echo 525.60.13 ;; 13) echo 580.65.06 ;; *) echo "one for CUDA $1" ;; esac
+}
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1)
+  driver_cuda=$(nvidia-smi | grep -o 'CUDA Version: *[0-9.]*' | grep -o '[0-9.]*$' || echo unknown)
+  built=$(torch_cuda)
+  "$VENV/bin/python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null \
+    || die "NVIDIA driver $driver (CUDA $driver_cuda) cannot run this torch (built for CUDA $built): install driver >= $(driver_for "$built") and rerun, or run: rm -rf $VENV && TORCH_INDEX_URL=https://download.pytorch.org/whl/cu${driver_cuda//./} ./install.sh (a torch for CUDA $driver_cuda, where PyTorch publishes one)"
+  say "GPU: $(nvidia-smi -L | head -n 1); NVIDIA driver $driver; torch uses CUDA $built"
+fi
 
 # `distcl` on PATH, so the README's commands work in a fresh shell without activating the venv.
 target="$(pwd)/$VENV/bin/distcl"

@@ -5,7 +5,7 @@
     distcl report OUT
     distcl tune SWEEP.yaml --out DIR      a Ray Tune sweep (tuning/*.yaml); distcl tune --resume DIR continues one
     distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...] [--workers W] [--inline]
-    distcl sample --model DIR --out grid.png [--num 100] [--steps 10]
+    distcl sample --model DIR --out grid.png [--num 100] [--steps 10] [--device auto]
 
 Exit codes: 0 done, 1 the run failed (message on stderr), 2 bad input (nothing written).
 """
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from distcl.config import PRESETS, ConfigError, load_config
+from distcl.config import DEVICES, PRESETS, ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=100, help="number of samples (default 100, a 10x10 grid)")
     sample.add_argument("--steps", type=int, default=10, help="DDIM steps (ignored for a one-step PID student)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", choices=DEVICES, default="auto", help="auto (default): CUDA when present")
     report = sub.add_parser("report", help="Markdown table and PNG plots of a run's metrics")
     report.add_argument("out", help="a run's output directory")
     return parser
@@ -153,7 +154,7 @@ def _distill(args) -> int:
         if args.inline:
             from functools import partial
 
-            from distcl.training import resolve_device
+            from distcl.devices import resolve_device
 
             fit = partial(fit_inline, device=resolve_device(args.device))
         else:
@@ -182,22 +183,14 @@ def _sample(args) -> int:
     def work() -> int:
         import math
 
-        import torch
         from torchvision.utils import save_image
 
-        from distcl.models import load_pipeline_parts
-        from distcl.pid import STUDENT_FILE, load_pid_student
+        from distcl.devices import resolve_device
+        from distcl.evaluation import sample_checkpoint
 
         if args.num < 1 or args.steps < 1:
             raise ConfigError("--num/--steps", f"{args.num}/{args.steps} (allowed: >= 1)")
-        generator = torch.Generator().manual_seed(args.seed)
-        if (Path(args.model) / STUDENT_FILE).is_file():
-            images = load_pid_student(Path(args.model)).sample(args.num, generator)
-        else:
-            from distcl.evaluation import generate
-
-            unet, scheduler = load_pipeline_parts(Path(args.model))
-            images = generate(unet.eval(), scheduler, args.num, args.steps, 0.0, args.num, generator, progress=False)
+        images = sample_checkpoint(Path(args.model), args.num, args.steps, args.seed, resolve_device(args.device))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_image((images.clamp(-1, 1) + 1) / 2, args.out, nrow=math.ceil(math.sqrt(args.num)))
         print(f"[distcl] wrote {args.out}")

@@ -104,7 +104,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: Optional[float] = None  # None: no EMA (the reference's choice)
     log_every: int = 10
-    precision: str = "fp32"  # bf16: the student's forward under bfloat16 autocast (the loss and Adam in fp32)
 
     def validate(self) -> None:
         check_field(self.strategy in STRATEGIES, "train.strategy", f"{self.strategy!r} (allowed: {', '.join(STRATEGIES)})")
@@ -122,8 +121,6 @@ class TrainConfig:
             f"{self.ema_decay} (allowed: null or 0 < decay < 1)",
         )
         check_field(self.log_every >= 1, "train.log_every", f"{self.log_every} (allowed: >= 1)")
-        check_field(self.precision in PRECISIONS, "train.precision",
-                    f"{self.precision!r} (allowed: {', '.join(PRECISIONS)})")  # fmt: skip
 
 
 @dataclass
@@ -223,7 +220,8 @@ class RuntimeConfig:
     num_workers: int = 1  # Ray Train workers; train.batch_size is split among them
     cpus_per_worker: float = 1.0
     worker_resource: Optional[str] = None  # a custom resource each Train worker needs one unit of
-    use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
+    use_gpu: Optional[bool] = None  # None: when the cluster has the Train workers' GPUs beside the samplers'
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction shares a GPU between workers
     num_samplers: int = 2  # teacher sampler actors
     sampler_cpus: float = 1.0
     sampler_gpus: float = 0.0
@@ -232,6 +230,8 @@ class RuntimeConfig:
     checkpoint_every: int = 50  # Train checkpoint every N steps (and at the end of each task)
     max_failures: int = 1  # Train worker-group restarts per task
     replay_timeout_s: float = 600.0  # longest wait for one replay batch before failing the task
+    precision: str = "fp32"  # bf16: the student's and the teacher's forwards under bfloat16 autocast, TF32 on CUDA
+    deterministic: bool = False  # PyTorch's deterministic algorithms (CUDA: slower, some ops refuse)
 
     def validate(self) -> None:
         check_field(self.backend in BACKENDS, "runtime.backend", f"{self.backend!r} (allowed: {', '.join(BACKENDS)})")
@@ -241,6 +241,9 @@ class RuntimeConfig:
         check_field(self.num_samplers >= 1, "runtime.num_samplers", f"{self.num_samplers} (allowed: >= 1)")
         check_field(self.sampler_cpus >= 0, "runtime.sampler_cpus", f"{self.sampler_cpus} (allowed: >= 0)")
         check_field(self.sampler_gpus >= 0, "runtime.sampler_gpus", f"{self.sampler_gpus} (allowed: >= 0)")
+        check_field(self.gpus_per_worker > 0, "runtime.gpus_per_worker", f"{self.gpus_per_worker} (allowed: > 0)")
+        check_field(self.precision in PRECISIONS, "runtime.precision",
+                    f"{self.precision!r} (allowed: {', '.join(PRECISIONS)})")  # fmt: skip
         check_field(self.replay_depth >= 1, "runtime.replay_depth", f"{self.replay_depth} (allowed: >= 1)")
         check_field(self.checkpoint_every >= 1, "runtime.checkpoint_every", f"{self.checkpoint_every} (allowed: >= 1)")
         check_field(self.max_failures >= 0, "runtime.max_failures", f"{self.max_failures} (allowed: >= 0)")
@@ -310,12 +313,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"num_samples": 1000, "steps": 10},
         "classifier": {"epochs": 2.0},
     },
-    # The reference's scale (Masip et al.): needs a GPU.
+    # The reference's scale (Masip et al.): needs a GPU for each Train worker; the teacher samplers share GPUs
+    # (4 to a GPU), student and teacher in bf16.
     "paper": {
         "name": "paper",
         "model": {"preset": "paper"},
         "train": {"strategy": "gd", "batch_size": 128, "epochs": 100.0, "replay_lambda": 3.0, "teacher_steps": 2},
         "eval": {"num_samples": 10000, "steps": 10},
+        "runtime": {"use_gpu": True, "sampler_gpus": 0.25, "precision": "bf16"},
     },
 }
 

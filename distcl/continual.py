@@ -42,13 +42,13 @@ from distcl.solver import (
     solver_steps,
     train_solver_task,
 )
+from distcl.devices import configure_numerics, resolve_device
 from distcl.training import (
     DataStream,
     InlineReplay,
     derive_seed,
     make_optimizer,
     noise_seed,
-    resolve_device,
     steps_per_task,
     train_task,
 )
@@ -87,7 +87,8 @@ def load_teacher(cfg: RunConfig, teacher_dir: Path, device: torch.device | str) 
     if uses_fast_sampler(cfg):
         rs = cfg.replay_sampler
         sampler = fast_sampler(rs.method, replay_sampler_dir(teacher_dir), device, rs.steps)
-    return Teacher(unet, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta, sampler)
+    return Teacher(unet, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta, sampler,
+                   cfg.runtime.precision)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -196,10 +197,12 @@ def prepare_out(cfg: RunConfig, out: Path) -> None:
 
 
 def _results_config(resolved: dict) -> dict:
-    """The fields results depend on: all but ``runtime``, plus the number of Train workers (1 inline)."""
+    """The fields results depend on: all but ``runtime``, plus the number of Train workers (1 inline) and the
+    precision."""
     runtime = resolved.get("runtime", {})
     workers = runtime.get("num_workers", 1) if runtime.get("backend", "ray") == "ray" else 1
-    return {**{k: v for k, v in resolved.items() if k != "runtime"}, "runtime.num_workers": workers}
+    return {**{k: v for k, v in resolved.items() if k != "runtime"}, "runtime.num_workers": workers,
+            "runtime.precision": runtime.get("precision", "fp32")}  # fmt: skip
 
 
 def _diff(a, b, prefix=""):
@@ -253,6 +256,7 @@ def train_task_inline(spec: TaskSpec) -> list[dict]:
         ema=ema,
         lwf_teacher=teacher if strategy == "lwf" else None,
         progress=spec.progress,
+        precision=cfg.runtime.precision,
     )
 
 
@@ -306,6 +310,9 @@ class Backend(Protocol):
     def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
         """Every chunk of ``job`` (any order)."""
 
+    def devices(self) -> str:
+        """Which device each role uses, in words (printed once per run)."""
+
     def close(self) -> None: ...
 
 
@@ -316,6 +323,9 @@ class InlineBackend:
         self.device = device
         self.distill_fit = partial(fit_inline, device=device)
         self.eval_worker = EvalWorker(device)
+
+    def devices(self) -> str:
+        return f"{self.device} for everything (inline: training, replay and evaluation in this process)"
 
     def train_task(self, spec: TaskSpec) -> list[dict]:
         return train_task_inline(spec)
@@ -391,6 +401,7 @@ def run_continual(cfg: RunConfig, out: Path, backend: Optional[Backend] = None, 
 def _run_tasks(cfg: RunConfig, out: Path, backend: Optional[Backend], progress: bool, log: Callable[[str], None],
                on_task: Optional[Callable[[int, dict[str, float]], None]]) -> Path:  # fmt: skip
     device = resolve_device(cfg.device)
+    configure_numerics(cfg.runtime.precision, cfg.runtime.deterministic)
     backend = backend or InlineBackend(device)
     cache = cache_dir(cfg.cache_dir)
     scheduler = build_scheduler(cfg.model)
@@ -400,8 +411,9 @@ def _run_tasks(cfg: RunConfig, out: Path, backend: Optional[Backend], progress: 
     prepare_out(cfg, out)
     evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache, device, progress)
     (out / "evaluator.json").write_text(json.dumps(evaluator.describe(), indent=2))
-    log(f"[distcl] {cfg.name}: tasks {scenario.tasks}, strategy {cfg.train.strategy}, device {device}, "
+    log(f"[distcl] {cfg.name}: tasks {scenario.tasks}, strategy {cfg.train.strategy}, "
         f"evaluation classifier test accuracy {evaluator.classifier_accuracy:.4f}")  # fmt: skip
+    log(f"[distcl] devices: {backend.devices()}, precision {cfg.runtime.precision}")
     done_eval = evaluated_tasks(out)
     for k in range(cfg.data.num_tasks):
         directory = task_dir(out, k)

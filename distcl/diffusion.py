@@ -52,9 +52,9 @@ def ddim_sample(
                             f"stop_at must lie on the {steps}-step grid (distcl.diffusion.sampling_timesteps)")  # fmt: skip
         stopped = x_T
     x = x_T
-    for t in tqdm(sched.timesteps, desc="ddim", leave=False, disable=not progress):
+    for t in tqdm(sched.timesteps.tolist(), desc="ddim", leave=False, disable=not progress):  # host ints
         if stop_at is not None:
             stopped = torch.where((stop_at == t).view(-1, *([1] * (x.dim() - 1))), x, stopped)
-        eps = unet(x, t).sample
+        eps = unet(x, t).sample.float()  # the trajectory stays fp32 under bf16 autocast
         x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
     return x if stop_at is None else stopped

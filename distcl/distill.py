@@ -59,6 +59,7 @@ class UnitSpec:
         return pid_unit(self.teacher, self.out, self.cfg, device)
 
 
+INLINE_READ_EVERY = 10  # steps between host reads of the loss (the progress bar's)
 Fit = Callable[[UnitSpec, Optional[torch.Tensor], bool], tuple[DistillUnit, list[dict]]]
 
 
@@ -68,7 +69,8 @@ def fit_inline(spec: UnitSpec, images: Optional[torch.Tensor], progress: bool,
     unit = spec.build(device, images)
     optimizer = torch.optim.Adam(unit.model.parameters(), lr=unit.lr)
     rows = optimise(unit.model, optimizer, lambda step: unit.loss(unit.model, step, slice(None)), unit.iterations,
-                    progress=progress, desc=f"distil {spec.method} {spec.name}")  # fmt: skip
+                    progress=progress, desc=f"distil {spec.method} {spec.name}",
+                    read_every=INLINE_READ_EVERY)  # fmt: skip
     return unit, rows
 
 

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from distcl.config import EvalConfig, ModelConfig
 from distcl.data import Split, to_model_range
 from distcl.diffusion import ddim_sample
-from distcl.models import FashionClassifier, build_scheduler, build_unet
+from distcl.models import FashionClassifier, build_scheduler, build_unet, load_pipeline_parts
+from distcl.pid import STUDENT_FILE, load_pid_student
 from distcl.training import seeded_generator
 
 FMNIST_EXTRACTOR = "distcl-fmnist"
@@ -159,6 +160,17 @@ def generate(unet, scheduler, n: int, steps: int, eta: float, batch_size: int, g
         x_T = torch.randn((size, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator)
         out.append(ddim_sample(unet, scheduler, x_T.to(unet.device), steps, eta, generator).cpu())
     return torch.cat(out)
+
+
+def sample_checkpoint(model: Path, num: int, steps: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``distcl sample``: ``num`` samples of the checkpoint at ``model`` on ``device``, in [-1, 1] on the CPU:
+    a PID student's one step, else ``steps``-step DDIM of a DDIMPipeline folder; x_T from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    if (model / STUDENT_FILE).is_file():
+        with torch.no_grad():
+            return load_pid_student(model, device).sample(num, generator)
+    unet, scheduler = load_pipeline_parts(model, device)
+    return generate(unet.eval(), scheduler, num, steps, 0.0, num, generator, progress=False)
 
 
 def sample_generators(seed: int, task: int, start: int, stop: int) -> list[torch.Generator]:

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
+from distcl.devices import autocast, to_device
 from distcl.diffusion import add_noise, ddim_sample, sampling_timesteps
 
 REPLAY_ITEM_STRATEGIES = ("gr", "gd", "partial_generation", "gaussian")  # add B teacher-made items per step
@@ -34,15 +35,18 @@ class Teacher:
     steps: int
     eta: float = 0.0
     sampler: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # a fast student's x_T -> x0_hat (distcl.distill)
+    precision: str = "fp32"  # bf16: its forwards under bfloat16 autocast (results in fp32)
 
     def sample(self, x_T: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """x0_hat from x_T: the fast ``sampler`` when there is one, else the teacher's ``steps``-step DDIM."""
-        if self.sampler is not None:
-            return self.sampler(x_T)
-        return ddim_sample(self.unet, self.scheduler, x_T, self.steps, self.eta, generator)
+        with autocast(x_T.device, self.precision):
+            if self.sampler is not None:
+                return self.sampler(x_T).float()
+            return ddim_sample(self.unet, self.scheduler, x_T, self.steps, self.eta, generator).float()
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, t).sample
+        with autocast(x_t.device, self.precision):
+            return self.unet(x_t, t).sample.float()
 
 
 @dataclass
@@ -52,7 +56,9 @@ class ReplayBatch:
     targets: torch.Tensor  # [B, C, H, W]
 
     def to(self, device) -> "ReplayBatch":
-        return ReplayBatch(self.inputs.to(device), self.timesteps.to(device), self.targets.to(device))
+        device = torch.device(device)
+        return ReplayBatch(to_device(self.inputs, device), to_device(self.timesteps, device),
+                           to_device(self.targets, device))  # fmt: skip
 
     def __len__(self) -> int:
         return self.inputs.shape[0]

@@ -13,6 +13,7 @@ from the trials' run directories: one row per trial, mean and standard error ove
     scheduler: none                 # asha: stop trials whose metric is bad after grace_period tasks
     max_concurrent_trials: 2
     trial_cpus: 0.01                # the trial's driver; its Train workers and samplers: the runtime section
+    trial_gpus: 0.25                # an inline trial's GPU share (default: 1 on a cluster with GPUs)
 
 Ray Tune runs it (distcl.runtime.tune); everything here is plain Python and pandas.
 """
@@ -68,6 +69,7 @@ class SweepConfig:
     reduction_factor: int = 2  # asha
     max_concurrent_trials: int = 1
     trial_cpus: Optional[float] = None  # None: 0.01 with the Ray backend (Train holds the cores), else 1
+    trial_gpus: Optional[float] = None  # None: inline trials 1 on a cluster with GPUs (device auto/cuda), else 0
 
     def validate(self) -> None:
         check_field(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a name without '/')")
@@ -85,6 +87,7 @@ class SweepConfig:
         check_field(self.grace_period >= 1, "grace_period", f"{self.grace_period} (allowed: >= 1)")
         check_field(self.reduction_factor >= 2, "reduction_factor", f"{self.reduction_factor} (allowed: >= 2)")
         check_field(self.trial_cpus is None or self.trial_cpus > 0, "trial_cpus", f"{self.trial_cpus} (allowed: > 0)")
+        check_field(self.trial_gpus is None or self.trial_gpus >= 0, "trial_gpus", f"{self.trial_gpus} (allowed: >= 0)")
         check_field(bool(self.params), "params",
               "empty search space (allowed: a mapping of run-config fields, e.g. train.replay_lambda, to a list "
               f"of values or to one of {{{', '.join(DISTRIBUTIONS)}: ...}})")  # fmt: skip

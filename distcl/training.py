@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from distcl.devices import autocast, to_device
 from distcl.diffusion import add_noise
 from distcl.losses import continual_loss
 from distcl.replay import ReplayBatch, Teacher, make_replay, replay_on_data
@@ -30,15 +31,6 @@ def derive_seed(*parts) -> int:
 
 def seeded_generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' requested but no CUDA device is available (allowed here: auto, cpu)")
-    return torch.device(name)
 
 
 def steps_per_task(num_images: int, train_cfg) -> int:
@@ -118,10 +110,12 @@ def train_step(
     scheduler: DDIMScheduler,
     generator: torch.Generator,
     lwf_teacher: Optional[Teacher] = None,
+    precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
     """t ~ U{0..T-1}, x_t = noise(x0, eps, t); one student forward on cat[x_t, inp'] and the continual loss;
     Adam step after clipping the gradient norm. LwF (``lwf_teacher``) distils on the data items themselves.
-    ``train.precision`` bf16 runs the forward under bfloat16 autocast; the loss is taken in fp32. Returns the loss terms and the gradient norm as device tensors: no host sync."""
+    ``precision`` bf16 (``runtime.precision``) runs the forward under bfloat16 autocast; the loss is taken in fp32.
+    Returns the loss terms and the gradient norm as device tensors: no host sync."""
     device = x0.device
     B = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)
@@ -129,7 +123,7 @@ def train_step(
     x_t = add_noise(x0, eps, t, scheduler.alphas_cumprod)
     if lwf_teacher is not None:
         replay = replay_on_data(lwf_teacher, x_t, t)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16"):
+    with autocast(device, precision):
         if replay is not None and lwf_teacher is None:
             pred = student(torch.cat([x_t, replay.inputs]), torch.cat([t, replay.timesteps])).sample.float()
             pred_data, pred_replay = pred[:B], pred[B:]
@@ -169,6 +163,7 @@ def train_task(
     start_step: int = 0,
     on_step: Optional[Callable[[int, list[dict]], None]] = None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> list[dict]:
     """Train ``student`` in place over steps ``start_step .. steps-1`` of task ``task``.
 
@@ -184,12 +179,13 @@ def train_task(
     bar = tqdm(range(start_step, steps), desc=f"task {task}", disable=not progress, leave=False)
     for step in bar:
         start = time.perf_counter()
-        x0 = data.batch(step).to(device)
+        x0 = to_device(data.batch(step), device)
         replay_batch = replay.get(step).to(device) if replay is not None else None
         replay_wait = time.perf_counter() - start
         terms = train_step(
             student, optimizer, x0, replay_batch, task=task, train_cfg=train_cfg,
             scheduler=scheduler, generator=seeded_generator(*noise_seed, step), lwf_teacher=lwf_teacher,
+            precision=precision,
         )  # fmt: skip
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms["loss"]), step, first_bad)
         if ema is not None:
@@ -223,26 +219,33 @@ class DistillUnit:
 
 def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_at: Callable[[int], torch.Tensor],
              steps: int, start: int = 0, grad_clip: float = 1.0,
-             on_step: Optional[Callable[[int, list[dict]], None]] = None, progress: bool = True,
-             desc: str = "", logged_loss: Callable[[torch.Tensor], float] = torch.Tensor.item) -> list[dict]:  # fmt: skip
+             on_step: Optional[Callable[[int, list[dict]], None]] = None, progress: bool = True, desc: str = "",
+             loss_value: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.detach, read_every: int = 1,
+             ) -> list[dict]:  # fmt: skip
     """Steps ``start .. steps-1`` of a plain loop: loss = ``loss_at(step)``, backward, clip the gradient norm at
-    ``grad_clip``, optimizer step. Returns rows {iteration, loss: ``logged_loss(loss)``} (data-parallel workers:
-    the mean over workers); ``on_step(step, rows)`` runs after each step (checkpoints). Raises NonFiniteLossError
-    on a NaN/inf loss."""
+    ``grad_clip``, optimizer step. Returns rows {iteration, loss: ``loss_value(loss)``} (data-parallel workers:
+    the mean over workers). The host reads the losses every ``read_every`` steps and at the last (one sync for
+    them all); ``on_step(step, rows)`` runs after each step with the rows read so far (complete at those steps:
+    checkpoint there). Raises NonFiniteLossError naming the first step with a NaN/inf loss."""
     model.train()
-    rows = []
+    rows: list[dict] = []
+    pending: list[torch.Tensor] = []
     bar = tqdm(range(start, steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         loss = loss_at(step)
-        value = logged_loss(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite loss {value} at {desc or 'optimisation'} step {step}")
+        pending.append(loss_value(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        rows.append({"iteration": step, "loss": value})
-        bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
+        if (step + 1 - start) % read_every == 0 or step == steps - 1:
+            first = step + 1 - len(pending)
+            for i, value in enumerate(torch.stack(pending).tolist()):
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"non-finite loss {value} at {desc or 'optimisation'} step {first + i}")
+                rows.append({"iteration": first + i, "loss": value})
+            pending = []
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
         if on_step is not None:
             on_step(step, rows)
     model.eval()

@@ -3,26 +3,40 @@
 CPU (a schedule, a constant, a grid) raises FakeTensorDeviceMismatchError. Host reads (``.item()``) are kept
 out of these paths: they raise here too.
 
-Not covered: DDIM sampling (gr / gd / partial-generation replay, evaluation samples). diffusers' DDIMScheduler.step
-indexes its CPU tables with the host timestep: a read of host memory, no device sync, but fake mode cannot tell it
-from one (DataDependentOutputException)."""
+DDIM sampling: diffusers' DDIMScheduler keeps its timesteps and tables on the host (its step() indexes them with
+the host timestep, as in its own pipelines); ``set_timesteps`` builds them from numpy, which fake mode would turn
+into a fake tensor that no host code can read, so the ``host_timesteps`` fixture builds them as real tensors, as
+in a real run."""
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from diffusers import DDIMScheduler
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from distcl.config import ModelConfig
 from distcl.diffusion import add_noise
-from distcl.evaluation import FashionFeatureExtractor, classify
+from distcl.diffusion import ddim_sample
+from distcl.evaluation import FashionFeatureExtractor, classify, generate, generate_indexed
 from distcl.losses import continual_loss
 from distcl.models import FashionClassifier, build_scheduler
 from distcl.pid import PIDStudent, SigmaSchedule, SigmaTeacher, edm_time_grid, pid_residual
 from distcl.progressive import TimeSchedule, model_x, pd_target, truncated_snr_weight
 from distcl.replay import Teacher, make_replay, replay_on_data
-from distcl.solver import SolverCNN, distillation_loss
+from distcl.solver import SolverCNN, distillation_loss, replay_images
 from distcl.training import seeded_generator
 from tests.conftest import tiny_unet
 
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def host_timesteps(monkeypatch):
+    build = DDIMScheduler.set_timesteps
+
+    def on_the_host(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMScheduler, "set_timesteps", on_the_host)
 
 
 @pytest.fixture
@@ -61,6 +75,28 @@ def test_replay_batch_and_the_continual_loss(fake_cuda, scheduler):
     pred = unet(torch.cat([x_t, batch.inputs]), torch.cat([t, batch.timesteps])).sample
     loss, terms = continual_loss(pred[:4], eps, pred[4:], batch.targets, task=2, replay_lambda=3.0)
     assert on_cuda(loss, *terms.values())
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_sampling_full_and_stopped_and_the_replay_made_with_it(host_timesteps, fake_cuda, scheduler, eta):
+    unet = on_device(tiny_unet)
+    x_T = torch.randn(3, 1, 8, 8, device=CUDA)
+    assert on_cuda(ddim_sample(unet, scheduler, x_T, 2, eta, seeded_generator(0)))
+    stop_at = torch.tensor([999, 499, 999], device=CUDA)
+    assert on_cuda(ddim_sample(unet, scheduler, x_T, 2, eta, seeded_generator(0), stop_at=stop_at))
+    for strategy in ("gr", "gd", "partial_generation"):
+        batch = make_replay(Teacher(unet, scheduler, 2, eta), strategy, 3, seeded_generator(0))
+        assert on_cuda(batch.inputs, batch.timesteps, batch.targets)
+
+
+def test_evaluation_samples_classifier_replay_and_distcl_sample(host_timesteps, fake_cuda, scheduler):
+    """Drawn on the GPU, handed back on the host: evaluation chunks, the classifier's replay images, and
+    ``distcl sample``'s DDIM grid (distcl.evaluation.generate)."""
+    unet = on_device(tiny_unet)
+    for images in (generate_indexed(unet, scheduler, 2, 1.0, seed=0, task=1, start=4, stop=7),
+                   replay_images(unet, scheduler, 3, 2, 0.0, seed=0, task=1, index=0),
+                   generate(unet, scheduler, 3, 2, 0.0, 2, seeded_generator(0), progress=False)):  # fmt: skip
+        assert images.device.type == "cpu" and images.shape == (3, 1, 8, 8)
 
 
 def test_lwf_targets(fake_cuda, scheduler):

@@ -1,17 +1,15 @@
 """Distillation on Ray Train: two DDP workers, each on half of every step's batch, and a worker fault with a
-restart from the last checkpoint, train the same students as one process; the command runs there too."""
+restart from the last checkpoint, train the same students as one process (the ``distcl distill pid`` command
+on two Train workers, as a Ray job: test_runtime.py)."""
 import json
 
 import pytest
 import ray
-import torch
 from safetensors.torch import load_file
 
-from distcl.cli import main
 from distcl.config import ConfigError, ModelConfig, RuntimeConfig
 from distcl.distill import distill, fit_inline
 from distcl.models import build_scheduler, save_checkpoint
-from distcl.pid import load_pid_student
 from distcl.progressive import ProgressiveConfig
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.workers import FAULT_ENV
@@ -68,16 +66,3 @@ def test_two_ray_workers_with_a_fault_train_the_inline_students(cluster, teacher
         assert len(losses(b / "log.jsonl")) == 6  # the restarted worker group logged each step once
     with pytest.raises(ConfigError, match="batch_size"):
         fit.check(5)
-
-
-def test_pid_command_on_ray_train(cluster, teacher_dir, tmp_path):
-    out = tmp_path / "pid"
-    args = ["distill", "pid", "--teacher", str(teacher_dir), "--out", str(out), "--no-progress", "--workers", "2",
-            "--set", "iterations=3", "--set", "batch_size=4", "--set", "grid_points=20"]  # fmt: skip
-    assert main(args) == 0
-    inline = tmp_path / "pid_inline"
-    assert main([*args[:5], str(inline), "--no-progress", "--inline", *args[9:]]) == 0
-    assert losses(out / "log.jsonl") == pytest.approx(losses(inline / "log.jsonl"), rel=1e-4)
-    images = load_pid_student(out).sample(4, torch.Generator().manual_seed(0))
-    assert images.shape == (4, 1, 8, 8)
-    assert main([*args[:5], str(tmp_path / "odd"), *args[6:], "--set", "batch_size=3"]) == 2  # 3 into 2 workers

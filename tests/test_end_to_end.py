@@ -4,6 +4,7 @@
 import fcntl
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -11,7 +12,7 @@ from diffusers import DDIMPipeline
 from safetensors.torch import load_file
 
 from distcl.cli import main
-from distcl.config import load_config
+from distcl.config import ConfigError, load_config
 from distcl.continual import InlineBackend, load_teacher, run_continual
 from distcl.distill import fast_sampler
 from distcl.training import NonFiniteLossError
@@ -140,6 +141,21 @@ def test_every_strategy_runs(strategy, tmp_path):
     assert steps[0] == 5 and steps[1] == (10 if strategy == "joint" else 5)  # joint sees tasks 0..k
     assert (log[log.task == 1].loss_replay > 0).all() == (strategy not in ("finetune", "joint"))
     assert sorted(pd.read_parquet(tmp_path / "metrics.parquet").task.unique()) == [0, 1]
+
+
+def test_a_bf16_deterministic_run_trains_close_to_fp32_and_cannot_resume_in_fp32(tmp_path):
+    quiet = dict(progress=False, log=lambda _: None)
+    run_continual(load_config(preset="smoke", overrides=SHORT), tmp_path / "fp32", **quiet)
+    half = load_config(preset="smoke", overrides=SHORT + ["runtime.precision=bf16", "runtime.deterministic=true"])
+    try:
+        run_continual(half, tmp_path / "bf16", **quiet)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    full, bf16 = (pd.read_parquet(tmp_path / run / "train_log.parquet") for run in ("fp32", "bf16"))
+    assert not full.loss.equals(bf16.loss) and np.allclose(full.loss, bf16.loss, rtol=0.1)
+    with pytest.raises(ConfigError, match="runtime.precision"):  # results depend on it: no mixed resume
+        run_continual(load_config(preset="smoke", overrides=SHORT), tmp_path / "bf16", **quiet)
 
 
 def test_a_driver_killed_during_an_evaluation_redoes_only_that_evaluation(tmp_path):

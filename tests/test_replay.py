@@ -113,3 +113,14 @@ def _after_sampling(teacher, seed):
 
 
 PINNED_GD_TARGET_SUM = -21.5309  # tiny_unet(seed 0), 6 items of generator seed 3, torch 2.14
+
+
+@pytest.mark.parametrize("strategy", ["gd", "partial_generation", "gaussian"])
+def test_a_bf16_teacher_makes_fp32_replay_close_to_the_fp32_one(unet, scheduler, strategy):
+    full = make_replay(Teacher(unet, scheduler, steps=2), strategy, 4, torch.Generator().manual_seed(0))
+    half = make_replay(Teacher(unet, scheduler, steps=2, precision="bf16"), strategy, 4,
+                       torch.Generator().manual_seed(0))  # fmt: skip
+    assert half.inputs.dtype == half.targets.dtype == torch.float32  # the trainer's inputs stay fp32
+    assert torch.equal(half.timesteps, full.timesteps)
+    assert not torch.equal(half.targets, full.targets)  # the teacher really ran in bfloat16
+    assert torch.allclose(half.targets, full.targets, atol=0.1)

@@ -1,4 +1,5 @@
 """The Ray runtime on a real local cluster: determinism over sampler counts, faults, resume, jobs."""
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,8 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from distcl.config import load_config
+from distcl.cli import main
+from distcl.config import ConfigError, load_config
 from distcl.continual import (
     InlineBackend,
     TeacherFiles,
@@ -30,6 +32,7 @@ from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, load_fashion_mnis
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.distill import fit_inline
 from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
+from distcl.pid import load_pid_student
 from distcl.replay import Teacher
 from distcl.runtime import pipeline
 from distcl.runtime.samplers import RemoteReplay, SamplerPool, classifier_replay
@@ -173,8 +176,13 @@ def test_a_raising_sampler_is_a_clear_error(cluster, inline_run, tmp_path):
 
 
 def test_layout_larger_than_the_cluster_is_refused(cluster):
-    with pytest.raises(RuntimeError, match=r"needs 9 CPU but the cluster has 4 .*num_samplers=8"):
-        pipeline.check_layout(config("runtime.num_samplers=8"))
+    with pytest.raises(ConfigError, match=r"runtime: the layout needs 9 CPU but the cluster has 4 .*num_samplers=8"):
+        pipeline.check_layout(pipeline.connect(config("runtime.num_samplers=8")))
+    for gpus in ("runtime.use_gpu=true", "runtime.sampler_gpus=1"):  # this cluster has no GPU
+        assert pipeline.connect(config(gpus)).runtime.use_gpu is (gpus == "runtime.use_gpu=true")
+        with pytest.raises(ConfigError, match=r"needs 1 GPU but the cluster has 0"):
+            pipeline.check_layout(pipeline.connect(config(gpus)))
+    assert pipeline.connect(config()).runtime.use_gpu is False
 
 
 def test_mismatched_teacher_checkpoint_is_refused(inline_run):
@@ -189,29 +197,25 @@ def _private(cmd, **kwargs):
     return subprocess.Popen(["unshare", "-pf", "--mount-proc", "--kill-child=SIGKILL", *cmd], **kwargs)
 
 
-def test_ray_runs_equal_inline_for_1_and_3_samplers_through_a_killed_driver_and_a_worker_fault(cluster, inline_run,
-                                                                                               tmp_path):  # fmt: skip
-    """Task 1 on Ray, from the inline run's task-0 model: once with 1 sampler actor in this driver; once with a
-    driver that joins the cluster (as a Ray job's does), is killed mid-task and run again with 3 sampler actors
-    and a fault in the Train worker. Both train the same student, bitwise, and the inline one up to float
-    reordering (1 thread per actor, 2 inline)."""
+def test_a_ray_run_through_a_killed_driver_and_a_worker_fault_trains_the_inline_student_bitwise(cluster, inline_run,
+                                                                                                tmp_path):  # fmt: skip
+    """Task 1 on Ray, from the inline run's task-0 model, by a driver that joins the cluster (as a Ray job's does)
+    with 1 sampler actor, is killed mid-task, and is run again with 3 sampler actors and a fault in the Train
+    worker: it trains the student of the inline run, bitwise (both compute with 1 thread)."""
     long = ["train.max_steps=40", "runtime.checkpoint_every=10"]
     reference = tmp_path / "reference"
     keep_task_0(inline_run, reference)  # task 0 as the run's (the config's diff is max_steps alone)
     (reference / "config.yaml").unlink()
-    run_continual(config("runtime.backend=inline", *long), reference, progress=False, log=lambda _: None)
-    one = tmp_path / "one"
-    keep_task_0(reference, one)
-    pipeline.run(config(*long), one, progress=False)
-    assert same_weights(weights(one, 1), weights(reference, 1), atol=1e-4)
-    assert not same_weights(weights(one, 1), weights(one, 0), atol=1e-4)
-    assert not (one / "ray_train").exists() or not any((one / "ray_train").iterdir())
-    log = pd.read_parquet(one / "train_log.parquet")
-    task_1 = log[log.task == 1]
-    assert (task_1.replay_wait_s < task_1.step_s).all() and (task_1.replay_wait_s > 0).any()  # waits are timed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Train worker and the sampler actors
+    try:
+        run_continual(config("runtime.backend=inline", *long), reference, progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    task_1 = pd.read_parquet(reference / "train_log.parquet").query("task == 1")
 
     out = tmp_path / "killed"
-    keep_task_0(one, out)
+    keep_task_0(reference, out)
     cmd = [sys.executable, "-m", "distcl.cli", "run", "--preset", "smoke", "--out", str(out), "--no-progress"]
     cmd += [arg for o in SHORT + long for arg in ("--set", o)]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -235,9 +239,16 @@ def test_ray_runs_equal_inline_for_1_and_3_samplers_through_a_killed_driver_and_
     assert marker.exists() and "task 0" not in resumed.stdout.replace("task 0 (", "")  # task 0 not redone
     recoveries = re.findall(r"task 1: recovered at step (\d+)", resumed.stdout)
     assert len(recoveries) == 2 and recoveries[-1] == "20", resumed.stdout[-4000:]  # the kill's, the fault's
-    assert same_weights(weights(out, 1), weights(one, 1))
-    again = pd.read_parquet(out / "train_log.parquet")
-    assert again[again.task == 1].step.tolist() == task_1.step.tolist()  # no duplicated rows
+    assert same_weights(weights(out, 1), weights(reference, 1))
+    assert not same_weights(weights(out, 1), weights(out, 0), atol=1e-4)
+    assert not (out / "ray_train").exists() or not any((out / "ray_train").iterdir())
+    on_ray = pd.read_parquet(out / "train_log.parquet").query("task == 1")
+    assert on_ray.step.tolist() == task_1.step.tolist()  # no duplicated rows
+    assert (on_ray.replay_wait_s < on_ray.step_s).all() and (on_ray.replay_wait_s > 0).any()  # waits are timed
+
+
+def losses(path):
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
 
 
 def _free_ports(n):
@@ -277,7 +288,8 @@ def _wait(address: str, env: dict, job_id: str, timeout_s: float) -> tuple[str, 
 def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path):
     """jobs/train_cl.py: gd with a PID replay sampler distilled on Ray Train in the job (the continual classifier
     on Ray is in test_multinode.py);
-    jobs/distill.py: a progressive distillation, side by side with it on the same cluster."""
+    jobs/distill.py: ``distcl distill pid`` on two Train workers, side by side with it on the same cluster: the
+    losses of one process (progressive distillation on Ray is in test_distill_ray.py)."""
     gcs, dashboard, agent, client = _free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths must fit 107 bytes
     # as a user whose environment is activated: `ray` and the jobs' `python` are the project's
@@ -298,21 +310,27 @@ def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path)
                                            "runs/job-smoke", *[a for o in overrides for a in ("--set", o)]])  # fmt: skip
         teacher = tmp_path / "teacher"  # the two jobs run side by side on the cluster
         save_checkpoint(build_unet(config().model), build_scheduler(config().model), teacher)
-        distill_job = _submit(address, env, ["python", "jobs/distill.py", "progressive", "--teacher", str(teacher),
-                                             "--out", "runs/pd", "--set", "start_steps=2", "--set", "iterations=3",
-                                             "--set", "batch_size=4"])  # fmt: skip
+        pid = ["--set", "iterations=3", "--set", "batch_size=4", "--set", "grid_points=20"]
+        distill_job = _submit(address, env, ["python", "jobs/distill.py", "pid", "--teacher", str(teacher), "--out",
+                                             "runs/pid", "--workers", "2", *pid])  # fmt: skip
+        inline = tmp_path / "pid_inline"
+        assert main(["distill", "pid", "--teacher", str(teacher), "--out", str(inline), "--inline", *pid]) == 0
+        odd = ["distill", "pid", "--teacher", str(teacher), "--out", str(tmp_path / "odd"), "--workers", "2"]
+        assert main([*odd, *pid, "--set", "batch_size=3"]) == 2  # 3 into 2 workers: refused before Ray starts
         status, logs = _wait(address, env, train_job, 480)
         assert "succeeded" in status.lower(), status + logs[-3000:]
         out = Path(re.search(r"\[distcl\] done: (\S+)/metrics.parquet", logs).group(1))
         assert out.is_absolute() and out.parts[-2:] == ("runs", "job-smoke")
-        status, pd_logs = _wait(address, env, distill_job, 240)
-        assert "succeeded" in status.lower(), status + pd_logs[-3000:]
-        pd_out = Path(re.search(r"\[distcl\] done: (\S+)/steps_1", pd_logs).group(1))
+        status, pid_logs = _wait(address, env, distill_job, 240)
+        assert "succeeded" in status.lower(), status + pid_logs[-3000:]
+        pid_out = Path(re.search(r"\[distcl\] done: (\S+)", pid_logs).group(1))
         metrics = pd.read_parquet(out / "metrics.parquet")
         assert sorted(metrics.task.unique()) == [0, 1] and "task 1 evaluated" in logs
         assert (out / "replay_sampler" / "task_0" / "pid.json").is_file() and "pid pid: 3 iterations" in logs
         assert "pid pid step 3/3" in logs  # progress from the Train worker
-        assert (pd_out / "steps_1" / "model_index.json").is_file() and "progressive steps_1: 3 iterations" in pd_logs
+        assert pid_out.is_absolute() and pid_out.parts[-2:] == ("runs", "pid") and "pid pid: 3 iterations" in pid_logs
+        assert losses(pid_out / "log.jsonl") == pytest.approx(losses(inline / "log.jsonl"), rel=1e-4)
+        assert load_pid_student(pid_out).sample(4, torch.Generator().manual_seed(0)).shape == (4, 1, 16, 16)
     finally:
         head.send_signal(signal.SIGKILL)
         head.wait()

@@ -20,17 +20,17 @@ from tests.conftest import tiny_unet
 IMAGES = torch.rand(20, 1, 8, 8) * 2 - 1
 
 
-def run(strategy, steps=4, seed=0, images=IMAGES, task=1, **train):
+def run(strategy, steps=4, seed=0, images=IMAGES, task=1, precision="fp32", **train):
     cfg = TrainConfig(strategy=strategy, batch_size=4, log_every=2, **train)
     student = tiny_unet(seed)
     scheduler = build_scheduler(ModelConfig())
-    teacher = Teacher(tiny_unet(seed + 1).requires_grad_(False), scheduler, steps=2)
+    teacher = Teacher(tiny_unet(seed + 1).requires_grad_(False), scheduler, steps=2, precision=precision)
     replay = InlineReplay(teacher, strategy, 4, seed, task) if strategy in ("gr", "gd") else None
     optimizer, ema = make_optimizer(student, cfg)
     rows = train_task(
         student, optimizer, DataStream(images, 4, seed, task), replay, task=task, steps=steps, train_cfg=cfg,
         scheduler=scheduler, noise_seed=(seed, "noise", task), device=torch.device("cpu"), ema=ema,
-        lwf_teacher=teacher if strategy == "lwf" else None, progress=False,
+        lwf_teacher=teacher if strategy == "lwf" else None, progress=False, precision=precision,
     )  # fmt: skip
     return student, rows
 
@@ -58,9 +58,10 @@ def test_strategies_train(strategy):
     assert (rows[0]["loss_replay"] > 0) == (strategy != "finetune")
 
 
-def test_bf16_autocast_trains_close_to_fp32():
-    full, rows = run("gd")
-    half, rows_bf16 = run("gd", precision="bf16")
+@pytest.mark.parametrize("strategy", ["gd", "lwf"])  # the teacher's replay, its targets on the data
+def test_bf16_autocast_trains_close_to_fp32(strategy):
+    full, rows = run(strategy)
+    half, rows_bf16 = run(strategy, precision="bf16")
     assert not torch.equal(params(full), params(half))  # the forward really ran in bfloat16
     assert all(p.dtype == torch.float32 for p in half.parameters())  # weights and Adam stay fp32
     for a, b in zip(rows, rows_bf16):

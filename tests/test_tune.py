@@ -1,5 +1,5 @@
-"""Sweeps on Ray Tune, end to end: a sweep interrupted with Ctrl-C (SIGINT) and resumed reruns no finished
-trial and writes both tables with two seeds per config."""
+"""Sweeps on Ray Tune, end to end: a sweep interrupted with Ctrl-C (SIGINT) and resumed reruns no trial that Tune
+saw finish, retrains no finished run, and writes both tables with two seeds per config."""
 import json
 import os
 import signal
@@ -47,6 +47,11 @@ def _starts(run_dir: Path) -> int:
     return len((run_dir / "trial_starts.log").read_text().splitlines())
 
 
+def _weights(run_dir: Path) -> dict[str, int]:
+    """Each saved file of the run's tasks and its modification time (a retrained task rewrites its files)."""
+    return {str(f.relative_to(run_dir)): f.stat().st_mtime_ns for f in run_dir.glob("task_*/**/*") if f.is_file()}
+
+
 def _tasks_done(run_dir: Path) -> int:
     path = run_dir / "metrics.parquet"
     return pd.read_parquet(path).task.nunique() if path.exists() else 0
@@ -69,12 +74,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         time.sleep(0.5)
     else:
         raise AssertionError("no trial finished in time")
-    finished = {d.name for d in runs.glob("*") if _tasks_done(d) == 2}
+    done_on_disk = {d.name: _weights(d) for d in runs.glob("*") if _tasks_done(d) == 2}
     os.kill(pid, signal.SIGINT)
     first.wait(timeout=180)
     log.close()
-    assert len(finished) < 4, "the sweep ended before it could be interrupted"
+    assert len(done_on_disk) < 4, "the sweep ended before it could be interrupted"
     assert f"continue with: distcl tune --resume {out}" in (tmp_path / "first.log").read_text()
+    first_trials = pd.read_parquet(out / "sweep.parquet")  # the trials Tune saw finish (some after the snapshot)
+    completed = {Path(d).name for d in first_trials.run_dir[first_trials.status == "completed"]}
 
     resumed = subprocess.run([*cmd, "--resume", str(out)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -82,8 +89,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert len(trials) == 4 and set(trials.status) == {"completed"}
     assert {"train.replay_lambda", "seed", "fid_task0", "fid_task1", "fid_final", "fid_auc"} <= set(trials.columns)
     for run_dir in map(Path, trials.run_dir):
-        if run_dir.name in finished:
+        if run_dir.name in completed:
             assert _starts(run_dir) == 1, f"{run_dir.name} finished before the interruption but was rerun"
+        if run_dir.name in done_on_disk:  # also one whose end Tune had not recorded yet: restarted, it retrains nothing
+            assert _weights(run_dir) == done_on_disk[run_dir.name], f"{run_dir.name} was retrained"
     summary = pd.read_parquet(out / "summary.parquet")
     assert sorted(summary["train.replay_lambda"]) == [0.5, 3.0] and set(summary.seeds) == {2}
     assert "best by final fid" in (out / "summary.md").read_text()

@@ -45,23 +45,27 @@ def distill_unit_item(config: dict, item: WorkItem) -> dict:
         return {"model": unit.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "rows": rows + logged} if rank == 0 else {}  # fmt: skip
 
+    every = config["checkpoint_every"]  # the losses are read on the host at the checkpoints (and the last step)
+
     def on_step(step: int, logged: list[dict]) -> None:
         item.inject_fault(step)
-        if rank == 0 and (time.perf_counter() - last_print[0] > PRINT_EVERY_S or step == unit.iterations - 1):
+        read = (step + 1 - start) % every == 0 or step == unit.iterations - 1
+        if rank == 0 and read and logged and (time.perf_counter() - last_print[0] > PRINT_EVERY_S
+                                               or step == unit.iterations - 1):  # fmt: skip
             WORKER_LOG.info(f"[distcl] {spec.method} {spec.name} step {step + 1}/{unit.iterations}: "
                             f"loss {logged[-1]['loss']:.4f}")  # fmt: skip
             last_print[0] = time.perf_counter()
-        if (step + 1) % config["checkpoint_every"] == 0 and step < unit.iterations - 1:
+        if (step + 1) % every == 0 and step < unit.iterations - 1:
             item.checkpoint(state_at(step, logged), {"step": step, "loss": logged[-1]["loss"]})
 
-    def mean_over_workers(loss: torch.Tensor) -> float:
+    def mean_over_workers(loss: torch.Tensor) -> torch.Tensor:
         if world > 1:
             loss = loss.clone()
             torch.distributed.all_reduce(loss)
-        return loss.item() / world
+        return loss / world
 
     logged = optimise(model, optimizer, lambda step: unit.loss(model, step, shard), unit.iterations, start,
-                      on_step=on_step, progress=False, logged_loss=mean_over_workers)  # fmt: skip
+                      on_step=on_step, progress=False, loss_value=mean_over_workers, read_every=every)  # fmt: skip
     return state_at(unit.iterations - 1, logged)
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import ray
 from tqdm.auto import tqdm
 
-from distcl.config import RunConfig
+from distcl.config import ConfigError, RunConfig
 from distcl.continual import ClassifierSpec, TaskSpec, TeacherFiles, out_lock, run_continual
 from distcl.evaluation import ChunkResult, EvalJob
 from distcl.replay import REPLAY_ITEM_STRATEGIES
@@ -21,15 +21,16 @@ from distcl.runtime.cluster import join_cluster
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.samplers import SamplerPool
 from distcl.runtime.train import classifier_task_item, train_task_item
-from distcl.runtime.workers import WorkerGroup
+from distcl.runtime.workers import WorkerGroup, resolve_use_gpu
 
 
-def layout_needs(cfg: RunConfig) -> dict[str, float]:
-    """Resources one task holds at once: the Train workers and the sampler actors."""
+def layout_needs(cfg: RunConfig, use_gpu: bool) -> dict[str, float]:
+    """Resources one task holds at once: the Train workers (with ``use_gpu``, their GPUs) and the sampler actors."""
     rt = cfg.runtime
     needs = {"CPU": rt.num_workers * rt.cpus_per_worker + rt.num_samplers * rt.sampler_cpus}
-    if rt.sampler_gpus:
-        needs["GPU"] = rt.num_samplers * rt.sampler_gpus
+    gpus = (rt.num_workers * rt.gpus_per_worker if use_gpu else 0) + rt.num_samplers * rt.sampler_gpus
+    if gpus:
+        needs["GPU"] = gpus
     if rt.sampler_resource:
         needs[rt.sampler_resource] = rt.num_samplers
     if rt.worker_resource:
@@ -37,23 +38,40 @@ def layout_needs(cfg: RunConfig) -> dict[str, float]:
     return needs
 
 
-def connect(cfg: RunConfig) -> None:
-    """Join the configured cluster, or start a local one big enough for the layout."""
-    join_cluster(cfg.runtime, layout_needs(cfg)["CPU"])
+def connect(cfg: RunConfig) -> RunConfig:
+    """Join the configured cluster, or start a local one big enough for the layout; ``cfg`` with
+    ``runtime.use_gpu`` decided for this cluster (None: when its GPUs hold the workers' beside the samplers')."""
+    rt = cfg.runtime
+    join_cluster(rt, layout_needs(cfg, use_gpu=False)["CPU"])
+    use_gpu = resolve_use_gpu(rt, ray.cluster_resources().get("GPU", 0), rt.num_samplers * rt.sampler_gpus)
+    return replace(cfg, runtime=replace(rt, use_gpu=use_gpu))
 
 
 def check_layout(cfg: RunConfig) -> None:
-    """Fail fast, naming the fields, when the cluster cannot hold the layout (instead of waiting forever)."""
+    """Refuse, naming the fields, a layout the cluster cannot hold (instead of waiting forever); ``cfg`` as
+    :func:`connect` returns it."""
     have = ray.cluster_resources()
     rt = cfg.runtime
-    for resource, need in layout_needs(cfg).items():
+    for resource, need in layout_needs(cfg, bool(rt.use_gpu)).items():
         if have.get(resource, 0) + 1e-9 < need:
-            raise RuntimeError(
+            raise ConfigError(
+                "runtime",
                 f"the layout needs {need:g} {resource} but the cluster has {have.get(resource, 0):g} "
-                f"(runtime.num_workers={rt.num_workers}, cpus_per_worker={rt.cpus_per_worker}, "
-                f"num_samplers={rt.num_samplers}, sampler_cpus={rt.sampler_cpus}, sampler_gpus={rt.sampler_gpus}, "
-                f"sampler_resource={rt.sampler_resource}, worker_resource={rt.worker_resource}, num_cpus={rt.num_cpus})"
+                f"(num_workers={rt.num_workers}, cpus_per_worker={rt.cpus_per_worker}, use_gpu={rt.use_gpu}, "
+                f"gpus_per_worker={rt.gpus_per_worker}, num_samplers={rt.num_samplers}, "
+                f"sampler_cpus={rt.sampler_cpus}, sampler_gpus={rt.sampler_gpus}, "
+                f"sampler_resource={rt.sampler_resource}, worker_resource={rt.worker_resource}, "
+                f"num_cpus={rt.num_cpus})",
             )
+
+
+def role_devices(cfg: RunConfig) -> str:
+    """Which device each role of a Ray run uses (``cfg`` as :func:`connect` returns it)."""
+    rt = cfg.runtime
+    workers = f"cuda ({rt.gpus_per_worker:g} GPU each)" if rt.use_gpu else "cpu"
+    samplers = f"cuda ({rt.sampler_gpus:g} GPU each)" if rt.sampler_gpus else "cpu"
+    return (f"driver cpu (orchestrates), {rt.num_workers} Train worker(s) {workers}, {rt.num_samplers} sampler "
+            f"actor(s) {samplers} (replay and evaluation)")  # fmt: skip
 
 
 class RayBackend:
@@ -86,6 +104,8 @@ class RayBackend:
         self.record_placement(k, state["worker_nodes"])
         return state["rows"]
 
+    def devices(self) -> str:
+        return role_devices(self.cfg)
 
     def teacher(self, teacher_dir: Path) -> list:
         """``[ref]`` to the TeacherFiles of ``teacher_dir``, put in the object store once per teacher."""
@@ -126,7 +146,7 @@ class RayBackend:
 def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
         on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
     """``distcl run`` on Ray (arguments as distcl.continual.run_continual)."""
-    connect(cfg)
+    cfg = connect(cfg)
     check_layout(cfg)
     out = Path(out).resolve()
     with out_lock(out):  # before the Train workers write into OUT/ray_train

@@ -17,6 +17,7 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distcl.config import RunConfig
+from distcl.devices import configure_numerics
 from distcl.evaluation import ChunkResult, EvalChunk, EvalJob, EvalWorker
 from distcl.replay import ReplayBatch, Teacher
 from distcl.solver import replay_images
@@ -32,6 +33,7 @@ class TeacherSampler:
 
     def __init__(self, cfg: RunConfig, batch_size: int, threads: int):
         torch.set_num_threads(max(1, threads))
+        configure_numerics(cfg.runtime.precision, cfg.runtime.deterministic)
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.cfg, self.batch_size = cfg, batch_size
         self.loaded: Optional[str] = None

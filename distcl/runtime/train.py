@@ -93,7 +93,7 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
         model, optimizer, DataStream(images, per_worker, cfg.seed, k, rank, world), replay,
         task=k, steps=steps, train_cfg=cfg.train, scheduler=build_scheduler(cfg.model),
         noise_seed=noise_seed(cfg.seed, k, rank), device=device, ema=ema, lwf_teacher=lwf_teacher,
-        start_step=start_step, on_step=on_step, progress=False,
+        start_step=start_step, on_step=on_step, progress=False, precision=cfg.runtime.precision,
     )  # fmt: skip
     return state_at(steps - 1, logged)
 

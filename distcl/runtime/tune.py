@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +50,8 @@ def run_trial(config: dict[str, Any], sweep: SweepConfig, out: str) -> None:
     trial_id = tune.get_context().get_trial_id()
     directory = trial_dir(Path(out), sweep, config, trial_id)
     cfg = sweep.trial_config(config, name=f"{sweep.name}-{directory.name}")
+    if cfg.device == "auto" and not ray.get_gpu_ids():  # the trial holds no GPU: it must not use one
+        cfg = replace(cfg, device="cpu")
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / "trial_starts.log").open("a") as starts:  # one line per (re)start of the trial
         starts.write(f"{trial_id} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
@@ -67,11 +70,25 @@ def trial_cpus(sweep: SweepConfig) -> float:
     return 0.01 if sweep.trial_config({}).runtime.backend == "ray" else 1.0
 
 
-def trial_needs(sweep: SweepConfig) -> dict[str, float]:
-    """Resources one trial holds: its driver, plus its Train workers and samplers with the Ray backend."""
+def trial_gpus(sweep: SweepConfig, cluster_gpus: float) -> float:
+    """The GPU a trial's own process holds: an inline trial evaluates and trains there (``device`` cuda, or auto
+    on a cluster with GPUs: 1); a Ray-backend trial only orchestrates (0: its workers and samplers ask for theirs)."""
+    if sweep.trial_gpus is not None:
+        return sweep.trial_gpus
     cfg = sweep.trial_config({})
-    needs = layout_needs(cfg) if cfg.runtime.backend == "ray" else {}
+    if cfg.runtime.backend == "ray" or cfg.device == "cpu":
+        return 0.0
+    return 1.0 if cfg.device == "cuda" or cluster_gpus > 0 else 0.0
+
+
+def trial_needs(sweep: SweepConfig, cluster_gpus: float = 0.0) -> dict[str, float]:
+    """Resources one trial holds: its driver, plus its Train workers (their GPUs with ``runtime.use_gpu: true``)
+    and samplers with the Ray backend."""
+    cfg = sweep.trial_config({})
+    needs = layout_needs(cfg, cfg.runtime.use_gpu is True) if cfg.runtime.backend == "ray" else {}
     needs["CPU"] = needs.get("CPU", 0) + trial_cpus(sweep)
+    if gpus := trial_gpus(sweep, cluster_gpus):
+        needs["GPU"] = needs.get("GPU", 0) + gpus
     return needs
 
 
@@ -85,7 +102,7 @@ def connect(sweep: SweepConfig) -> bool:
 def check_capacity(sweep: SweepConfig) -> None:
     """Refuse, before any trial starts, a sweep whose concurrent trials the cluster cannot hold."""
     have = ray.cluster_resources()
-    for resource, need in trial_needs(sweep).items():
+    for resource, need in trial_needs(sweep, have.get("GPU", 0)).items():
         total = need * sweep.max_concurrent_trials
         if have.get(resource, 0) + 1e-9 < total:
             raise ConfigError(
@@ -109,7 +126,8 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
 
 
 def trainable(sweep: SweepConfig, out: Path):
-    return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, out=str(out)), {"cpu": trial_cpus(sweep)})
+    resources = {"cpu": trial_cpus(sweep), "gpu": trial_gpus(sweep, ray.cluster_resources().get("GPU", 0))}
+    return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, out=str(out)), resources)
 
 
 def build_tuner(sweep: SweepConfig, out: Path) -> tune.Tuner:
