@@ -25,7 +25,7 @@ import pandas as pd
 
 from benchmarks.common import RESULTS, machine
 from distcl.config import load_config
-from distcl.continual import run
+from distcl.launch import run
 
 STRATEGIES = ("finetune", "joint", "gr", "gd")
 TEACHER = {"gr": ["train.teacher_steps=2"], "gd": ["train.teacher_steps=2", "train.replay_lambda=3.0"]}

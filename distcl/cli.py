@@ -112,7 +112,7 @@ def _run(args) -> int:
 
     def work() -> int:
         cfg = load_config(args.config, args.preset, overrides)
-        from distcl.continual import run  # heavy imports only once the config is valid
+        from distcl.launch import run  # heavy imports only once the config is valid
 
         metrics = run(cfg, Path(args.out or Path("runs") / cfg.name), progress=_progress(args))
         print(f"[distcl] done: {metrics}")

@@ -461,16 +461,6 @@ def _run_tasks(cfg: RunConfig, out: Path, backend: Optional[Backend], progress: 
     return out / "metrics.parquet"
 
 
-def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
-        on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
-    """Run ``cfg`` on its ``runtime.backend``: Ray (distcl.runtime.pipeline) or this process."""
-    if cfg.runtime.backend == "ray":
-        from distcl.runtime.pipeline import run as run_on_ray  # Ray only when asked for
-
-        return run_on_ray(cfg, out, progress=progress, log=log, on_task=on_task)
-    return run_continual(cfg, out, progress=progress, log=log, on_task=on_task)
-
-
 def task_metrics(out: Path, k: int) -> dict[str, float]:
     """The metrics of task k from OUT/metrics.parquet, as {metric: value}."""
     table = pq.read_table(out / "metrics.parquet", filters=[("task", "=", k)], columns=["metric", "value"])

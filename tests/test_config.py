@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,12 @@ def test_fast_replay_sampler_only_for_replay_that_samples_x0():
     cfg = load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gr"])
     assert (cfg.replay_sampler.method, cfg.train.strategy) == ("pid", "gr")
 
+
+
+def test_the_core_never_imports_the_ray_shell():
+    """distcl.runtime wraps the core; the backend is chosen at the face (distcl.launch): an inline run, a
+    distillation in one process or a test of the algorithms imports no Ray."""
+    code = ("import sys, distcl.continual, distcl.distill, distcl.evaluation, distcl.launch, distcl.sweep; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('distcl.runtime')))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3, num_gpus=0, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -115,11 +115,15 @@ def test_a_ray_run_resumed_inline_retrains_nothing_done_and_reproduces(smoke, tm
     resumed = capsys.readouterr().out
     assert resumed.count("trained") == 1 and "task 4 (3, 7): trained" in resumed
     after = weights(out / "task_4")
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    # bitwise on the CPU; with a GPU (device auto) the Ray run trained there on the samplers' CPU replay and the
+    # inline rerun on its own GPU replay: equal up to float rounding (README, Determinism)
+    cpu = not torch.cuda.is_available()
+    assert all(torch.equal(before[k], after[k]) if cpu else torch.allclose(before[k], after[k], atol=1e-2)
+               for k in before)  # fmt: skip
     again = pd.read_parquet(out / "metrics.parquet")
     assert sorted(again.task.unique()) == [0, 1, 2, 3, 4]
     assert again.set_index(["task", "metric"]).value.to_dict() == pytest.approx(
-        metrics.set_index(["task", "metric"]).value.to_dict(), rel=1e-4)  # evaluated on Ray, then inline
+        metrics.set_index(["task", "metric"]).value.to_dict(), rel=1e-4 if cpu else 5e-2)  # on Ray, then inline
 
 
 def test_other_config_on_same_out_is_refused(smoke, capsys):
@@ -129,7 +133,7 @@ def test_other_config_on_same_out_is_refused(smoke, capsys):
 
 
 SHORT = ["data.num_tasks=2", "data.train_per_class=20", "data.test_per_class=20", "train.batch_size=8",
-         "train.epochs=1.0", "train.max_steps=null", "eval.num_samples=20", "eval.steps=2"]  # fmt: skip
+         "train.epochs=1.0", "train.max_steps=null", "eval.num_samples=20", "eval.steps=2", "device=cpu"]  # fmt: skip
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "joint", "gr", "partial_generation", "gaussian", "lwf"])

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 def test_samplers_and_train_workers_land_on_their_nodes(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    sampler_node = cluster.add_node(num_cpus=1, resources={"sampler_slot": 2})
-    train_node = cluster.add_node(num_cpus=1, resources={"trainer_slot": 1})
+    sampler_node = cluster.add_node(num_cpus=1, num_gpus=0, resources={"sampler_slot": 2})
+    train_node = cluster.add_node(num_cpus=1, num_gpus=0, resources={"trainer_slot": 1})
     ray.init(address=cluster.address)
     try:
         cfg = load_config(preset="smoke", overrides=[

@@ -1,4 +1,4 @@
-"""The Ray runtime on a real local cluster: determinism over sampler counts, faults, resume, jobs."""
+"""The Ray runtime on a real local cluster: determinism over sampler counts, killed actors and drivers, resume, jobs."""
 import json
 import os
 import re
@@ -36,15 +36,15 @@ from distcl.pid import load_pid_student
 from distcl.replay import Teacher
 from distcl.runtime import pipeline
 from distcl.runtime.samplers import RemoteReplay, SamplerPool, classifier_replay
-from distcl.runtime.workers import FAULT_ENV
 from distcl.training import InlineReplay, indexed_replay
 
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).parent / "ray")
+# on the CPU, whatever the machine has: the bitwise claims are the CPU's (README, Determinism)
 SHORT = ["data.num_tasks=2", "data.train_per_class=40", "data.test_per_class=20", "train.batch_size=8",
          "train.max_steps=12", "eval.num_samples=20", "eval.steps=2", "runtime.checkpoint_every=4",
-         "runtime.num_samplers=1"]  # fmt: skip
+         "runtime.num_samplers=1", "device=cpu", "runtime.use_gpu=false"]  # fmt: skip
 
 
 def config(*extra):
@@ -70,7 +70,7 @@ def keep_task_0(src, dst):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)  # the jobs test starts its own head
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)  # the jobs test starts its own head
     yield
     ray.shutdown()
 
@@ -182,7 +182,7 @@ def test_layout_larger_than_the_cluster_is_refused(cluster):
         assert pipeline.connect(config(gpus)).runtime.use_gpu is (gpus == "runtime.use_gpu=true")
         with pytest.raises(ConfigError, match=r"needs 1 GPU but the cluster has 0"):
             pipeline.check_layout(pipeline.connect(config(gpus)))
-    assert pipeline.connect(config()).runtime.use_gpu is False
+    assert pipeline.connect(config("runtime.use_gpu=null")).runtime.use_gpu is False
 
 
 def test_mismatched_teacher_checkpoint_is_refused(inline_run):
@@ -197,11 +197,11 @@ def _private(cmd, **kwargs):
     return subprocess.Popen(["unshare", "-pf", "--mount-proc", "--kill-child=SIGKILL", *cmd], **kwargs)
 
 
-def test_a_ray_run_through_a_killed_driver_and_a_worker_fault_trains_the_inline_student_bitwise(cluster, inline_run,
-                                                                                                tmp_path):  # fmt: skip
+def test_a_ray_run_through_a_killed_driver_trains_the_inline_student_bitwise(cluster, inline_run, tmp_path):
     """Task 1 on Ray, from the inline run's task-0 model, by a driver that joins the cluster (as a Ray job's does)
-    with 1 sampler actor, is killed mid-task, and is run again with 3 sampler actors and a fault in the Train
-    worker: it trains the student of the inline run, bitwise (both compute with 1 thread)."""
+    with 1 sampler actor, is killed mid-task, and is run again with 2 sampler actors: it trains the student of the
+    inline run, bitwise (both compute with 1 thread). (A fault in a Train worker, which restarts the worker group
+    from the same checkpoints: test_distill_ray.py.)"""
     long = ["train.max_steps=40", "runtime.checkpoint_every=10"]
     reference = tmp_path / "reference"
     keep_task_0(inline_run, reference)  # task 0 as the run's (the config's diff is max_steps alone)
@@ -230,15 +230,13 @@ def test_a_ray_run_through_a_killed_driver_and_a_worker_fault_trains_the_inline_
     driver.kill()
     driver.wait()
     assert not task_dir(out, 1).exists()
-    marker = tmp_path / "fault-fired"
-    fault = {**env, FAULT_ENV: f"task_1:25:{marker}"}  # raise once in the Train worker at task 1, step 25
-    resumed = subprocess.run([*cmd, "--set", "runtime.num_samplers=3"], capture_output=True, text=True, timeout=300,
-                             env=fault)  # fmt: skip
+    resumed = subprocess.run([*cmd, "--set", "runtime.num_samplers=2"], capture_output=True, text=True, timeout=300,
+                             env=env)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     print(f"driver killed, resumed run finished {time.time() - killed_at:.1f}s later")
-    assert marker.exists() and "task 0" not in resumed.stdout.replace("task 0 (", "")  # task 0 not redone
+    assert "task 0" not in resumed.stdout.replace("task 0 (", "")  # task 0 not redone
     recoveries = re.findall(r"task 1: recovered at step (\d+)", resumed.stdout)
-    assert len(recoveries) == 2 and recoveries[-1] == "20", resumed.stdout[-4000:]  # the kill's, the fault's
+    assert len(recoveries) == 1 and int(recoveries[0]) in (10, 20, 30), resumed.stdout[-4000:]  # at a checkpoint
     assert same_weights(weights(out, 1), weights(reference, 1))
     assert not same_weights(weights(out, 1), weights(out, 0), atol=1e-4)
     assert not (out / "ray_train").exists() or not any((out / "ray_train").iterdir())
@@ -271,25 +269,20 @@ def _submit(address: str, env: dict, entrypoint: list[str]) -> str:
 
 
 def _wait(address: str, env: dict, job_id: str, timeout_s: float) -> tuple[str, str]:
-    """Wait for the job's end: (status, logs)."""
-    status = ""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
-        if re.search(r"job '[^']+' (succeeded|failed|stopped)|': (succeeded|failed|stopped)", status.lower()):
-            break
-        time.sleep(3)
-    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
+    """Follow the job's logs to its end (one ``ray job logs --follow``, not a ``ray`` process per poll): (status,
+    logs)."""
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, "--follow", job_id], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s).stdout  # fmt: skip
+    status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
     return status, logs
 
 
 def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path):
     """jobs/train_cl.py: gd with a PID replay sampler distilled on Ray Train in the job (the continual classifier
     on Ray is in test_multinode.py);
-    jobs/distill.py: ``distcl distill pid`` on two Train workers, side by side with it on the same cluster: the
-    losses of one process (progressive distillation on Ray is in test_distill_ray.py)."""
+    jobs/distill.py: ``distcl distill pid`` on a Train worker, side by side with it on the same cluster: the
+    losses of one process (two DDP workers and a fault: test_distill_ray.py)."""
     gcs, dashboard, agent, client = _free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths must fit 107 bytes
     # as a user whose environment is activated: `ray` and the jobs' `python` are the project's
@@ -312,9 +305,10 @@ def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path)
         save_checkpoint(build_unet(config().model), build_scheduler(config().model), teacher)
         pid = ["--set", "iterations=3", "--set", "batch_size=4", "--set", "grid_points=20"]
         distill_job = _submit(address, env, ["python", "jobs/distill.py", "pid", "--teacher", str(teacher), "--out",
-                                             "runs/pid", "--workers", "2", *pid])  # fmt: skip
+                                             "runs/pid", *pid])  # fmt: skip
         inline = tmp_path / "pid_inline"
-        assert main(["distill", "pid", "--teacher", str(teacher), "--out", str(inline), "--inline", *pid]) == 0
+        assert main(["distill", "pid", "--teacher", str(teacher), "--out", str(inline), "--inline", "--device", "cpu",
+                     *pid]) == 0  # fmt: skip
         odd = ["distill", "pid", "--teacher", str(teacher), "--out", str(tmp_path / "odd"), "--workers", "2"]
         assert main([*odd, *pid, "--set", "batch_size=3"]) == 2  # 3 into 2 workers: refused before Ray starts
         status, logs = _wait(address, env, train_job, 480)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from ray.tune import ExperimentAnalysis
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +23,7 @@ SWEEP = {
         "train": {"max_steps": 3},
         "eval": {"num_samples": 20, "steps": 2},
         "runtime": {"backend": "inline", "num_cpus": 2},  # trials run in-process: Tune's mechanics, quickly
+        "device": "cpu",  # two concurrent trials, whatever GPUs the machine has
     },
     "params": {"train.replay_lambda": [0.5, 3.0], "seed": [42, 69]},
     "max_concurrent_trials": 2,
@@ -80,8 +82,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     log.close()
     assert len(done_on_disk) < 4, "the sweep ended before it could be interrupted"
     assert f"continue with: distcl tune --resume {out}" in (tmp_path / "first.log").read_text()
-    first_trials = pd.read_parquet(out / "sweep.parquet")  # the trials Tune saw finish (some after the snapshot)
-    completed = {Path(d).name for d in first_trials.run_dir[first_trials.status == "completed"]}
+    # the trials Tune recorded as finished (a run may end on disk just before the Ctrl-C, its trial not yet)
+    completed = {Path(t.last_result["run_dir"]).name for t in ExperimentAnalysis(str(out / "tune")).trials
+                 if t.status == "TERMINATED"}  # fmt: skip
 
     resumed = subprocess.run([*cmd, "--resume", str(out)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -23,7 +23,7 @@ import yaml
 from ray import tune
 
 from distcl.config import ConfigError, from_dict
-from distcl.continual import run
+from distcl.launch import run
 from distcl.runtime.cluster import join_cluster
 from distcl.runtime.pipeline import layout_needs
 from distcl.sweep import (
@@ -143,6 +143,7 @@ def build_tuner(sweep: SweepConfig, out: Path) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, num_samples=sweep.num_samples,
             max_concurrent_trials=sweep.max_concurrent_trials,
+            reuse_actors=True,  # a trial's process runs the next trial: its imports (torch, diffusers) paid once
             search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed,
                                                          max_concurrent=sweep.max_concurrent_trials),
         ),  # fmt: skip
