@@ -109,7 +109,7 @@ def check_capacity(sweep: SweepConfig) -> None:
                 "max_concurrent_trials",
                 f"{sweep.max_concurrent_trials} trials need {total:g} {resource} ({need:g} each: the trial, its Train "
                 f"workers and samplers) but the cluster has {have.get(resource, 0):g} (allowed: fewer concurrent "
-                "trials, a smaller runtime layout, or a larger runtime.num_cpus)",
+                "trials, a smaller runtime layout, a smaller trial_gpus, or a larger runtime.num_cpus)",
             )
 
 
