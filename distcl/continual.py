@@ -27,9 +27,17 @@ from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from distcl.config import FAST_SAMPLER_STRATEGIES, ConfigError, RunConfig, from_dict
-from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate, select, to_model_range
+from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate
 from distcl.distill import Fit, distill, fast_sampler, fit_inline
-from distcl.evaluation import ChunkResult, EvalJob, Evaluator, EvalWorker, metrics_from_chunks, save_grid
+from distcl.evaluation import (
+    ChunkResult,
+    EvalJob,
+    Evaluator,
+    EvalWorker,
+    metrics_from_chunks,
+    save_grid,
+    solver_predictions,
+)
 from distcl.models import build_scheduler, build_unet, load_unet, require_checkpoint, save_checkpoint
 from distcl.progressive import stage_dir
 from distcl.replay import REPLAY_ITEM_STRATEGIES, Teacher
@@ -37,7 +45,6 @@ from distcl.solver import (
     ImageReplay,
     InlineImageReplay,
     SolverCNN,
-    accuracy,
     forgetting,
     solver_steps,
     train_solver_task,
@@ -367,18 +374,18 @@ def train_classifier_task(cfg: RunConfig, scenario: Scenario, k: int, out: Path,
     return rows
 
 
-def classifier_metrics(cfg: RunConfig, scenario: Scenario, k: int, out: Path, device: torch.device) -> dict[str, float]:
-    """``accuracy`` on the test data of every class seen so far, ``forgetting`` (distcl.solver.forgetting) and
-    ``accuracy_task<j>`` (on task j's classes) for j <= k; earlier tasks' values come from metrics.parquet."""
-    model = SolverCNN()
-    model.load_state_dict(torch.load(classifier_path(out, k), map_location="cpu"))
-    model.to(device).eval()
+def classifier_metrics(scenario: Scenario, k: int, out: Path, predicted: torch.Tensor) -> dict[str, float]:
+    """From the continual classifier's ``predicted`` labels of the test images of every class seen so far
+    (``scenario.test_split(k)``, in order; the evaluation workers predict them): ``accuracy`` on them,
+    ``forgetting`` (distcl.solver.forgetting) and ``accuracy_task<j>`` (on task j's classes) for j <= k; earlier
+    tasks' values come from metrics.parquet."""
+    labels = scenario.test_split(k).labels
 
-    def acc(split) -> float:
-        return accuracy(model, to_model_range(split.images, scenario.sample_size), split.labels)
+    def acc(mask: torch.Tensor) -> float:
+        return int((predicted[mask] == labels[mask]).sum()) / int(mask.sum())
 
-    metrics = {"accuracy": acc(scenario.test_split(k))}
-    per_task = {j: acc(select(scenario.test, scenario.tasks[j], None)) for j in range(k + 1)}
+    metrics = {"accuracy": acc(torch.ones_like(labels, dtype=torch.bool))}
+    per_task = {j: acc(torch.isin(labels, torch.tensor(scenario.tasks[j]))) for j in range(k + 1)}
     history = {i: {j: task_metrics(out, i)[f"accuracy_task{j}"] for j in range(i + 1)} for i in range(k)}
     history[k] = per_task
     metrics["forgetting"] = forgetting(history, k)
@@ -444,11 +451,13 @@ def _run_tasks(cfg: RunConfig, out: Path, backend: Optional[Backend], progress: 
             start = time.perf_counter()
             test = scenario.test_split(k)
             state = load_unet(directory, cfg.model).state_dict()
-            job = evaluator.job(k, cfg.seed, cfg.model, state, test, scenario.sample_size)
-            metrics, grid = metrics_from_chunks(backend.evaluate(job, progress), test.labels)
+            solver = torch.load(classifier_path(out, k), map_location="cpu") if cfg.classifier.enabled else None
+            job = evaluator.job(k, cfg.seed, cfg.model, state, test, scenario.sample_size, solver)
+            results = backend.evaluate(job, progress)
+            metrics, grid = metrics_from_chunks(results, test.labels)
             save_grid(grid, out / "samples" / f"task_{k}.png")
             if cfg.classifier.enabled:
-                metrics.update(classifier_metrics(cfg, scenario, k, out, device))
+                metrics.update(classifier_metrics(scenario, k, out, solver_predictions(results)))
             rows = [
                 {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k, "metric": m, "value": v}
                 for m, v in metrics.items()

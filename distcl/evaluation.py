@@ -27,6 +27,7 @@ from distcl.data import Split, to_model_range
 from distcl.diffusion import ddim_sample
 from distcl.models import FashionClassifier, build_scheduler, build_unet, load_pipeline_parts
 from distcl.pid import STUDENT_FILE, load_pid_student
+from distcl.solver import SolverCNN
 from distcl.training import seeded_generator
 
 FMNIST_EXTRACTOR = "distcl-fmnist"
@@ -231,9 +232,10 @@ class LoadedNets:
 
 @dataclass(frozen=True)
 class EvalChunk:
-    """One piece of a task's evaluation: generated samples [start, stop) or real test images [start, stop)."""
+    """One piece of a task's evaluation: generated samples [start, stop), real test images [start, stop) through
+    the FID network, or the same test images through the continual classifier ("solver")."""
 
-    kind: str  # "generated" | "real"
+    kind: str  # "generated" | "real" | "solver"
     start: int
     stop: int
 
@@ -241,7 +243,8 @@ class EvalChunk:
 @dataclass
 class EvalJob:
     """Task k's evaluation as a worker needs it (plain data: it travels through the object store once per task):
-    the model after task k, the nets, and the uint8 test images of the classes seen so far."""
+    the model after task k, the nets, and the uint8 test images of the classes seen so far (at the model's size;
+    with the continual classifier's weights ``solver``, also at 28x28, its input before resizing)."""
 
     task: int
     seed: int
@@ -250,21 +253,26 @@ class EvalJob:
     state: dict[str, torch.Tensor]
     nets: EvalNets
     real: torch.Tensor
+    solver: Optional[dict[str, torch.Tensor]] = None
+    test_images: Optional[torch.Tensor] = None
 
     def chunks(self) -> list[EvalChunk]:
-        """Generated samples in chunks of eval.batch_size, then the real images in chunks of the same size."""
+        """Generated samples in chunks of eval.batch_size, then the real images in chunks of the same size (and
+        those for the continual classifier)."""
         b, n, m = self.eval_cfg.batch_size, self.eval_cfg.num_samples, len(self.real)
+        kinds = ("real", "solver") if self.solver is not None else ("real",)
         return [EvalChunk("generated", i, min(i + b, n)) for i in range(0, n, b)] + [
-            EvalChunk("real", i, min(i + b, m)) for i in range(0, m, b)
+            EvalChunk(kind, i, min(i + b, m)) for kind in kinds for i in range(0, m, b)
         ]
 
 
 @dataclass
 class ChunkResult:
-    """What comes back from a chunk: features, and for generated samples their labels and the grid's images."""
+    """What comes back from a chunk: features, and for generated samples their labels and the grid's images; for
+    the continual classifier's chunks, only its predicted labels."""
 
     chunk: EvalChunk
-    features: torch.Tensor
+    features: Optional[torch.Tensor]  # None for the continual classifier's chunks
     labels: Optional[torch.Tensor] = None
     grid: Optional[torch.Tensor] = None  # uint8 samples of index < GRID_SIZE
 
@@ -275,7 +283,7 @@ class EvalWorker:
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        self.job, self.nets, self.unet, self.scheduler = None, None, None, None
+        self.job, self.nets, self.unet, self.scheduler, self.solver = None, None, None, None, None
 
     def load(self, job: EvalJob) -> None:
         if job is not self.job:
@@ -284,17 +292,31 @@ class EvalWorker:
             self.unet.load_state_dict(job.state)
             self.unet.to(self.device).eval().requires_grad_(False)
             self.scheduler = build_scheduler(job.model_cfg)
+            self.solver = None
+            if job.solver is not None:
+                self.solver = SolverCNN()
+                self.solver.load_state_dict(job.solver)
+                self.solver.to(self.device).eval()
             self.job = job
 
     def run(self, job: EvalJob, chunk: EvalChunk) -> ChunkResult:
         self.load(job)
         if chunk.kind == "real":
             return ChunkResult(chunk, self.nets.features(job.real[chunk.start : chunk.stop]))
+        if chunk.kind == "solver":  # the continual classifier's predictions (its input as in training)
+            with torch.no_grad():
+                x = to_model_range(job.test_images[chunk.start : chunk.stop], job.real.shape[-1])
+                return ChunkResult(chunk, None, classify(self.solver, x))
         c = job.eval_cfg
         samples = generate_indexed(self.unet, self.scheduler, c.steps, c.eta, job.seed, job.task, chunk.start, chunk.stop)
         images = to_uint8(samples)
         grid = images[: max(0, GRID_SIZE - chunk.start)]
         return ChunkResult(chunk, self.nets.features(images), self.nets.labels(samples), grid)
+
+
+def solver_predictions(results: list[ChunkResult]) -> torch.Tensor:
+    """The continual classifier's predicted labels of the job's test images, in their order."""
+    return torch.cat([r.labels for r in sorted(results, key=lambda r: r.chunk.start) if r.chunk.kind == "solver"])
 
 
 def fid_from_features(generated: torch.Tensor, real: torch.Tensor) -> float:
@@ -346,11 +368,14 @@ class Evaluator:
         state = {k: v.cpu() for k, v in classifier.state_dict().items()}
         self.nets = EvalNets(state, extractor, Path(weights).read_bytes())
 
-    def job(self, task: int, seed: int, model_cfg: ModelConfig, state: dict, test: Split, size: int) -> EvalJob:
+    def job(self, task: int, seed: int, model_cfg: ModelConfig, state: dict, test: Split, size: int,
+            solver: Optional[dict[str, torch.Tensor]] = None) -> EvalJob:  # fmt: skip
         """Task ``task``'s evaluation of the model with weights ``state`` against the split ``test``
-        (at the model's sample ``size``)."""
+        (at the model's sample ``size``); with ``solver`` (the continual classifier's weights), its predictions
+        of the test images too."""
         real = to_uint8(to_model_range(test.images, size))
-        return EvalJob(task, seed, self.cfg, model_cfg, state, self.nets, real)
+        return EvalJob(task, seed, self.cfg, model_cfg, state, self.nets, real, solver,
+                       test.images if solver is not None else None)  # fmt: skip
 
     def score(self, samples: torch.Tensor, test: Split, grid_path: Optional[Path] = None) -> dict[str, float]:
         """FID, KLD, TV of given ``samples`` ([-1, 1], any sampler) against ``test``, in this process."""

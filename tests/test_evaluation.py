@@ -19,9 +19,11 @@ from distcl.evaluation import (
     generate_indexed,
     load_or_train_classifier,
     metrics_from_chunks,
+    solver_predictions,
     to_uint8,
 )
 from distcl.models import build_unet
+from distcl.solver import SolverCNN
 
 
 def test_class_histogram_metrics():
@@ -121,3 +123,18 @@ def test_a_worker_loads_each_new_job_s_model(splits, classifier):
         got = worker.run(job(seed), chunk)  # the previous job may be freed: its model must not be reused
         assert torch.equal(got.grid, EvalWorker(torch.device("cpu")).run(job(seed), chunk).grid)
     assert not torch.equal(got.grid, worker.run(job(0), chunk).grid)
+
+
+def test_the_continual_classifier_predicts_the_test_images_in_chunks_as_in_one_batch(splits, classifier):
+    net, _, path = classifier
+    torch.manual_seed(0)
+    solver, state = SolverCNN().eval(), build_unet(ModelConfig()).state_dict()
+    test = select(splits["test"], [0, 1, 2], 30)
+    nets = EvalNets(net.state_dict(), FMNIST_EXTRACTOR, path.read_bytes())
+    job = EvalJob(1, 42, EvalConfig(num_samples=20, steps=1, batch_size=40), ModelConfig(), state, nets,
+                  to_uint8(to_model_range(test.images, 16)), solver.state_dict(), test.images)  # fmt: skip
+    assert sorted(c.kind for c in job.chunks() if c.kind == "solver") == ["solver"] * 3  # 90 images, chunks of 40
+    worker = EvalWorker(torch.device("cpu"))
+    results = list(reversed([worker.run(job, c) for c in job.chunks()]))
+    expected = solver(to_model_range(test.images, 16)).argmax(1)
+    assert torch.equal(solver_predictions(results), expected)
