@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from distcl.config import FAST_SAMPLER_STRATEGIES, ConfigError, RunConfig, from_dict
 from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate
+from distcl.devices import configure_numerics, resolve_device
 from distcl.distill import Fit, distill, fast_sampler, fit_inline
 from distcl.evaluation import (
     ChunkResult,
@@ -49,7 +50,6 @@ from distcl.solver import (
     solver_steps,
     train_solver_task,
 )
-from distcl.devices import configure_numerics, resolve_device
 from distcl.training import (
     DataStream,
     InlineReplay,
@@ -374,12 +374,12 @@ def train_classifier_task(cfg: RunConfig, scenario: Scenario, k: int, out: Path,
     return rows
 
 
-def classifier_metrics(scenario: Scenario, k: int, out: Path, predicted: torch.Tensor) -> dict[str, float]:
-    """From the continual classifier's ``predicted`` labels of the test images of every class seen so far
-    (``scenario.test_split(k)``, in order; the evaluation workers predict them): ``accuracy`` on them,
-    ``forgetting`` (distcl.solver.forgetting) and ``accuracy_task<j>`` (on task j's classes) for j <= k; earlier
-    tasks' values come from metrics.parquet."""
-    labels = scenario.test_split(k).labels
+def classifier_metrics(scenario: Scenario, k: int, out: Path, labels: torch.Tensor, predicted: torch.Tensor
+                       ) -> dict[str, float]:  # fmt: skip
+    """From the continual classifier's ``predicted`` labels of the test images of every class seen so far (true
+    ``labels``: ``scenario.test_split(k)``'s, in order; the evaluation workers predict them): ``accuracy`` on
+    them, ``forgetting`` (distcl.solver.forgetting) and ``accuracy_task<j>`` (on task j's classes) for j <= k;
+    earlier tasks' values come from metrics.parquet."""
 
     def acc(mask: torch.Tensor) -> float:
         return int((predicted[mask] == labels[mask]).sum()) / int(mask.sum())
@@ -457,7 +457,7 @@ def _run_tasks(cfg: RunConfig, out: Path, backend: Optional[Backend], progress: 
             metrics, grid = metrics_from_chunks(results, test.labels)
             save_grid(grid, out / "samples" / f"task_{k}.png")
             if cfg.classifier.enabled:
-                metrics.update(classifier_metrics(scenario, k, out, solver_predictions(results)))
+                metrics.update(classifier_metrics(scenario, k, out, test.labels, solver_predictions(results)))
             rows = [
                 {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k, "metric": m, "value": v}
                 for m, v in metrics.items()

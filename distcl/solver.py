@@ -103,15 +103,6 @@ def train_solver_task(model: SolverCNN, previous: Optional[SolverCNN], images: t
 
 
 @torch.no_grad()
-def accuracy(model: SolverCNN, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    device = next(model.parameters()).device
-    correct = sum(
-        int((model(images[i : i + batch_size].to(device)).argmax(1).cpu() == labels[i : i + batch_size]).sum())
-        for i in range(0, len(labels), batch_size)
-    )
-    return correct / len(labels)
-
-
 def forgetting(history: dict[int, dict[int, float]], k: int) -> float:
     """Average forgetting after task k: mean over tasks j < k of max_{i in j..k-1} a_{i,j} - a_{k,j}, where
     ``history[i][j]`` is the accuracy on task j's test classes after task i (0 at task 0)."""

@@ -49,9 +49,8 @@ def distill_unit_item(config: dict, item: WorkItem) -> dict:
 
     def on_step(step: int, logged: list[dict]) -> None:
         item.inject_fault(step)
-        read = (step + 1 - start) % every == 0 or step == unit.iterations - 1
-        if rank == 0 and read and logged and (time.perf_counter() - last_print[0] > PRINT_EVERY_S
-                                               or step == unit.iterations - 1):  # fmt: skip
+        read = bool(logged) and logged[-1]["iteration"] == step  # optimise read the losses at this step
+        if rank == 0 and read and (time.perf_counter() - last_print[0] > PRINT_EVERY_S or step == unit.iterations - 1):
             WORKER_LOG.info(f"[distcl] {spec.method} {spec.name} step {step + 1}/{unit.iterations}: "
                             f"loss {logged[-1]['loss']:.4f}")  # fmt: skip
             last_print[0] = time.perf_counter()

@@ -1,7 +1,7 @@
 """Teacher sampler actors: each loads teacher k-1 (with its fast replay sampler, if any) from its checkpoint files,
-which come through the object store, and answers ``make(k, teacher, index)`` with replay batch ``index`` of task k (inputs, timesteps and targets), so the
-trainer runs no teacher forward at all; after each task they evaluate its model (``evaluate``: chunks of
-distcl.evaluation's job).
+which come through the object store, and answers ``make(k, teacher, index)`` with replay batch ``index`` of
+task k (inputs, timesteps and targets), so the trainer runs no teacher forward at all; after each task they
+evaluate its model (``evaluate``: chunks of distcl.evaluation's job).
 
 Batch ``index`` depends only on (run seed, k, index): the result is the same for any number of actors. An actor
 that dies is restarted by Ray (``max_restarts``) and its in-flight calls are retried (``max_task_retries``).
