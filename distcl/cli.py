@@ -6,6 +6,9 @@
     distcl tune SWEEP.yaml --out DIR      a Ray Tune sweep (tuning/*.yaml); distcl tune --resume DIR continues one
     distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...] [--workers W] [--inline]
     distcl sample --model DIR --out grid.png [--num 100] [--steps 10] [--device auto]
+    distcl cluster local [cluster.yaml] [--idle-timeout-s 15] [--max-node-cpus C] [--max-nodes-per-type N]
+                                          a local autoscaling twin of a cluster file
+    distcl cluster local --down [cluster.yaml] | --preempt NODE_TYPE [cluster.yaml]
 
 Exit codes: 0 done, 1 the run failed (message on stderr), 2 bad input (nothing written).
 """
@@ -66,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", choices=DEVICES, default="auto", help="auto (default): CUDA when present")
     report = sub.add_parser("report", help="Markdown table and PNG plots of a run's metrics")
     report.add_argument("out", help="a run's output directory")
+    cluster = sub.add_parser("cluster", help="rehearse a Ray cluster file on this machine")
+    local = cluster.add_subparsers(dest="action", required=True).add_parser(
+        "local", help="a local autoscaling twin of a cluster file: its node types, started as runs ask for them")
+    local.add_argument("cluster_file", nargs="?", default="cluster.yaml", help="default: cluster.yaml")
+    local.add_argument("--down", action="store_true", help="stop the twin (only its own processes)")
+    local.add_argument("--preempt", metavar="NODE_TYPE", help="kill one node of NODE_TYPE at once, as a spot reclaim")
+    local.add_argument("--idle-timeout-s", type=float, default=15.0, help="idle nodes go after this (default 15)")
+    local.add_argument("--max-node-cpus", type=float, help="cap each node type's CPUs to fit this machine")
+    local.add_argument("--max-nodes-per-type", type=int, help="cap each node type's max_workers to fit this machine")
     return parser
 
 
@@ -79,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return _distill(args)
     if args.command == "sample":
         return _sample(args)
+    if args.command == "cluster":
+        return _cluster(args)
     return _report(args)
 
 
@@ -211,6 +225,28 @@ def _report(args) -> int:
     for path in plot_metrics(df, Path(args.out)):
         print(f"wrote {path}")
     return 0
+
+
+def _cluster(args) -> int:
+    def work() -> int:
+        from distcl.runtime import twin
+
+        if args.down or args.preempt:
+            name = twin.cluster_name(args.cluster_file)
+            if args.preempt:
+                print(f"[distcl] {twin.preempt(name, args.preempt)}")
+            else:
+                print(f"[distcl] twin of {name!r} stopped ({twin.stop_twin(name)} processes)")
+            return 0
+        for flag, value in (("--idle-timeout-s", args.idle_timeout_s), ("--max-node-cpus", args.max_node_cpus),
+                            ("--max-nodes-per-type", args.max_nodes_per_type)):  # fmt: skip
+            if value is not None and value <= 0:
+                raise ConfigError(flag, f"{value} (allowed: > 0)")
+        up = twin.start_twin(args.cluster_file, args.idle_timeout_s, args.max_node_cpus, args.max_nodes_per_type)
+        print(twin.describe(up, args.cluster_file))
+        return 0
+
+    return _guarded("cluster", work)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ trains once on the training set and caches (no weights can be downloaded here).
 """
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import tempfile
@@ -121,19 +122,23 @@ def classify(net: FashionClassifier, images: torch.Tensor, batch_size: int = 100
 def load_or_train_classifier(
     cache: Path, train: Split, test: Split, epochs: int, device: torch.device, progress: bool = True
 ) -> tuple[FashionClassifier, float, Path]:
-    """The cached evaluation classifier (trained on all 60k training images once per ``epochs``)."""
+    """The cached evaluation classifier (trained on all 60k training images once per ``epochs``; runs that start
+    together on a machine wait for the one that trains it)."""
     path = cache / f"fmnist_classifier_e{epochs}.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu")
-        net = FashionClassifier()
-        net.load_state_dict(saved["state_dict"])
-        return net.to(device).eval(), saved["test_accuracy"], path
-    net, accuracy = train_classifier(train, test, epochs, device, progress=progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache, delete=False, suffix=".tmp") as tmp:
-        torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "test_accuracy": accuracy}, tmp)
-    os.replace(tmp.name, path)
-    return net, accuracy, path
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / f"{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+            if not path.is_file():
+                net, accuracy = train_classifier(train, test, epochs, device, progress=progress)
+                with tempfile.NamedTemporaryFile(dir=cache, delete=False, suffix=".tmp") as tmp:
+                    torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+                                "test_accuracy": accuracy}, tmp)  # fmt: skip
+                os.replace(tmp.name, path)
+    saved = torch.load(path, map_location="cpu")
+    net = FashionClassifier()
+    net.load_state_dict(saved["state_dict"])
+    return net.to(device).eval(), saved["test_accuracy"], path
 
 
 def histogram(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:

@@ -1,18 +1,22 @@
 """Distillation on Ray Train: two DDP workers, each on half of every step's batch, and a worker fault with a
-restart from the last checkpoint, train the same students as one process (the ``distcl distill pid`` command
-on two Train workers, as a Ray job: test_runtime.py)."""
+restart from the last checkpoint, train the same students as one process; ``jobs/distill.py pid`` as the
+driver of a Ray job runs it (a job's submission: test_twin.py)."""
 import json
+import runpy
+import sys
 
 import pytest
 import ray
 from safetensors.torch import load_file
 
+from distcl.cli import main
 from distcl.config import ConfigError, ModelConfig, RuntimeConfig
 from distcl.distill import distill, fit_inline
 from distcl.models import build_scheduler, save_checkpoint
 from distcl.progressive import ProgressiveConfig
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.workers import FAULT_ENV
+from tests.ray_jobs import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +70,22 @@ def test_two_ray_workers_with_a_fault_train_the_inline_students(cluster, teacher
         assert len(losses(b / "log.jsonl")) == 6  # the restarted worker group logged each step once
     with pytest.raises(ConfigError, match="batch_size"):
         fit.check(5)
+
+
+def test_the_distill_job_entrypoint_trains_the_inline_pid_student(cluster, teacher_dir, tmp_path, monkeypatch):
+    """``python jobs/distill.py pid`` as a job's driver runs it (in this process: the cluster is joined, as
+    inside a job): with a relative --out, in its working dir, the losses of one process."""
+    pid = ["--set", "iterations=3", "--set", "batch_size=4", "--set", "grid_points=20"]
+    inline = tmp_path / "pid_inline"
+    assert main(["distill", "pid", "--teacher", str(teacher_dir), "--out", str(inline), "--inline", "--device",
+                 "cpu", *pid]) == 0  # fmt: skip
+    odd = ["distill", "pid", "--teacher", str(teacher_dir), "--out", str(tmp_path / "odd"), "--workers", "2"]
+    assert main([*odd, *pid, "--set", "batch_size=3"]) == 2  # 3 into 2 workers: refused before Ray starts
+    assert not (tmp_path / "odd").exists()
+    monkeypatch.chdir(tmp_path)
+    argv = ["jobs/distill.py", "pid", "--teacher", str(teacher_dir), "--out", "runs/pid", *pid]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ROOT / "jobs" / "distill.py"), run_name="__main__")
+    assert done.value.code == 0
+    assert losses(tmp_path / "runs" / "pid" / "log.jsonl") == pytest.approx(losses(inline / "log.jsonl"), rel=1e-4)

@@ -1,15 +1,12 @@
-"""The Ray runtime on a real local cluster: determinism over sampler counts, killed actors and drivers, resume, jobs."""
-import json
+"""The Ray runtime on a real local cluster: determinism over sampler counts, killed actors and drivers, resume
+(jobs on an autoscaling cluster, a lost sampler node with replay in flight, a PID replay sampler on the sampler
+actors: test_twin.py)."""
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,30 +14,23 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from distcl.cli import main
 from distcl.config import ConfigError, load_config
 from distcl.continual import (
     InlineBackend,
     TeacherFiles,
-    distill_replay_sampler,
     inline_image_replay,
-    load_teacher,
     run_continual,
     task_dir,
 )
 from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, load_fashion_mnist
 from distcl.evaluation import Evaluator, metrics_from_chunks
-from distcl.distill import fit_inline
-from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
-from distcl.pid import load_pid_student
-from distcl.replay import Teacher
+from distcl.models import load_unet
+from distcl.runtime import cluster as cluster_module
 from distcl.runtime import pipeline
 from distcl.runtime.samplers import RemoteReplay, SamplerPool, classifier_replay
-from distcl.training import InlineReplay, indexed_replay
 
 pytestmark = pytest.mark.slow
 
-RAY = str(Path(sys.executable).parent / "ray")
 # on the CPU, whatever the machine has: the bitwise claims are the CPU's (README, Determinism)
 SHORT = ["data.num_tasks=2", "data.train_per_class=40", "data.test_per_class=20", "train.batch_size=8",
          "train.max_steps=12", "eval.num_samples=20", "eval.steps=2", "runtime.checkpoint_every=4",
@@ -70,7 +60,7 @@ def keep_task_0(src, dst):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)  # the jobs test starts its own head
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -80,48 +70,6 @@ def inline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("inline") / "run"
     run_continual(config("runtime.backend=inline"), out, progress=False, log=lambda _: None)
     return out
-
-
-def test_killed_sampler_is_restarted_and_its_batches_reissued(cluster, inline_run):
-    cfg = config("runtime.num_samplers=2")
-    pool = SamplerPool(cfg, batch_size=8)
-    try:
-        teacher = [ray.put(TeacherFiles.read(cfg, task_dir(inline_run, 0)))]
-        stream = RemoteReplay(pool.actors, 1, teacher, rank=0, world=1, steps=10, depth=4, timeout_s=120)
-        pid = ray.get(pool.actors[0].where.remote())["pid"]
-        got = [stream.get(s) for s in range(3)]  # steps 3..6 now in flight
-        ray.kill(pool.actors[0], no_restart=False)
-        got += [stream.get(s) for s in range(3, 10)]
-        assert ray.get(pool.actors[0].where.remote())["pid"] != pid  # restarted
-    finally:
-        pool.stop()
-    unet = load_unet(task_dir(inline_run, 0), cfg.model).eval()
-    reference = InlineReplay(Teacher(unet, build_scheduler(cfg.model), 2), "gd", 8, cfg.seed, 1)
-    for step, batch in enumerate(got):
-        expected = reference.get(step)
-        assert torch.equal(batch.timesteps, expected.timesteps)
-        assert torch.allclose(batch.inputs, expected.inputs, atol=1e-4)  # the actor computes with 1 thread
-        assert torch.allclose(batch.targets, expected.targets, atol=1e-4)
-
-
-def test_samplers_draw_gd_replay_with_the_distilled_student(cluster, inline_run, tmp_path):
-    cfg = config("replay_sampler.method=pid", "replay_sampler.iterations=2", "replay_sampler.batch_size=4",
-                 "runtime.num_samplers=2")  # fmt: skip
-    teacher_dir = tmp_path / "task_0"
-    shutil.copytree(task_dir(inline_run, 0), teacher_dir)
-    distill_replay_sampler(cfg, teacher_dir, fit_inline, progress=False, log=lambda _: None)
-    pool = SamplerPool(cfg, batch_size=8)
-    try:
-        teacher = [ray.put(TeacherFiles.read(cfg, teacher_dir))]  # with its fast sampler's files
-        got = ray.get([pool.actors[i % 2].make.remote(1, teacher, i) for i in range(2)])
-    finally:
-        pool.stop()
-    fast, plain = load_teacher(cfg, teacher_dir, "cpu"), load_teacher(config(), teacher_dir, "cpu")
-    for index, batch in enumerate(got):
-        expected = indexed_replay(fast, "gd", 8, cfg.seed, 1, index)
-        assert torch.allclose(batch.inputs, expected.inputs, atol=1e-4)
-        assert torch.allclose(batch.targets, expected.targets, atol=1e-4)
-        assert not torch.allclose(batch.inputs, indexed_replay(plain, "gd", 8, cfg.seed, 1, index).inputs, atol=1e-2)
 
 
 def test_classifier_replay_images_come_from_the_samplers(cluster, inline_run, tmp_path):
@@ -185,16 +133,28 @@ def test_layout_larger_than_the_cluster_is_refused(cluster):
     assert pipeline.connect(config("runtime.use_gpu=null")).runtime.use_gpu is False
 
 
+def test_under_an_autoscaler_the_layout_is_checked_against_the_node_types(cluster, monkeypatch):
+    """cluster.yaml's shape: a 0-CPU head, GPU trainer nodes, sampler nodes; none of them up yet. (Reading the node
+    types from the autoscaler's own config, on the twin of cluster.yaml: test_twin.py.)"""
+    types = (({"CPU": 0}, 1), ({"CPU": 8, "GPU": 1, "trainer_slot": 1}, 4),
+             ({"CPU": 4, "GPU": 1, "sampler_slot": 4}, 2))  # fmt: skip
+    monkeypatch.setattr(cluster_module, "autoscaling_node_types", lambda gcs_address: types)
+    on_types = ["runtime.worker_resource=trainer_slot", "runtime.sampler_resource=sampler_slot"]
+    cfg = pipeline.connect(config(*on_types, "runtime.use_gpu=null", "runtime.num_samplers=8"))
+    assert cfg.runtime.use_gpu is True  # from the node types: this cluster has no GPU up
+    pipeline.check_layout(cfg)  # 8 samplers: 2 sampler nodes of 4 slots, once the autoscaler starts them
+    with pytest.raises(ConfigError, match=r"needs 9 sampler_slot but the cluster's node types can start at most 8"):
+        pipeline.check_layout(pipeline.connect(config(*on_types, "runtime.num_samplers=9")))
+    with pytest.raises(ConfigError, match=r"a Train worker needs \{'CPU': 9.0, 'trainer_slot': 1\} on one node but no "
+                                          r"node type has that"):  # fmt: skip
+        pipeline.check_layout(pipeline.connect(config(*on_types, "runtime.cpus_per_worker=9", "runtime.use_gpu=false")))
+
+
 def test_mismatched_teacher_checkpoint_is_refused(inline_run):
     with pytest.raises(ValueError, match="another architecture than model.preset 'small'.*sample_size 16"):
         load_unet(task_dir(inline_run, 0), config("model.preset=small").model)
     with pytest.raises(FileNotFoundError, match="no diffusers checkpoint"):
         load_unet(inline_run / "nope", config().model)
-
-
-def _private(cmd, **kwargs):
-    """Run ``cmd`` in a private PID namespace: killing it ends every process it started, and nothing else."""
-    return subprocess.Popen(["unshare", "-pf", "--mount-proc", "--kill-child=SIGKILL", *cmd], **kwargs)
 
 
 def test_a_ray_run_through_a_killed_driver_trains_the_inline_student_bitwise(cluster, inline_run, tmp_path):
@@ -243,89 +203,3 @@ def test_a_ray_run_through_a_killed_driver_trains_the_inline_student_bitwise(clu
     on_ray = pd.read_parquet(out / "train_log.parquet").query("task == 1")
     assert on_ray.step.tolist() == task_1.step.tolist()  # no duplicated rows
     assert (on_ray.replay_wait_s < on_ray.step_s).all() and (on_ray.replay_wait_s > 0).any()  # waits are timed
-
-
-def losses(path):
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _submit(address: str, env: dict, entrypoint: list[str]) -> str:
-    """``ray job submit --no-wait`` of ``entrypoint`` from the repository root: the job id."""
-    submit = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
-                             *entrypoint], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1],
-                            timeout=120)  # fmt: skip
-    assert submit.returncode == 0, submit.stderr
-    return re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
-
-
-def _wait(address: str, env: dict, job_id: str, timeout_s: float) -> tuple[str, str]:
-    """Follow the job's logs to its end (one ``ray job logs --follow``, not a ``ray`` process per poll): (status,
-    logs)."""
-    logs = subprocess.run([RAY, "job", "logs", "--address", address, "--follow", job_id], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s).stdout  # fmt: skip
-    status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
-    return status, logs
-
-
-def test_run_with_a_fast_replay_sampler_and_a_distillation_as_ray_jobs(tmp_path):
-    """jobs/train_cl.py: gd with a PID replay sampler distilled on Ray Train in the job (the continual classifier
-    on Ray is in test_multinode.py);
-    jobs/distill.py: ``distcl distill pid`` on a Train worker, side by side with it on the same cluster: the
-    losses of one process (two DDP workers and a fault: test_distill_ray.py)."""
-    gcs, dashboard, agent, client = _free_ports(4)
-    temp_dir = tempfile.mkdtemp(prefix="/tmp/rj")  # short: Ray's socket paths must fit 107 bytes
-    # as a user whose environment is activated: `ray` and the jobs' `python` are the project's
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    head = _private([RAY, "start", "--head", "--block", "--num-cpus", "4", "--port", str(gcs),
-                     "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
-                     "--ray-client-server-port", str(client), "--temp-dir", temp_dir, "--include-dashboard", "true",
-                     "--dashboard-host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard}"
-    overrides = SHORT + ["replay_sampler.method=pid", "replay_sampler.iterations=3", "replay_sampler.batch_size=8"]
-    try:
-        deadline = time.time() + 120
-        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
-            assert head.poll() is None and time.time() < deadline, "the head node did not come up"
-            time.sleep(1)
-        # relative --out: the job's driver runs in its own copy of the working dir, and writes there
-        train_job = _submit(address, env, ["python", "jobs/train_cl.py", "--preset", "smoke", "--out",
-                                           "runs/job-smoke", *[a for o in overrides for a in ("--set", o)]])  # fmt: skip
-        teacher = tmp_path / "teacher"  # the two jobs run side by side on the cluster
-        save_checkpoint(build_unet(config().model), build_scheduler(config().model), teacher)
-        pid = ["--set", "iterations=3", "--set", "batch_size=4", "--set", "grid_points=20"]
-        distill_job = _submit(address, env, ["python", "jobs/distill.py", "pid", "--teacher", str(teacher), "--out",
-                                             "runs/pid", *pid])  # fmt: skip
-        inline = tmp_path / "pid_inline"
-        assert main(["distill", "pid", "--teacher", str(teacher), "--out", str(inline), "--inline", "--device", "cpu",
-                     *pid]) == 0  # fmt: skip
-        odd = ["distill", "pid", "--teacher", str(teacher), "--out", str(tmp_path / "odd"), "--workers", "2"]
-        assert main([*odd, *pid, "--set", "batch_size=3"]) == 2  # 3 into 2 workers: refused before Ray starts
-        status, logs = _wait(address, env, train_job, 480)
-        assert "succeeded" in status.lower(), status + logs[-3000:]
-        out = Path(re.search(r"\[distcl\] done: (\S+)/metrics.parquet", logs).group(1))
-        assert out.is_absolute() and out.parts[-2:] == ("runs", "job-smoke")
-        status, pid_logs = _wait(address, env, distill_job, 240)
-        assert "succeeded" in status.lower(), status + pid_logs[-3000:]
-        pid_out = Path(re.search(r"\[distcl\] done: (\S+)", pid_logs).group(1))
-        metrics = pd.read_parquet(out / "metrics.parquet")
-        assert sorted(metrics.task.unique()) == [0, 1] and "task 1 evaluated" in logs
-        assert (out / "replay_sampler" / "task_0" / "pid.json").is_file() and "pid pid: 3 iterations" in logs
-        assert "pid pid step 3/3" in logs  # progress from the Train worker
-        assert pid_out.is_absolute() and pid_out.parts[-2:] == ("runs", "pid") and "pid pid: 3 iterations" in pid_logs
-        assert losses(pid_out / "log.jsonl") == pytest.approx(losses(inline / "log.jsonl"), rel=1e-4)
-        assert load_pid_student(pid_out).sample(4, torch.Generator().manual_seed(0)).shape == (4, 1, 16, 16)
-    finally:
-        head.send_signal(signal.SIGKILL)
-        head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)

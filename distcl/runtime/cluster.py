@@ -1,12 +1,17 @@
-"""The cluster: joining one (or starting a local one), and the offline check of a Ray cluster launcher config
-(cluster.yaml): Ray 2.60 has no dry run, so this wraps its private ``prepare_config`` + ``validate_config`` (the
-schema check ``ray up`` runs) in one place."""
+"""The cluster: joining one (or starting a local one), what it can hold (its nodes, or under an autoscaler the
+nodes its node types can start), and the offline check of a Ray cluster launcher config (cluster.yaml): Ray 2.60
+has no dry run, so this wraps its private ``prepare_config`` + ``validate_config`` (the schema check ``ray up``
+runs) in one place."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
+import psutil
 import ray
 import yaml
 
@@ -16,12 +21,17 @@ from distcl.config import RuntimeConfig
 def validate_cluster_config(path: str | Path) -> dict:
     """The prepared config (defaults filled in); raises jsonschema.ValidationError on a misspelled key or a bad
     node type, ValueError on a non-mapping."""
-    from ray.autoscaler._private.util import prepare_config, validate_config  # private API, only here
+    from ray.autoscaler._private.util import logger, prepare_config, validate_config  # private API, only here
 
     config = yaml.safe_load(Path(path).read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a cluster config is a mapping")
-    prepared = prepare_config(copy.deepcopy(config))
+    level = logger.level
+    logger.setLevel("WARNING")  # not its INFO line about the head's max workers
+    try:
+        prepared = prepare_config(copy.deepcopy(config))
+    finally:
+        logger.setLevel(level)
     validate_config(prepared)
     return prepared
 
@@ -63,6 +73,9 @@ def validate_rayjob_manifest(path: str | Path) -> dict:
     return manifest
 
 
+_STARTED_HERE: set[str] = set()  # GCS addresses of the local clusters this process started (no autoscaler)
+
+
 def join_cluster(rt: RuntimeConfig, cpus_needed: float) -> bool:
     """Join ``rt.address`` / $RAY_ADDRESS, else start a local cluster of ``rt.num_cpus`` CPUs (default: this
     machine's, at least ``cpus_needed``). True when a local cluster was started; nothing when Ray is up."""
@@ -74,4 +87,65 @@ def join_cluster(rt: RuntimeConfig, cpus_needed: float) -> bool:
         return False
     num_cpus = rt.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)  # Tune's ASHA needs the dashboard
+    _STARTED_HERE.add(ray.get_runtime_context().gcs_address)
     return True
+
+
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head has one unit
+
+
+@ray.remote(num_cpus=0, resources={HEAD_RESOURCE: 0.001}, max_retries=0)
+def _head_autoscaling_config(gcs_address: str) -> Optional[dict]:
+    """On the head: the config file its autoscaler (Ray's monitor.py for the cluster at ``gcs_address``) was
+    started with, as the autoscaler reads it; None when it has none (a cluster without autoscaling, or KubeRay,
+    whose autoscaler lives in its own container)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if any(arg.endswith("monitor.py") for arg in cmd) and f"--gcs-address={gcs_address}" in cmd:
+            for arg in cmd:
+                if arg.startswith("--autoscaling-config="):
+                    return yaml.safe_load(Path(arg.split("=", 1)[1]).expanduser().read_text())
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def autoscaling_node_types(gcs_address: str) -> Optional[tuple[tuple[dict, int], ...]]:
+    """((resources of one node, the most nodes of its type), ...) of the autoscaler of the cluster at
+    ``gcs_address`` (the head counted as one node of its type); None without an autoscaler, or when a node type
+    leaves its resources to the cloud to fill in."""
+    config = ray.get(_head_autoscaling_config.remote(gcs_address))
+    if not config or not config.get("available_node_types"):
+        return None
+    types = config["available_node_types"]
+    if not all("resources" in t for t in types.values()):
+        return None
+    head = config.get("head_node_type")
+    return tuple((dict(t["resources"]), 1 if name == head else int(t.get("max_workers", 0)))
+                 for name, t in types.items())  # fmt: skip
+
+
+@dataclass
+class Capacity:
+    """What the cluster can hold: ``total`` resources and the ``shapes`` of its nodes (one dict per kind of node):
+    its live nodes, or (``autoscaling``) every node its autoscaler's node types can start."""
+
+    total: dict[str, float]
+    shapes: list[dict[str, float]]
+    autoscaling: bool
+
+    def fits_one_node(self, bundle: dict[str, float]) -> bool:
+        return any(all(shape.get(k, 0) + 1e-9 >= v for k, v in bundle.items() if v) for shape in self.shapes)
+
+
+def cluster_capacity() -> Capacity:
+    """The connected cluster's :class:`Capacity`."""
+    gcs_address = ray.get_runtime_context().gcs_address
+    types = None if gcs_address in _STARTED_HERE else autoscaling_node_types(gcs_address)
+    if types is None:
+        shapes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        return Capacity(dict(ray.cluster_resources()), shapes, autoscaling=False)
+    total: dict[str, float] = {}
+    for resources, count in types:
+        for key, value in resources.items():
+            total[key] = total.get(key, 0) + value * count
+    return Capacity(total, [resources for resources, count in types if count], autoscaling=True)

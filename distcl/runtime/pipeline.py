@@ -17,52 +17,68 @@ from distcl.config import ConfigError, RunConfig
 from distcl.continual import ClassifierSpec, TaskSpec, TeacherFiles, out_lock, run_continual
 from distcl.evaluation import ChunkResult, EvalJob
 from distcl.replay import REPLAY_ITEM_STRATEGIES
-from distcl.runtime.cluster import join_cluster
+from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.samplers import SamplerPool
 from distcl.runtime.train import classifier_task_item, train_task_item
 from distcl.runtime.workers import WorkerGroup, resolve_use_gpu
 
 
+def layout_bundles(cfg: RunConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
+    """What one Train worker (with ``use_gpu``, its GPU) and one sampler actor each need on a single node."""
+    rt = cfg.runtime
+    worker = {"CPU": rt.cpus_per_worker, "GPU": rt.gpus_per_worker if use_gpu else 0}
+    sampler = {"CPU": rt.sampler_cpus, "GPU": rt.sampler_gpus}
+    if rt.worker_resource:
+        worker[rt.worker_resource] = 1
+    if rt.sampler_resource:
+        sampler[rt.sampler_resource] = 1
+    return {"Train worker": worker, "sampler actor": sampler}
+
+
 def layout_needs(cfg: RunConfig, use_gpu: bool) -> dict[str, float]:
     """Resources one task holds at once: the Train workers (with ``use_gpu``, their GPUs) and the sampler actors."""
     rt = cfg.runtime
-    needs = {"CPU": rt.num_workers * rt.cpus_per_worker + rt.num_samplers * rt.sampler_cpus}
-    gpus = (rt.num_workers * rt.gpus_per_worker if use_gpu else 0) + rt.num_samplers * rt.sampler_gpus
-    if gpus:
-        needs["GPU"] = gpus
-    if rt.sampler_resource:
-        needs[rt.sampler_resource] = rt.num_samplers
-    if rt.worker_resource:
-        needs[rt.worker_resource] = needs.get(rt.worker_resource, 0) + rt.num_workers
+    counts = {"Train worker": rt.num_workers, "sampler actor": rt.num_samplers}
+    needs: dict[str, float] = {}
+    for role, bundle in layout_bundles(cfg, use_gpu).items():
+        for resource, amount in bundle.items():
+            if amount or resource == "CPU":
+                needs[resource] = needs.get(resource, 0) + amount * counts[role]
     return needs
 
 
 def connect(cfg: RunConfig) -> RunConfig:
     """Join the configured cluster, or start a local one big enough for the layout; ``cfg`` with
-    ``runtime.use_gpu`` decided for this cluster (None: when its GPUs hold the workers' beside the samplers')."""
+    ``runtime.use_gpu`` decided for this cluster (None: when its GPUs, under an autoscaler those its node types
+    can start, hold the workers' beside the samplers')."""
     rt = cfg.runtime
     join_cluster(rt, layout_needs(cfg, use_gpu=False)["CPU"])
-    use_gpu = resolve_use_gpu(rt, ray.cluster_resources().get("GPU", 0), rt.num_samplers * rt.sampler_gpus)
+    gpus = cluster_capacity().total.get("GPU", 0)
+    use_gpu = resolve_use_gpu(rt, gpus, rt.num_samplers * rt.sampler_gpus)
     return replace(cfg, runtime=replace(rt, use_gpu=use_gpu))
 
 
 def check_layout(cfg: RunConfig) -> None:
-    """Refuse, naming the fields, a layout the cluster cannot hold (instead of waiting forever); ``cfg`` as
-    :func:`connect` returns it."""
-    have = ray.cluster_resources()
+    """Refuse, naming the fields, a layout the cluster cannot hold (instead of waiting forever): more than it
+    has, or under an autoscaler more than its node types can start, or a role no single node can hold; ``cfg``
+    as :func:`connect` returns it."""
+    capacity = cluster_capacity()
     rt = cfg.runtime
+    fields = (f"(num_workers={rt.num_workers}, cpus_per_worker={rt.cpus_per_worker}, use_gpu={rt.use_gpu}, "
+              f"gpus_per_worker={rt.gpus_per_worker}, num_samplers={rt.num_samplers}, sampler_cpus={rt.sampler_cpus}, "
+              f"sampler_gpus={rt.sampler_gpus}, sampler_resource={rt.sampler_resource}, "
+              f"worker_resource={rt.worker_resource}, num_cpus={rt.num_cpus})")  # fmt: skip
+    has = "the cluster's node types can start at most" if capacity.autoscaling else "the cluster has"
     for resource, need in layout_needs(cfg, bool(rt.use_gpu)).items():
-        if have.get(resource, 0) + 1e-9 < need:
-            raise ConfigError(
-                "runtime",
-                f"the layout needs {need:g} {resource} but the cluster has {have.get(resource, 0):g} "
-                f"(num_workers={rt.num_workers}, cpus_per_worker={rt.cpus_per_worker}, use_gpu={rt.use_gpu}, "
-                f"gpus_per_worker={rt.gpus_per_worker}, num_samplers={rt.num_samplers}, "
-                f"sampler_cpus={rt.sampler_cpus}, sampler_gpus={rt.sampler_gpus}, "
-                f"sampler_resource={rt.sampler_resource}, worker_resource={rt.worker_resource}, "
-                f"num_cpus={rt.num_cpus})",
-            )
+        if capacity.total.get(resource, 0) + 1e-9 < need:
+            raise ConfigError("runtime", f"the layout needs {need:g} {resource} but {has} "
+                                         f"{capacity.total.get(resource, 0):g} {fields}")  # fmt: skip
+    for role, bundle in layout_bundles(cfg, bool(rt.use_gpu)).items():
+        if not capacity.fits_one_node(bundle):
+            wanted = {k: v for k, v in bundle.items() if v}
+            raise ConfigError("runtime", f"a {role} needs {wanted} on one node but no "
+                                         f"{'node type' if capacity.autoscaling else 'node'} has that {fields}")  # fmt: skip
 
 
 def role_devices(cfg: RunConfig) -> str:

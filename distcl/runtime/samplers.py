@@ -4,7 +4,9 @@ task k (inputs, timesteps and targets), so the trainer runs no teacher forward a
 evaluate its model (``evaluate``: chunks of distcl.evaluation's job).
 
 Batch ``index`` depends only on (run seed, k, index): the result is the same for any number of actors. An actor
-that dies is restarted by Ray (``max_restarts``) and its in-flight calls are retried (``max_task_retries``).
+that dies is restarted by Ray (``max_restarts``) and its in-flight calls are retried until it is back
+(``max_task_retries=-1``: a lost node is noticed only after missed heartbeats, and every failed connection
+meanwhile would spend a bounded retry; the wait stays bounded by ``runtime.replay_timeout_s``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from distcl.training import indexed_replay, replay_index
 ACTOR_RESTARTS = 4
 
 
-@ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+@ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=-1)
 class TeacherSampler:
     """One replay-making process. Requests are self-describing (task, teacher, index), the loaded teacher only a
     cache: a restarted actor, or one moved on to the next task, answers every request right."""

@@ -24,7 +24,7 @@ from ray import tune
 
 from distcl.config import ConfigError, from_dict
 from distcl.launch import run
-from distcl.runtime.cluster import join_cluster
+from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.pipeline import layout_needs
 from distcl.sweep import (
     SweepConfig,
@@ -100,8 +100,9 @@ def connect(sweep: SweepConfig) -> bool:
 
 
 def check_capacity(sweep: SweepConfig) -> None:
-    """Refuse, before any trial starts, a sweep whose concurrent trials the cluster cannot hold."""
-    have = ray.cluster_resources()
+    """Refuse, before any trial starts, a sweep whose concurrent trials the cluster cannot hold (under an
+    autoscaler: its node types at their most)."""
+    have = cluster_capacity().total
     for resource, need in trial_needs(sweep, have.get("GPU", 0)).items():
         total = need * sweep.max_concurrent_trials
         if have.get(resource, 0) + 1e-9 < total:
@@ -126,7 +127,7 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
 
 
 def trainable(sweep: SweepConfig, out: Path):
-    resources = {"cpu": trial_cpus(sweep), "gpu": trial_gpus(sweep, ray.cluster_resources().get("GPU", 0))}
+    resources = {"cpu": trial_cpus(sweep), "gpu": trial_gpus(sweep, cluster_capacity().total.get("GPU", 0))}
     return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, out=str(out)), resources)
 
 

@@ -32,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distcl.config import RuntimeConfig
 from distcl.devices import configure_numerics
+from distcl.runtime.cluster import HEAD_RESOURCE, cluster_capacity
 
 STATE_FILE = "state.pt"
 TRAIN_RUN = "workers"  # the Train run's name under its storage path (stable: a rerun resumes it)
@@ -44,6 +45,10 @@ WORKER_LOG = logging.getLogger("distcl.worker")
 # first returned 2.0 s after it ended and the group closed in 5 s; at 0.25 s, 0.2 s and 1.6 s.
 # $RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, when set, wins (Ray Train passes it on to its controller).
 TRAIN_POLL_S = "0.25"
+# How long Ray Train waits for its workers' resources before it fails the start (Ray's default: 60 s). An
+# autoscaler takes minutes to start a cloud node (seconds on a local twin); a layout no node type can hold is
+# refused before (pipeline.check_layout). $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, when set, wins.
+NODE_START_S = "900"
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -174,9 +179,11 @@ class WorkerGroup:
     def __init__(self, rt: RuntimeConfig, storage: Path, poll_s: float = 1.0):
         self.poll_s = poll_s
         self.storage = Path(storage).resolve()
-        # outside any placement group of the caller (a Tune trial's), like the samplers
-        self.channel = WorkChannel.options(scheduling_strategy=PlacementGroupSchedulingStrategy(None)).remote()
-        use_gpu = resolve_use_gpu(rt, ray.cluster_resources().get("GPU", 0))  # a continual run decided it already
+        # outside any placement group of the caller (a Tune trial's), like the samplers; on the head, which no
+        # autoscaler removes (a node that holds only 0-CPU actors is idle to it)
+        self.channel = WorkChannel.options(resources={HEAD_RESOURCE: 0.001},
+                                           scheduling_strategy=PlacementGroupSchedulingStrategy(None)).remote()  # fmt: skip
+        use_gpu = resolve_use_gpu(rt, cluster_capacity().total.get("GPU", 0))  # a continual run decided it already
         self.trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"channel": self.channel, "threads": rt.cpus_per_worker,
@@ -198,6 +205,7 @@ class WorkerGroup:
         )
         self.error: Optional[BaseException] = None
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)  # read by fit(), in the thread
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", NODE_START_S)
         self.thread = threading.Thread(target=self._fit, name="distcl-train", daemon=True)
         self.thread.start()
 
