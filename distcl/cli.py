@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     local = cluster.add_subparsers(dest="action", required=True).add_parser(
         "local", help="a local autoscaling twin of a cluster file: its node types, started as runs ask for them")
     local.add_argument("cluster_file", nargs="?", default="cluster.yaml", help="default: cluster.yaml")
-    local.add_argument("--down", action="store_true", help="stop the twin (only its own processes)")
-    local.add_argument("--preempt", metavar="NODE_TYPE", help="kill one node of NODE_TYPE at once, as a spot reclaim")
+    action = local.add_mutually_exclusive_group()
+    action.add_argument("--down", action="store_true", help="stop the twin (only its own processes)")
+    action.add_argument("--preempt", metavar="NODE_TYPE", help="kill one node of NODE_TYPE at once, as a spot reclaim")
     local.add_argument("--idle-timeout-s", type=float, default=15.0, help="idle nodes go after this (default 15)")
     local.add_argument("--max-node-cpus", type=float, help="cap each node type's CPUs to fit this machine")
     local.add_argument("--max-nodes-per-type", type=int, help="cap each node type's max_workers to fit this machine")
@@ -232,11 +233,13 @@ def _cluster(args) -> int:
         from distcl.runtime import twin
 
         if args.down or args.preempt:
-            name = twin.cluster_name(args.cluster_file)
+            name = twin.read_cluster_file(args.cluster_file)["cluster_name"]
             if args.preempt:
                 print(f"[distcl] {twin.preempt(name, args.preempt)}")
+            elif stopped := twin.stop_twin(name):
+                print(f"[distcl] twin of {name!r} stopped ({stopped} processes)")
             else:
-                print(f"[distcl] twin of {name!r} stopped ({twin.stop_twin(name)} processes)")
+                print(f"[distcl] no twin of {name!r} runs")
             return 0
         for flag, value in (("--idle-timeout-s", args.idle_timeout_s), ("--max-node-cpus", args.max_node_cpus),
                             ("--max-nodes-per-type", args.max_nodes_per_type)):  # fmt: skip

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-RAY = str(Path(sys.executable).parent / "ray")
+from distcl.runtime.twin import RAY_CLI
+
 ROOT = Path(__file__).parents[1]
 
 
 def submit(address: str, env: dict, entrypoint: list[str]) -> str:
     """``ray job submit --no-wait`` of ``entrypoint`` with the repository as working dir: the job id."""
-    done = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
+    done = subprocess.run([str(RAY_CLI), "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
                            *entrypoint], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return re.search(r"raysubmit_[A-Za-z0-9]+", done.stdout + done.stderr).group(0)
@@ -20,17 +20,11 @@ def submit(address: str, env: dict, entrypoint: list[str]) -> str:
 
 def follow(address: str, env: dict, job_id: str) -> subprocess.Popen:
     """``ray job logs --follow``: its stdout yields the job's console lines until the job ends."""
-    return subprocess.Popen([RAY, "job", "logs", "--address", address, "--follow", job_id], env=env,
+    return subprocess.Popen([str(RAY_CLI), "job", "logs", "--address", address, "--follow", job_id], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 def status(address: str, env: dict, job_id: str) -> str:
-    return subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env, stdout=subprocess.PIPE,
+    return subprocess.run([str(RAY_CLI), "job", "status", "--address", address, job_id], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True).stdout  # fmt: skip
 
-
-def wait(address: str, env: dict, job_id: str, timeout_s: float) -> tuple[str, str]:
-    """Follow the job's logs to its end (one ``ray job logs --follow``, not a ``ray`` process per poll): (status,
-    logs)."""
-    logs = follow(address, env, job_id).communicate(timeout=timeout_s)[0]
-    return status(address, env, job_id), logs

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors.torch import load_file
 
 from distcl.config import ConfigError, load_config
@@ -138,7 +140,7 @@ def test_under_an_autoscaler_the_layout_is_checked_against_the_node_types(cluste
     types from the autoscaler's own config, on the twin of cluster.yaml: test_twin.py.)"""
     types = (({"CPU": 0}, 1), ({"CPU": 8, "GPU": 1, "trainer_slot": 1}, 4),
              ({"CPU": 4, "GPU": 1, "sampler_slot": 4}, 2))  # fmt: skip
-    monkeypatch.setattr(cluster_module, "autoscaling_node_types", lambda gcs_address: types)
+    monkeypatch.setattr(cluster_module, "autoscaling_node_types", lambda gcs_address: (types, 5))
     on_types = ["runtime.worker_resource=trainer_slot", "runtime.sampler_resource=sampler_slot"]
     cfg = pipeline.connect(config(*on_types, "runtime.use_gpu=null", "runtime.num_samplers=8"))
     assert cfg.runtime.use_gpu is True  # from the node types: this cluster has no GPU up
@@ -148,6 +150,26 @@ def test_under_an_autoscaler_the_layout_is_checked_against_the_node_types(cluste
     with pytest.raises(ConfigError, match=r"a Train worker needs \{'CPU': 9.0, 'trainer_slot': 1\} on one node but no "
                                           r"node type has that"):  # fmt: skip
         pipeline.check_layout(pipeline.connect(config(*on_types, "runtime.cpus_per_worker=9", "runtime.use_gpu=false")))
+    monkeypatch.setattr(cluster_module, "autoscaling_node_types", lambda gcs_address: (types, 1))  # max_workers 1
+    with pytest.raises(ConfigError, match=r"needs 9 CPU but the cluster's node types can start at most 8 "):
+        pipeline.check_layout(pipeline.connect(config(*on_types, "runtime.num_samplers=8")))
+
+
+def test_the_capacity_is_read_inside_a_placement_group_as_in_a_tune_trial(cluster):
+    """A Tune trial's placement group captures the tasks it starts: the head lookup must leave it."""
+    group = placement_group([{"CPU": 1}])
+    ray.get(group.ready())
+    try:
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        total = ray.get(remote_capacity.options(scheduling_strategy=strategy).remote(), timeout=60)
+    finally:
+        remove_placement_group(group)
+    assert total["CPU"] == 4
+
+
+@ray.remote(num_cpus=1)
+def remote_capacity() -> dict:
+    return cluster_module.cluster_capacity().total
 
 
 def test_mismatched_teacher_checkpoint_is_refused(inline_run):

@@ -14,6 +14,7 @@ from typing import Optional
 import psutil
 import ray
 import yaml
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distcl.config import RuntimeConfig
 
@@ -109,19 +110,22 @@ def _head_autoscaling_config(gcs_address: str) -> Optional[dict]:
 
 
 @functools.lru_cache(maxsize=4)
-def autoscaling_node_types(gcs_address: str) -> Optional[tuple[tuple[dict, int], ...]]:
-    """((resources of one node, the most nodes of its type), ...) of the autoscaler of the cluster at
-    ``gcs_address`` (the head counted as one node of its type); None without an autoscaler, or when a node type
-    leaves its resources to the cloud to fill in."""
-    config = ray.get(_head_autoscaling_config.remote(gcs_address))
+def autoscaling_node_types(gcs_address: str) -> Optional[tuple[tuple[tuple[dict, int], ...], int]]:
+    """(((resources of one node, the most nodes of its type), ...), the most worker nodes in all) of the
+    autoscaler of the cluster at ``gcs_address`` (the head listed first, as one node); None without an autoscaler,
+    or when a node type leaves its resources to the cloud to fill in."""
+    # outside any placement group of the caller: a Tune trial's captures child tasks, and no bundle has the head
+    task = _head_autoscaling_config.options(scheduling_strategy=PlacementGroupSchedulingStrategy(None))
+    config = ray.get(task.remote(gcs_address))
     if not config or not config.get("available_node_types"):
         return None
     types = config["available_node_types"]
     if not all("resources" in t for t in types.values()):
         return None
     head = config.get("head_node_type")
-    return tuple((dict(t["resources"]), 1 if name == head else int(t.get("max_workers", 0)))
-                 for name, t in types.items())  # fmt: skip
+    workers = tuple((dict(t["resources"]), int(t.get("max_workers", 0))) for name, t in types.items() if name != head)
+    most = int(config.get("max_workers", sum(count for _, count in workers)))
+    return ((dict(types[head]["resources"]), 1), *workers), most
 
 
 @dataclass
@@ -140,12 +144,22 @@ class Capacity:
 def cluster_capacity() -> Capacity:
     """The connected cluster's :class:`Capacity`."""
     gcs_address = ray.get_runtime_context().gcs_address
-    types = None if gcs_address in _STARTED_HERE else autoscaling_node_types(gcs_address)
-    if types is None:
+    found = None if gcs_address in _STARTED_HERE else autoscaling_node_types(gcs_address)
+    if found is None:
         shapes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         return Capacity(dict(ray.cluster_resources()), shapes, autoscaling=False)
-    total: dict[str, float] = {}
-    for resources, count in types:
-        for key, value in resources.items():
-            total[key] = total.get(key, 0) + value * count
+    types, most_nodes = found
+    (head, _), *workers = types
+    keys = {key for resources, _ in types for key in resources}
+    total = {key: head.get(key, 0) + most_of(key, workers, most_nodes) for key in keys}
     return Capacity(total, [resources for resources, count in types if count], autoscaling=True)
+
+
+def most_of(resource: str, node_types: list[tuple[dict, int]], most_nodes: int) -> float:
+    """The most of ``resource`` that ``most_nodes`` worker nodes of ``node_types`` ((resources, the most nodes of
+    that type), ...) hold: the richest types first."""
+    total, left = 0.0, most_nodes
+    for resources, count in sorted(node_types, key=lambda t: -t[0].get(resource, 0)):
+        take = min(count, left)
+        total, left = total + take * resources.get(resource, 0), left - take
+    return total

@@ -4,9 +4,9 @@ task k (inputs, timesteps and targets), so the trainer runs no teacher forward a
 evaluate its model (``evaluate``: chunks of distcl.evaluation's job).
 
 Batch ``index`` depends only on (run seed, k, index): the result is the same for any number of actors. An actor
-that dies is restarted by Ray (``max_restarts``) and its in-flight calls are retried until it is back
+that dies is restarted by Ray (``max_restarts`` times) and its in-flight calls are retried until it is back
 (``max_task_retries=-1``: a lost node is noticed only after missed heartbeats, and every failed connection
-meanwhile would spend a bounded retry; the wait stays bounded by ``runtime.replay_timeout_s``).
+meanwhile would spend a bounded retry); a replay batch is waited for at most ``runtime.replay_timeout_s``.
 """
 from __future__ import annotations
 

@@ -165,8 +165,7 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
         if saved.exists():
             raise ConfigError("--out", f"{out} already holds a sweep (allowed: distcl tune --resume {out}, or "
                                        "another --out)")  # fmt: skip
-    local = connect(sweep)
-    if local:
+    if connect(sweep) or cluster_capacity().autoscaling:  # a cluster whose size is known: now, or at its most
         check_capacity(sweep)
     if not resume:
         out.mkdir(parents=True, exist_ok=True)

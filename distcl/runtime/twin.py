@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -36,6 +35,7 @@ from distcl.runtime.cluster import HEAD_RESOURCE, validate_cluster_config
 TWIN_ENV = "DISTCL_TWIN"
 NODE_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"  # the fake provider gives each node's processes its node id
 HEAD_TYPE = "ray.head.default"  # the fake provider's name for the head's type
+RAY_CLI = Path(sys.executable).parent / "ray"  # the project environment's
 LAUNCHER_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
                   "head_start_ray_commands", "worker_start_ray_commands")  # fmt: skip
 
@@ -163,47 +163,53 @@ def kill(procs: list[psutil.Process], grace_s: float = 0.0) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+def twin_temp_dir(name: str) -> str:
+    """The twin's Ray temp directory: short (Ray's socket paths must fit 107 bytes), one per user and cluster."""
+    return f"/tmp/distcl-twin-{os.getuid()}-{name}"
+
+
 def start_twin(cluster_file: str | Path, idle_timeout_s: float = 15.0, max_node_cpus: Optional[float] = None,
                max_nodes_per_type: Optional[int] = None, keep_gpus: Optional[bool] = None,
-               timeout_s: float = 60.0) -> Twin:  # fmt: skip
-    """Start the twin of ``cluster_file`` (refused, naming it, when its twin runs already): a 0-CPU head with the
-    autoscaler. GPUs are kept only when this machine has them (``keep_gpus`` None) or when asked."""
+               timeout_s: float = 120.0) -> Twin:  # fmt: skip
+    """Start the twin of ``cluster_file`` (refused, naming it, when its twin runs already): its head with the head
+    type's resources (cluster.yaml's: 0 CPUs) and the autoscaler. GPUs are kept when torch sees one here
+    (``keep_gpus`` None) or when asked. A failed start leaves nothing behind."""
     cluster_file = Path(cluster_file).resolve()
-    try:
-        cluster = validate_cluster_config(cluster_file)
-    except Exception as err:  # jsonschema's ValidationError, yaml's errors, ValueError: all bad input
-        raise ConfigError("cluster", f"{cluster_file}: {str(err).splitlines()[0]}") from None
+    cluster = read_cluster_file(cluster_file)
     name = cluster["cluster_name"]
     if processes_with(TWIN_ENV, name):
         raise ConfigError("cluster", f"the twin of {name!r} runs already (distcl cluster local --down {cluster_file})")
     if keep_gpus is None:
-        keep_gpus = shutil.which("nvidia-smi") is not None
+        import torch  # only here: the rest of the twin needs no torch
+
+        keep_gpus = torch.cuda.is_available()
     gcs, dashboard, agent, client = _free_ports(4)
-    ip = node_ip_address()
+    ip, temp_dir = node_ip_address(), twin_temp_dir(name)
     state = Twin.state_file(name).parent
     state.mkdir(parents=True, exist_ok=True)
-    temp_dir = f"/tmp/distcl-twin-{name}"  # short: Ray's socket paths must fit 107 bytes
     config = twin_config(cluster, f"{ip}:{gcs}", temp_dir, idle_timeout_s, max_node_cpus, max_nodes_per_type,
                          keep_gpus)  # fmt: skip
     config_file = state / "twin.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    # the project's environment first on PATH: a job's ``python`` is the one distcl is installed in
+    head = dict(config["available_node_types"][HEAD_TYPE]["resources"])
+    # the project's environment first on PATH: a job's ``python`` is the one distcl is installed in;
     # the autoscaler's loop every second (Ray's default: 5 s), as ray.cluster_utils.AutoscalingCluster runs it
     env = {**os.environ, TWIN_ENV: name, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token",
-           "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+           "AUTOSCALER_UPDATE_INTERVAL_S": "1", "PATH": f"{RAY_CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    cmd = [ray_cli, "start", "--head", "--num-cpus", "0", "--num-gpus", "0", "--port", str(gcs),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-           "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client),
-           "--temp-dir", temp_dir, "--autoscaling-config", str(config_file)]  # fmt: skip
-    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if started.returncode:  # nothing left behind: neither processes nor the config
-        kill(processes_with(TWIN_ENV, name), grace_s=5)
+    cmd = [str(RAY_CLI), "start", "--head", "--num-cpus", str(head.pop("CPU", 0)), "--num-gpus",
+           str(head.pop("GPU", 0)), "--resources", json.dumps(head), "--port", str(gcs), "--dashboard-host",
+           "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
+           "--ray-client-server-port", str(client), "--temp-dir", temp_dir, "--autoscaling-config", str(config_file)]  # fmt: skip
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        failure = None if started.returncode == 0 else (started.stdout + started.stderr).strip().splitlines()[-3:]
+    except subprocess.TimeoutExpired:
+        failure = [f"no head within {timeout_s:g}s"]
+    if failure is not None:  # nothing left behind: neither processes nor the config
+        stop_twin(name)
         shutil.rmtree(state, ignore_errors=True)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise RuntimeError(f"ray start failed: {started.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"ray start failed: {' / '.join(failure)}")
     twin = Twin(name=name, cluster_file=str(cluster_file), config_file=str(config_file), temp_dir=temp_dir,
                 gcs_address=f"{ip}:{gcs}", address=f"http://127.0.0.1:{dashboard}",
                 worker_types={k: v for k, v in config["available_node_types"].items() if k != HEAD_TYPE})  # fmt: skip
@@ -212,14 +218,18 @@ def start_twin(cluster_file: str | Path, idle_timeout_s: float = 15.0, max_node_
 
 
 def stop_twin(name: str, grace_s: float = 5.0) -> int:
-    """Stop every process of the twin ``name`` (nothing else); the number stopped."""
-    procs = processes_with(TWIN_ENV, name)
-    kill(procs, grace_s)
-    twin = Twin.load(name)
-    if twin is not None:
-        shutil.rmtree(twin.temp_dir, ignore_errors=True)
-        Twin.state_file(name).unlink()
-    return len(procs)
+    """Stop every process of the twin ``name`` (nothing else), until none is left (the autoscaler may start a node
+    meanwhile), and remove its state and temp dir; the number stopped."""
+    stopped = 0
+    for _ in range(5):
+        procs = processes_with(TWIN_ENV, name)
+        if not procs:
+            break
+        kill(procs, grace_s)
+        stopped += len(procs)
+    shutil.rmtree(twin_temp_dir(name), ignore_errors=True)
+    Twin.state_file(name).unlink(missing_ok=True)
+    return stopped
 
 
 def preempt_node(node_id: str) -> int:
@@ -244,7 +254,7 @@ def ray_state(address: str, kind: str, *filters: str) -> list[dict]:
     """Ray's state API (``ray list <kind> --detail``, every entry, alive or dead) of the cluster at ``address``,
     in a process of its own: a twin authenticates by token, and a process reads its auth mode when it imports
     Ray."""
-    cmd = [str(Path(sys.executable).parent / "ray"), "list", kind, "--address", address, "--detail", "--format",
+    cmd = [str(RAY_CLI), "list", kind, "--address", address, "--detail", "--format",
            "json", "--limit", "10000", *[arg for f in filters for arg in ("--filter", f)]]  # fmt: skip
     done = subprocess.run(cmd, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
@@ -265,6 +275,11 @@ def twin_nodes(name: str) -> dict[str, str]:
 
 def preempt(name: str, node_type: str) -> str:
     """Kill one live node of ``node_type`` of the twin ``name`` (as a spot reclaim); what was done."""
+    twin = Twin.load(name)
+    if twin is None or not processes_with(TWIN_ENV, name):
+        raise ConfigError("--preempt", f"no twin of {name!r} runs (start one: distcl cluster local)")
+    if node_type not in twin.worker_types:
+        raise ConfigError("--preempt", f"{node_type!r} (allowed: {', '.join(twin.worker_types)})")
     nodes = twin_nodes(name)
     of_type = sorted(n for n, t in nodes.items() if t == node_type)
     if not of_type:
@@ -274,22 +289,11 @@ def preempt(name: str, node_type: str) -> str:
     return f"node {of_type[0]} ({node_type}) reclaimed: {killed} processes killed"
 
 
-def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.5):
-    """``condition()``'s first truthy value, polled; TimeoutError naming ``what`` after ``timeout_s``."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"{what} not seen within {timeout_s:g}s")
-
-
-
-def cluster_name(cluster_file: str | Path) -> str:
+def read_cluster_file(cluster_file: str | Path) -> dict:
+    """The cluster file as Ray prepares it (validate_cluster_config); a bad one is a ConfigError naming it."""
     try:
-        return validate_cluster_config(cluster_file)["cluster_name"]
-    except Exception as err:
+        return validate_cluster_config(cluster_file)
+    except Exception as err:  # jsonschema's ValidationError, yaml's errors, OSError, ValueError: all bad input
         raise ConfigError("cluster", f"{cluster_file}: {str(err).splitlines()[0]}") from None
 
 
