@@ -19,21 +19,15 @@ from distcl.evaluation import ChunkResult, EvalJob
 from distcl.replay import REPLAY_ITEM_STRATEGIES
 from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.distill import RayDistillFit
-from distcl.runtime.samplers import SamplerPool
+from distcl.runtime.samplers import SamplerPool, sampler_resources
 from distcl.runtime.train import classifier_task_item, train_task_item
-from distcl.runtime.workers import WorkerGroup, resolve_use_gpu
+from distcl.runtime.workers import WorkerGroup, resolve_use_gpu, worker_resources
 
 
 def layout_bundles(cfg: RunConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
-    """What one Train worker (with ``use_gpu``, its GPU) and one sampler actor each need on a single node."""
-    rt = cfg.runtime
-    worker = {"CPU": rt.cpus_per_worker, "GPU": rt.gpus_per_worker if use_gpu else 0}
-    sampler = {"CPU": rt.sampler_cpus, "GPU": rt.sampler_gpus}
-    if rt.worker_resource:
-        worker[rt.worker_resource] = 1
-    if rt.sampler_resource:
-        sampler[rt.sampler_resource] = 1
-    return {"Train worker": worker, "sampler actor": sampler}
+    """What one Train worker (with ``use_gpu``, its GPU) and one sampler actor each ask for on a single node: the
+    same dicts their scheduling uses."""
+    return {"Train worker": worker_resources(cfg.runtime, use_gpu), "sampler actor": sampler_resources(cfg.runtime)}
 
 
 def layout_needs(cfg: RunConfig, use_gpu: bool) -> dict[str, float]:

@@ -72,14 +72,20 @@ class TeacherSampler:
         return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
 
 
+def sampler_resources(rt) -> dict[str, float]:
+    """What one sampler actor asks Ray for: ``sampler_cpus``, ``sampler_gpus`` and one unit of
+    ``sampler_resource``."""
+    return {"CPU": rt.sampler_cpus, "GPU": rt.sampler_gpus, **({rt.sampler_resource: 1} if rt.sampler_resource else {})}
+
+
 class SamplerPool:
     """``runtime.num_samplers`` TeacherSampler actors for the whole run (started once, not per task)."""
 
     def __init__(self, cfg, batch_size: int):
         rt = cfg.runtime
-        resources = {rt.sampler_resource: 1} if rt.sampler_resource else None
+        custom = sampler_resources(rt)
         # outside any placement group of the caller (a Tune trial's): the samplers ask the cluster themselves
-        options = dict(num_cpus=rt.sampler_cpus, num_gpus=rt.sampler_gpus, resources=resources,
+        options = dict(num_cpus=custom.pop("CPU"), num_gpus=custom.pop("GPU"), resources=custom or None,
                        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))  # fmt: skip
         self.actors = [
             TeacherSampler.options(**options).remote(cfg, batch_size, max(1, int(rt.sampler_cpus)))

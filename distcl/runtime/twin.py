@@ -96,9 +96,6 @@ class Twin:
     """A running twin: ``address`` for ``ray job submit --address``, ``gcs_address`` for ``RAY_ADDRESS``."""
 
     name: str
-    cluster_file: str
-    config_file: str
-    temp_dir: str
     gcs_address: str
     address: str
     worker_types: dict
@@ -210,8 +207,7 @@ def start_twin(cluster_file: str | Path, idle_timeout_s: float = 15.0, max_node_
         stop_twin(name)
         shutil.rmtree(state, ignore_errors=True)
         raise RuntimeError(f"ray start failed: {' / '.join(failure)}")
-    twin = Twin(name=name, cluster_file=str(cluster_file), config_file=str(config_file), temp_dir=temp_dir,
-                gcs_address=f"{ip}:{gcs}", address=f"http://127.0.0.1:{dashboard}",
+    twin = Twin(name=name, gcs_address=f"{ip}:{gcs}", address=f"http://127.0.0.1:{dashboard}",
                 worker_types={k: v for k, v in config["available_node_types"].items() if k != HEAD_TYPE})  # fmt: skip
     Twin.state_file(name).write_text(json.dumps(asdict(twin), indent=2))
     return twin
@@ -302,7 +298,7 @@ def describe(twin: Twin, cluster_file: str) -> str:
     types = ", ".join(f"{name} ({t['min_workers']}-{t['max_workers']} x {t['resources']})"
                       for name, t in twin.worker_types.items())  # fmt: skip
     gpus = any("GPU" in t["resources"] for t in twin.worker_types.values())
-    lines = [f"[distcl] twin of {twin.name!r} up: a 0-CPU head; node types {types}",
+    lines = [f"[distcl] twin of {twin.name!r} up: node types {types}",
              "[distcl] GPUs kept" if gpus else "[distcl] GPUs mapped to none: runs train on CPU "
              "(runtime.use_gpu=auto decides from the node types)",
              f"[distcl] submit: RAY_AUTH_MODE=token ray job submit --address {twin.address} --working-dir . -- "

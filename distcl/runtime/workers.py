@@ -172,6 +172,13 @@ def resolve_use_gpu(rt: RuntimeConfig, cluster_gpus: float, sampler_gpus: float 
     return cluster_gpus > 0 and cluster_gpus + 1e-9 >= rt.num_workers * rt.gpus_per_worker + sampler_gpus
 
 
+def worker_resources(rt: RuntimeConfig, use_gpu: bool) -> dict[str, float]:
+    """What one Train worker asks Ray for: ``cpus_per_worker``, with ``use_gpu`` ``gpus_per_worker``, and one unit
+    of ``worker_resource``."""
+    return {"CPU": rt.cpus_per_worker, **({"GPU": rt.gpus_per_worker} if use_gpu else {}),
+            **({rt.worker_resource: 1} if rt.worker_resource else {})}  # fmt: skip
+
+
 class WorkerGroup:
     """``runtime.num_workers`` Train workers for a whole run: ``run(name, fn, config)`` runs one item on all of them
     and returns rank 0's final state. Its Train run lives under ``storage`` (rerunning resumes it)."""
@@ -189,11 +196,8 @@ class WorkerGroup:
             train_loop_config={"channel": self.channel, "threads": rt.cpus_per_worker,
                                "numerics": (rt.precision, rt.deterministic),
                                "fault": os.environ.get(FAULT_ENV)},  # fmt: skip
-            scaling_config=ScalingConfig(
-                num_workers=rt.num_workers, use_gpu=use_gpu,
-                resources_per_worker={"CPU": rt.cpus_per_worker, **({"GPU": rt.gpus_per_worker} if use_gpu else {}),
-                                      **({rt.worker_resource: 1} if rt.worker_resource else {})},
-            ),  # fmt: skip
+            scaling_config=ScalingConfig(num_workers=rt.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=worker_resources(rt, use_gpu)),
             run_config=RunConfig(
                 name=TRAIN_RUN,
                 storage_path=str(self.storage),
