@@ -19,14 +19,13 @@ import pandas as pd
 import torch
 
 from benchmarks.common import RESULTS, machine
-from distcl.config import load_config
+from distcl.config import PIDConfig, ProgressiveConfig, load_config
 from distcl.data import build_scenario, cache_dir, load_fashion_mnist, locate
 from distcl.devices import resolve_device
 from distcl.evaluation import Evaluator, generate
 from distcl.models import load_pipeline_parts
 from distcl.distill import distill, fit_inline
-from distcl.pid import PIDConfig, load_pid_student
-from distcl.progressive import ProgressiveConfig
+from distcl.pid import load_pid_student
 from distcl.training import seeded_generator
 
 DDIM_STEPS = (1, 2, 4, 8, 16)

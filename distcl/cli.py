@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from distcl.config import DEVICES, PRESETS, ConfigError, load_config
+from distcl.config import DEVICES, PRESETS, load_config
+from distcl.settings import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,11 +161,11 @@ def _tune(args) -> int:
 
 def _distill(args) -> int:
     def work() -> int:
-        from distcl.config import RuntimeConfig, apply_overrides, from_dict
+        from distcl.config import RuntimeConfig, apply_overrides
+        from distcl.settings import from_dict
         from distcl.distill import METHODS, distill, fit_inline
 
         cfg = from_dict(METHODS[args.method], apply_overrides({}, args.overrides))
-        cfg.validate()
         runtime = RuntimeConfig(address=args.address, num_workers=args.workers)
         if args.inline:
             from functools import partial

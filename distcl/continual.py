@@ -26,7 +26,8 @@ import yaml
 from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from distcl.config import FAST_SAMPLER_STRATEGIES, ConfigError, RunConfig, from_dict
+from distcl.config import FAST_SAMPLER_STRATEGIES, PIDConfig, ProgressiveConfig, RunConfig
+from distcl.settings import ConfigError, from_dict
 from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate
 from distcl.devices import configure_numerics, resolve_device
 from distcl.distill import Fit, distill, fast_sampler, fit_inline
@@ -82,7 +83,12 @@ def distill_replay_sampler(cfg: RunConfig, teacher_dir: Path, fit: Fit, progress
     by (run seed, teacher)."""
     rs = cfg.replay_sampler
     seed = derive_seed(cfg.seed, "replay_sampler", Path(teacher_dir).name)
-    return distill(rs.method, teacher_dir, replay_sampler_dir(teacher_dir), rs.distill_config(seed), fit,
+    if rs.method == "pid":
+        settings = PIDConfig(iterations=rs.iterations, batch_size=rs.batch_size, lr=rs.lr, seed=seed)
+    else:  # v students, data-free
+        settings = ProgressiveConfig(start_steps=rs.start_steps, target_steps=rs.steps, parameterisation="v",
+                                     iterations=rs.iterations, batch_size=rs.batch_size, lr=rs.lr, seed=seed)
+    return distill(rs.method, teacher_dir, replay_sampler_dir(teacher_dir), settings, fit,
                    progress=progress, log=log)[-1]  # fmt: skip
 
 

@@ -16,11 +16,12 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from distcl.config import ConfigError
+from distcl.config import PIDConfig, ProgressiveConfig
+from distcl.settings import ConfigError
 from distcl.diffusion import ddim_sample
 from distcl.models import load_pipeline_parts
-from distcl.pid import STUDENT_FILE, PIDConfig, load_pid_student, pid_unit
-from distcl.progressive import ProgressiveConfig, stage_dir, stage_unit
+from distcl.pid import STUDENT_FILE, load_pid_student, pid_unit
+from distcl.progressive import stage_dir, stage_unit
 from distcl.training import DistillUnit, optimise
 
 METHODS = {"progressive": ProgressiveConfig, "pid": PIDConfig}
@@ -81,7 +82,6 @@ def distill(method: str, teacher: Path, out: Path, cfg: MethodConfig, fit: Fit, 
     distillation with other settings is refused."""
     if method not in METHODS:
         raise ConfigError("method", f"{method!r} (allowed: {', '.join(METHODS)})")
-    cfg.validate()
     if method == "progressive" and cfg.data == "fmnist" and images is None:
         raise ConfigError("data", "fmnist needs the training images (--data-dir)")
     teacher, out = Path(teacher).resolve(), Path(out).resolve()  # both travel to Ray Train workers

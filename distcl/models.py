@@ -1,4 +1,5 @@
-"""UNet presets (diffusers UNet2DModel), the DDIM scheduler factory, and the Fashion-MNIST classifier CNN."""
+"""The UNet of a preset (diffusers UNet2DModel), the DDIM scheduler factory, checkpoints, and the Fashion-MNIST
+classifier CNN."""
 from __future__ import annotations
 
 import os
@@ -9,35 +10,8 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from torch import nn
 
-_SMALL = dict(
-    layers_per_block=1,
-    block_out_channels=(16, 32, 32),
-    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-    attention_head_dim=8,
-)
-
-UNET_PRESETS: dict[str, dict] = {
-    # CPU presets (about 0.3 M parameters).
-    "tiny": dict(sample_size=16, **_SMALL),
-    "small": dict(sample_size=28, **_SMALL),
-    # The reference's "ddim_medium" (Masip et al.): about 42.9 M parameters.
-    "paper": dict(
-        sample_size=32,
-        layers_per_block=1,
-        block_out_channels=(64, 128, 256, 512),
-        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        norm_num_groups=32,
-    ),
-}
-
-
-def sample_size_multiple(preset: str) -> int:
-    """A UNet with n blocks downsamples n - 1 times: its input side must be a multiple of 2^(n-1)."""
-    return 2 ** (len(UNET_PRESETS[preset]["block_out_channels"]) - 1)
-
+from distcl.config import UNET_PRESETS
+from distcl.settings import ConfigError
 
 def build_unet(model_cfg) -> UNet2DModel:
     """A freshly initialised UNet2DModel (1 channel in and out) of the configured preset; seed the global RNG first."""
@@ -83,7 +57,6 @@ def load_unet(directory: Path, model_cfg, device: torch.device | str = "cpu") ->
 
 def load_pipeline_parts(directory: Path, device: torch.device | str = "cpu") -> tuple[UNet2DModel, DDIMScheduler]:
     """The UNet and DDIM scheduler of a DDIMPipeline folder (any architecture); ConfigError when it is none."""
-    from distcl.config import ConfigError
 
     directory = Path(directory)
     if not (directory / "unet" / "config.json").is_file() or not (directory / "scheduler").is_dir():

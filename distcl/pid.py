@@ -33,18 +33,17 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from diffusers import UNet2DModel
 
-from distcl.config import ConfigError, check_field
+from distcl.config import PIDConfig
+from distcl.settings import ConfigError
 from distcl.models import load_pipeline_parts
 from distcl.training import DistillUnit, seeded_generator
 
-DIFFERENCES = ("first", "central")
 STUDENT_FILE = "pid.json"
 
 
@@ -131,27 +130,6 @@ class PIDStudent(torch.nn.Module):
         size = self.unet.config.sample_size
         x_T = torch.randn((n, self.unet.config.in_channels, size, size), generator=generator)
         return self.generate(x_T.to(self.unet.device)).cpu()
-
-
-@dataclass
-class PIDConfig:
-    """``distcl distill pid`` settings (``--set key=value``)."""
-
-    grid_points: int = 250  # N of the EDM time grid (the paper's scripts: 250)
-    rho: float = 7.0
-    difference: str = "first"  # first | central
-    iterations: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = 0
-
-    def validate(self) -> None:
-        check_field(self.grid_points >= 3, "grid_points", f"{self.grid_points} (allowed: N >= 3)")
-        check_field(self.rho > 0, "rho", f"{self.rho} (allowed: > 0)")
-        check_field(self.difference in DIFFERENCES, "difference", f"{self.difference!r} (allowed: {', '.join(DIFFERENCES)})")
-        check_field(self.iterations >= 1, "iterations", f"{self.iterations} (allowed: >= 1)")
-        check_field(self.batch_size >= 1, "batch_size", f"{self.batch_size} (allowed: >= 1)")
-        check_field(self.lr > 0, "lr", f"{self.lr} (allowed: > 0)")
 
 
 def pid_unit(teacher_dir: Path, out: Path, cfg: PIDConfig, device: torch.device | str) -> DistillUnit:

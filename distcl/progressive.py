@@ -21,21 +21,18 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from distcl.config import check_field
+from distcl.config import ProgressiveConfig
 from distcl.diffusion import ddim_sample
 from distcl.models import load_pipeline_parts, save_checkpoint
 from distcl.training import DistillUnit, seeded_generator
 
 PARAMETERISATIONS = {"x": "sample", "v": "v_prediction"}  # distcl name -> diffusers prediction_type
-DATA_SOURCES = ("teacher", "fmnist")
 
 
 class TimeSchedule:
@@ -109,41 +106,6 @@ def model_x(unet: UNet2DModel, prediction: str, schedule: TimeSchedule, own: Opt
         return x.clamp(-1, 1) if clip else x
 
     return predict
-
-
-@dataclass
-class ProgressiveConfig:
-    """``distcl distill progressive`` settings (``--set key=value``)."""
-
-    start_steps: int = 8  # the teacher's DDIM steps that the first student halves
-    target_steps: int = 1  # the last student's steps: start_steps / 2^m
-    parameterisation: str = "v"  # x | v
-    iterations: int = 500  # updates per halving stage
-    batch_size: int = 64
-    lr: float = 2e-4
-    data: str = "teacher"  # teacher: its own start_steps-step DDIM samples (data-free); fmnist: training images
-    seed: int = 0
-
-    def validate(self) -> None:
-        check_field(self.start_steps >= 2, "start_steps", f"{self.start_steps} (allowed: N >= 2)")
-        check_field(self.target_steps >= 1, "target_steps", f"{self.target_steps} (allowed: >= 1)")
-        halvings = math.log2(self.start_steps / self.target_steps) if self.target_steps <= self.start_steps else -1
-        check_field(halvings >= 1 and halvings == int(halvings), "target_steps",
-              f"{self.target_steps} is not reachable by halving {self.start_steps} (allowed: start_steps / 2^m, m >= 1)")  # fmt: skip
-        check_field(self.parameterisation in PARAMETERISATIONS, "parameterisation",
-              f"{self.parameterisation!r} (allowed: {', '.join(PARAMETERISATIONS)})")  # fmt: skip
-        check_field(self.iterations >= 1, "iterations", f"{self.iterations} (allowed: >= 1)")
-        check_field(self.batch_size >= 1, "batch_size", f"{self.batch_size} (allowed: >= 1)")
-        check_field(self.lr > 0, "lr", f"{self.lr} (allowed: > 0)")
-        check_field(self.data in DATA_SOURCES, "data", f"{self.data!r} (allowed: {', '.join(DATA_SOURCES)})")
-
-    def stages(self) -> list[int]:
-        """The students' step counts: start/2, start/4, ..., target."""
-        steps, n = [], self.start_steps // 2
-        while n >= self.target_steps:
-            steps.append(n)
-            n //= 2
-        return steps
 
 
 def student_scheduler(teacher_scheduler: DDIMScheduler, parameterisation: str) -> DDIMScheduler:

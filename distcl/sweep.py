@@ -22,19 +22,18 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import pandas as pd
 import yaml
+from annotated_types import Ge
 
-from distcl.config import PRESETS, ConfigError, RunConfig, check_field, from_dict, load_config
+from distcl.config import PRESETS, RunConfig, check_name, load_config
+from distcl.settings import ConfigError, Count, Int, NonNegative, Positive, Text, check_field, from_dict, settings
 
-SEARCHES = ("grid", "random")
-SCHEDULERS = ("none", "asha")
-MODES = ("min", "max")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 SUMMARY_METRICS = ("fid", "kld", "tv")  # final-task metrics aggregated over seeds, with fid_auc
 
@@ -52,45 +51,37 @@ def fid_auc(fids: list[float]) -> float:
     return float(fids[0]) if len(fids) == 1 else float(np.trapezoid(fids))
 
 
-@dataclass
+@settings
 class SweepConfig:
-    name: str = "sweep"
-    preset: Optional[str] = None  # a distcl.config preset every trial starts from
-    config: Optional[str] = None  # a run-config file every trial starts from (relative to the sweep file)
+    """A sweep file: the trials' base config, the search space over its fields, the search and the scheduler.
+    ``validate()`` checks what needs the trials' configs (after ``config:`` is resolved against the file)."""
+
+    name: Text = "sweep"
+    preset: Optional[Literal[tuple(PRESETS)]] = None  # a distcl.config preset every trial starts from
+    config: Optional[Text] = None  # a run-config file every trial starts from (relative to the sweep file)
     base: dict = field(default_factory=dict)  # run-config fields set in every trial (a nested mapping)
-    search: str = "grid"
-    num_samples: int = 1  # random search: configs drawn (grid: 1, make seed an axis to repeat)
-    seed: int = 0  # random search: the draws
+    search: Literal["grid", "random"] = "grid"
+    num_samples: Count = 1  # random search: configs drawn (grid: 1, make seed an axis to repeat)
+    seed: Annotated[Int, Ge(0)] = 0  # random search: the draws
     params: dict = field(default_factory=dict)  # dotted field -> list of values | {distribution: args}
-    metric: str = "fid"
-    mode: str = "min"
-    scheduler: str = "none"
-    grace_period: int = 1  # asha: tasks every trial runs before it may be stopped
-    reduction_factor: int = 2  # asha
-    max_concurrent_trials: int = 1
-    trial_cpus: Optional[float] = None  # None: 0.01 with the Ray backend (Train holds the cores), else 1
-    trial_gpus: Optional[float] = None  # None: inline trials 1 on a cluster with GPUs (device auto/cuda), else 0
+    metric: Text = "fid"  # one of reported_metrics()
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["none", "asha"] = "none"
+    grace_period: Count = 1  # asha: tasks every trial runs before it may be stopped
+    reduction_factor: Annotated[Int, Ge(2)] = 2  # asha
+    max_concurrent_trials: Count = 1
+    trial_cpus: Optional[Positive] = None  # None: 0.01 with the Ray backend (Train holds the cores), else 1
+    trial_gpus: Optional[NonNegative] = None  # None: inline trials 1 on a cluster with GPUs (device auto/cuda), else 0
 
     def validate(self) -> None:
-        check_field(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} (allowed: a name without '/')")
-        check_field(self.preset is None or self.preset in PRESETS, "preset",
-              f"{self.preset!r} (allowed: {', '.join(PRESETS)})")  # fmt: skip
-        check_field(self.search in SEARCHES, "search", f"{self.search!r} (allowed: {', '.join(SEARCHES)})")
-        check_field(self.mode in MODES, "mode", f"{self.mode!r} (allowed: {', '.join(MODES)})")
-        check_field(self.scheduler in SCHEDULERS, "scheduler", f"{self.scheduler!r} (allowed: {', '.join(SCHEDULERS)})")
+        check_name(self.name, "name")
         check_field(self.metric in reported_metrics(), "metric",
-              f"{self.metric!r} is not reported by any trial (allowed: {', '.join(reported_metrics())})")  # fmt: skip
-        check_field(self.num_samples >= 1, "num_samples", f"{self.num_samples} (allowed: >= 1)")
+                    f"{self.metric!r} is not reported by any trial (allowed: {', '.join(reported_metrics())})")
         check_field(self.search == "random" or self.num_samples == 1, "num_samples",
-              f"{self.num_samples} (allowed with grid search: 1; repeat runs with a seed axis)")  # fmt: skip
-        check_field(self.max_concurrent_trials >= 1, "max_concurrent_trials", f"{self.max_concurrent_trials} (allowed: >= 1)")
-        check_field(self.grace_period >= 1, "grace_period", f"{self.grace_period} (allowed: >= 1)")
-        check_field(self.reduction_factor >= 2, "reduction_factor", f"{self.reduction_factor} (allowed: >= 2)")
-        check_field(self.trial_cpus is None or self.trial_cpus > 0, "trial_cpus", f"{self.trial_cpus} (allowed: > 0)")
-        check_field(self.trial_gpus is None or self.trial_gpus >= 0, "trial_gpus", f"{self.trial_gpus} (allowed: >= 0)")
+                    f"{self.num_samples} (allowed with grid search: 1; repeat runs with a seed axis)")
         check_field(bool(self.params), "params",
-              "empty search space (allowed: a mapping of run-config fields, e.g. train.replay_lambda, to a list "
-              f"of values or to one of {{{', '.join(DISTRIBUTIONS)}: ...}})")  # fmt: skip
+                    "empty search space (allowed: a mapping of run-config fields, e.g. train.replay_lambda, to a list "
+                    f"of values or to one of {{{', '.join(DISTRIBUTIONS)}: ...}})")
         base = self.trial_config({})
         check_field(self.scheduler != "asha" or self.grace_period <= base.data.num_tasks, "grace_period",
               f"{self.grace_period} (allowed with asha: <= data.num_tasks = {base.data.num_tasks})")  # fmt: skip

@@ -1,12 +1,11 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from distcl.cli import main
-from distcl.config import PRESETS, ConfigError, RunConfig, load_config
+from distcl.config import PRESETS, RunConfig, load_config
+from distcl.settings import ConfigError
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -43,8 +42,8 @@ def test_file_then_overrides(tmp_path):
         ("train.replay_lambda=-0.5", "train.replay_lambda", "allowed: >= 0"),
         ("train.teacher_steps=0", "train.teacher_steps", "allowed: >= 1"),
         ("eval.steps=0", "eval.steps", "allowed: >= 1"),
-        ("train.teacher_eta=1.5", "train.teacher_eta", "0 <= eta <= 1"),
-        ("eval.eta=-0.1", "eval.eta", "0 <= eta <= 1"),
+        ("train.teacher_eta=1.5", "train.teacher_eta", "0 <= value <= 1"),
+        ("eval.eta=-0.1", "eval.eta", "0 <= value <= 1"),
         ("model.sample_size=30", "model.sample_size", "multiples of 4"),
         ("model.preset=huge", "model.preset", "allowed: tiny, small, paper"),
         ("data.class_order=[1,1,2,3,4,5,6,7,8,9]", "data.class_order", "distinct labels"),
@@ -74,7 +73,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  replay_lambda: -1\n")
     assert main(["run", str(bad), "--out", str(out)]) == 2
-    assert "train.replay_lambda: -1.0 (allowed: >= 0)" in capsys.readouterr().err
+    assert "train.replay_lambda: -1 (allowed: >= 0)" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
@@ -88,13 +87,3 @@ def test_fast_replay_sampler_only_for_replay_that_samples_x0():
         load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gaussian"])
     cfg = load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gr"])
     assert (cfg.replay_sampler.method, cfg.train.strategy) == ("pid", "gr")
-
-
-
-def test_the_core_never_imports_the_ray_shell():
-    """distcl.runtime wraps the core; the backend is chosen at the face (distcl.launch): an inline run, a
-    distillation in one process or a test of the algorithms imports no Ray."""
-    code = ("import sys, distcl.continual, distcl.distill, distcl.evaluation, distcl.launch, distcl.sweep; "
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('distcl.runtime')))")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"

@@ -10,10 +10,10 @@ import ray
 from safetensors.torch import load_file
 
 from distcl.cli import main
-from distcl.config import ConfigError, ModelConfig, RuntimeConfig
+from distcl.config import ModelConfig, ProgressiveConfig, RuntimeConfig
+from distcl.settings import ConfigError
 from distcl.distill import distill, fit_inline
 from distcl.models import build_scheduler, save_checkpoint
-from distcl.progressive import ProgressiveConfig
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.workers import FAULT_ENV
 from tests.ray_jobs import ROOT

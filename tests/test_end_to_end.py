@@ -12,7 +12,8 @@ from diffusers import DDIMPipeline
 from safetensors.torch import load_file
 
 from distcl.cli import main
-from distcl.config import ConfigError, load_config
+from distcl.config import load_config
+from distcl.settings import ConfigError
 from distcl.continual import InlineBackend, load_teacher, run_continual
 from distcl.distill import fast_sampler
 from distcl.training import NonFiniteLossError

@@ -7,10 +7,10 @@ import torch
 from diffusers import DDIMScheduler
 
 from distcl.cli import main
-from distcl.config import ConfigError, ModelConfig
+from distcl.config import ModelConfig, PIDConfig
+from distcl.settings import ConfigError
 from distcl.models import build_scheduler, save_checkpoint
 from distcl.pid import (
-    PIDConfig,
     PIDStudent,
     SigmaSchedule,
     SigmaTeacher,
@@ -90,8 +90,8 @@ def test_student_meets_the_boundary_condition(unet, teacher):
 def test_edm_grid():
     grid = edm_time_grid(80.0, 0.002, 5)
     assert grid[0] == pytest.approx(80) and grid[-1] == pytest.approx(0.002) and (grid[1:] < grid[:-1]).all()
-    with pytest.raises(ConfigError, match="N >= 3"):
-        PIDConfig(grid_points=2).validate()
+    with pytest.raises(ConfigError, match=r"grid_points: 2 \(allowed: >= 3\)"):
+        PIDConfig(grid_points=2)
 
 
 def test_pid_command_trains_a_one_step_student(unet, tmp_path, capsys):

@@ -7,12 +7,12 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
 from distcl.cli import main
-from distcl.config import ConfigError, ModelConfig
+from distcl.config import ModelConfig, ProgressiveConfig
+from distcl.settings import ConfigError
 from distcl.diffusion import ddim_sample
 from distcl.distill import distill, fit_inline
 from distcl.models import build_scheduler, save_checkpoint
 from distcl.progressive import (
-    ProgressiveConfig,
     TimeSchedule,
     ddim_step,
     model_x,
@@ -88,13 +88,13 @@ def test_students_sample_with_diffusers_ddim(unet):
 
 @pytest.mark.parametrize("fields, field, message", [
     ({"start_steps": 8, "target_steps": 3}, "target_steps", "not reachable by halving"),
-    ({"start_steps": 1}, "start_steps", "N >= 2"),
+    ({"start_steps": 1}, "start_steps", "allowed: >= 2"),
     ({"start_steps": 4, "target_steps": 4}, "target_steps", "not reachable"),
     ({"parameterisation": "eps"}, "parameterisation", "allowed: x, v"),
 ])  # fmt: skip
 def test_bad_settings_name_the_field(fields, field, message):
     with pytest.raises(ConfigError, match=message) as err:
-        ProgressiveConfig(**fields).validate()
+        ProgressiveConfig(**fields)
     assert err.value.field == field
 
 

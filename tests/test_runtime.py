@@ -16,7 +16,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors.torch import load_file
 
-from distcl.config import ConfigError, load_config
+from distcl.config import load_config
+from distcl.settings import ConfigError
 from distcl.continual import (
     InlineBackend,
     TeacherFiles,

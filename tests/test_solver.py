@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distcl.config import ClassifierConfig, ConfigError, load_config
+from distcl.config import ClassifierConfig, load_config
+from distcl.settings import ConfigError
 from distcl.data import load_fashion_mnist, select, to_model_range
 from distcl.diffusion import ddim_sample
 from distcl.evaluation import classify

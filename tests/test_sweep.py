@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from distcl.cli import main
-from distcl.config import ConfigError
+from distcl.settings import ConfigError
 from distcl.sweep import (
     SweepConfig,
     best_configs,

@@ -14,7 +14,7 @@ import ray
 import ray.train.torch
 import torch
 
-from distcl.config import ConfigError, RuntimeConfig
+from distcl.config import RuntimeConfig, check_worker_split
 from distcl.distill import UnitSpec
 from distcl.runtime.cluster import join_cluster
 from distcl.runtime.workers import WORKER_LOG, WorkerGroup, WorkItem
@@ -74,14 +74,10 @@ class RayDistillFit:
     run's), else on a worker group of its own under the first unit's OUT/ray_train, started on first use."""
 
     def __init__(self, runtime: RuntimeConfig, group: Optional[WorkerGroup] = None):
-        runtime.validate()
         self.runtime, self.group, self.own = runtime, group, group is None
 
     def check(self, batch_size: int) -> None:
-        workers = self.runtime.num_workers
-        if batch_size % workers:
-            raise ConfigError("batch_size", f"{batch_size} does not split into {workers} equal worker shards "
-                                            f"(allowed: a multiple of runtime.num_workers={workers})")  # fmt: skip
+        check_worker_split(batch_size, self.runtime.num_workers, "batch_size")
 
     def __call__(self, spec: UnitSpec, images: Optional[torch.Tensor], progress: bool) -> tuple[DistillUnit, list[dict]]:
         rt = self.runtime

@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import ray
 from tqdm.auto import tqdm
 
-from distcl.config import ConfigError, RunConfig
+from distcl.config import RunConfig
+from distcl.settings import ConfigError
 from distcl.continual import ClassifierSpec, TaskSpec, TeacherFiles, out_lock, run_continual
 from distcl.evaluation import ChunkResult, EvalJob
 from distcl.replay import REPLAY_ITEM_STRATEGIES

@@ -22,7 +22,7 @@ import ray
 import yaml
 from ray import tune
 
-from distcl.config import ConfigError, from_dict
+from distcl.settings import ConfigError, from_dict
 from distcl.launch import run
 from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.pipeline import layout_needs

@@ -28,7 +28,7 @@ import psutil
 import yaml
 from ray.util import get_node_ip_address as node_ip_address
 
-from distcl.config import ConfigError
+from distcl.settings import ConfigError
 from distcl.data import cache_dir
 from distcl.runtime.cluster import HEAD_RESOURCE, validate_cluster_config
 
