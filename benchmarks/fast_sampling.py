@@ -22,11 +22,11 @@ from benchmarks.common import RESULTS, machine
 from distcl.config import PIDConfig, ProgressiveConfig, load_config
 from distcl.data import build_scenario, cache_dir, load_fashion_mnist, locate
 from distcl.devices import resolve_device
+from distcl.distill import distill, fit_inline
 from distcl.evaluation import Evaluator, generate
 from distcl.models import load_pipeline_parts
-from distcl.distill import distill, fit_inline
 from distcl.pid import load_pid_student
-from distcl.training import seeded_generator
+from distcl.seeding import seeded_generator
 
 DDIM_STEPS = (1, 2, 4, 8, 16)
 

@@ -26,8 +26,9 @@ from distcl.config import load_config
 from distcl.devices import configure_numerics
 from distcl.evaluation import generate_indexed
 from distcl.models import build_scheduler, build_unet
-from distcl.replay import Teacher
-from distcl.training import indexed_replay, make_optimizer, seeded_generator, train_step
+from distcl.replay import Teacher, indexed_replay
+from distcl.seeding import seeded_generator
+from distcl.training import continual_terms, make_optimizer, optimise
 
 
 def timed(work: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -70,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         replay = indexed_replay(teacher, "gd", B, cfg.seed, 1, 0).to(device)
         optimizer, _ = make_optimizer(student, cfg.train)
         work = {
-            "train step": (B, lambda: train_step(student, optimizer, x0, replay, task=1, train_cfg=cfg.train,
-                                                 scheduler=scheduler, generator=seeded_generator(0),
-                                                 precision=precision)),  # fmt: skip
+            "train step": (B, lambda: optimise(student, optimizer, lambda step: continual_terms(
+                student, x0, replay, task=1, train_cfg=cfg.train, scheduler=scheduler,
+                generator=seeded_generator(0), precision=precision), 1, grad_clip=cfg.train.grad_clip,
+                progress=False)),
             "replay (one sampler)": (B, lambda: indexed_replay(teacher, "gd", B, cfg.seed, 1, 0)),
             "evaluation samples": (cfg.eval.batch_size, lambda: generate_indexed(
                 teacher_unet, scheduler, cfg.eval.steps, cfg.eval.eta, cfg.seed, 1, 0, cfg.eval.batch_size)),

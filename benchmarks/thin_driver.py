@@ -33,9 +33,9 @@ from ray.cluster_utils import Cluster
 from benchmarks.common import RESULTS, machine
 from benchmarks.readme_results import thin_driver_table
 from distcl.config import load_config
-from distcl.launch import run
 from distcl.data import cache_dir, load_fashion_mnist, locate, select
 from distcl.evaluation import Evaluator, metrics_from_chunks
+from distcl.launch import run
 from distcl.models import build_unet
 from distcl.runtime.samplers import SamplerPool
 

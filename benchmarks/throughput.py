@@ -30,12 +30,15 @@ import torch
 
 from benchmarks.common import RESULTS, machine
 from distcl.config import load_config
-from distcl.continual import TeacherFiles, run_continual
+from distcl.continual import run_continual
+from distcl.data import DataStream
 from distcl.models import build_scheduler, build_unet, save_checkpoint
-from distcl.replay import Teacher
+from distcl.replay import InlineReplay, Teacher
 from distcl.runtime.pipeline import run as run_on_ray
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
-from distcl.training import DataStream, InlineReplay, make_optimizer, noise_seed, train_task
+from distcl.seeding import noise_seed
+from distcl.teachers import TeacherFiles
+from distcl.training import make_optimizer, train_task
 
 STEPS = 12  # trainer steps per measurement
 ROUNDS = 3

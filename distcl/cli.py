@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from distcl.config import DEVICES, PRESETS, load_config
+from distcl.config import DEVICES, PRESETS, RuntimeConfig, load_config
 from distcl.settings import ConfigError
+from distcl.sweep import load_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods = distill.add_subparsers(dest="method", required=True)
     for method, help_text, settings in (
         ("progressive", "progressive distillation: halving stages, x / v students (OUT/steps_<n>/)",
-         "distcl.progressive.ProgressiveConfig, e.g. --set target_steps=2"),
+         "distcl.config.ProgressiveConfig, e.g. --set target_steps=2"),
         ("pid", "physics-informed distillation: a data-free one-step student (OUT/, distcl sample --model OUT)",
-         "distcl.pid.PIDConfig, e.g. --set difference=central"),
+         "distcl.config.PIDConfig, e.g. --set difference=central"),
     ):  # fmt: skip
         parser_m = methods.add_parser(method, help=help_text)
         parser_m.add_argument("--teacher", required=True, help="a task_<k>/ checkpoint (DDIMPipeline folder)")
@@ -99,15 +100,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guarded(what: str, work: Callable[[], int]) -> int:
-    """Exit codes: bad input (ConfigError) 2 with "config error"; a failure of the work 1; else ``work()``."""
-    from distcl.data import DataError
-
+    """Exit codes: bad input (ConfigError) 2 with "config error"; a failure of the work 1 (DataError is a
+    RuntimeError); else ``work()``."""
     try:
         return work()
     except ConfigError as err:
         print(f"distcl: config error: {err}", file=sys.stderr)
         return 2
-    except (DataError, RuntimeError, FileNotFoundError) as err:
+    except (RuntimeError, FileNotFoundError) as err:
         print(f"distcl: {what} failed: {err}", file=sys.stderr)
         return 1
 
@@ -115,6 +115,9 @@ def _guarded(what: str, work: Callable[[], int]) -> int:
 def _progress(args) -> bool:
     """Progress bars on a terminal, unless --no-progress; plain log lines in files and job logs."""
     return not args.no_progress and sys.stderr.isatty()
+
+
+# The commands: parse, then dispatch. The heavy imports (torch, Ray) follow a valid command line.
 
 
 def _run(args) -> int:
@@ -128,7 +131,7 @@ def _run(args) -> int:
 
     def work() -> int:
         cfg = load_config(args.config, args.preset, overrides)
-        from distcl.launch import run  # heavy imports only once the config is valid
+        from distcl.launch import run
 
         metrics = run(cfg, Path(args.out or Path("runs") / cfg.name), progress=_progress(args))
         print(f"[distcl] done: {metrics}")
@@ -139,21 +142,17 @@ def _run(args) -> int:
 
 def _tune(args) -> int:
     def work() -> int:
-        from distcl.sweep import load_sweep
-
         if (args.sweep is None) == (args.resume is None):
             raise ConfigError("sweep", "give a sweep file, or --resume DIR (not both)")
-        if args.resume:
-            sweep, out = None, Path(args.resume)
-        else:
+        sweep, out = None, Path(args.resume or ".")
+        if args.sweep:
             sweep = load_sweep(args.sweep)
             if args.address:
                 sweep.base.setdefault("runtime", {})["address"] = args.address
             out = Path(args.out or Path("runs") / "sweeps" / sweep.name)
         from distcl.runtime.tune import run_sweep
 
-        summary = run_sweep(sweep, out, resume=sweep is None)
-        print(f"[distcl] done: {summary}")
+        print(f"[distcl] done: {run_sweep(sweep, out, resume=sweep is None)}")
         return 0
 
     return _guarded("sweep", work)
@@ -161,34 +160,11 @@ def _tune(args) -> int:
 
 def _distill(args) -> int:
     def work() -> int:
-        from distcl.config import RuntimeConfig, apply_overrides
-        from distcl.settings import from_dict
-        from distcl.distill import METHODS, distill, fit_inline
+        from distcl.launch import distill_teacher
 
-        cfg = from_dict(METHODS[args.method], apply_overrides({}, args.overrides))
         runtime = RuntimeConfig(address=args.address, num_workers=args.workers)
-        if args.inline:
-            from functools import partial
-
-            from distcl.devices import resolve_device
-
-            fit = partial(fit_inline, device=resolve_device(args.device))
-        else:
-            from distcl.runtime.distill import RayDistillFit
-
-            fit = RayDistillFit(runtime)
-            fit.check(cfg.batch_size)
-        images = None
-        if args.method == "progressive" and cfg.data == "fmnist":
-            from distcl.data import load_fashion_mnist, locate, to_model_range
-            from distcl.models import load_pipeline_parts
-
-            size = load_pipeline_parts(Path(args.teacher))[0].config.sample_size
-            images = to_model_range(load_fashion_mnist(locate(args.data_dir, None))["train"].images, size)
-        try:
-            saved = distill(args.method, Path(args.teacher), Path(args.out), cfg, fit, images, progress=_progress(args))
-        finally:
-            getattr(fit, "close", lambda: None)()  # the Ray fit's worker group
+        saved = distill_teacher(args.method, args.teacher, args.out, args.overrides, args.inline, args.device,
+                                runtime, getattr(args, "data_dir", None), _progress(args))
         print(f"[distcl] done: {', '.join(map(str, saved))}")
         return 0
 
@@ -197,19 +173,11 @@ def _distill(args) -> int:
 
 def _sample(args) -> int:
     def work() -> int:
-        import math
-
-        from torchvision.utils import save_image
-
         from distcl.devices import resolve_device
-        from distcl.evaluation import sample_checkpoint
+        from distcl.evaluation import write_samples
 
-        if args.num < 1 or args.steps < 1:
-            raise ConfigError("--num/--steps", f"{args.num}/{args.steps} (allowed: >= 1)")
-        images = sample_checkpoint(Path(args.model), args.num, args.steps, args.seed, resolve_device(args.device))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        save_image((images.clamp(-1, 1) + 1) / 2, args.out, nrow=math.ceil(math.sqrt(args.num)))
-        print(f"[distcl] wrote {args.out}")
+        out = write_samples(args.model, args.out, args.num, args.steps, args.seed, resolve_device(args.device))
+        print(f"[distcl] wrote {out}")
         return 0
 
     return _guarded("sampling", work)
@@ -233,21 +201,17 @@ def _cluster(args) -> int:
     def work() -> int:
         from distcl.runtime import twin
 
-        if args.down or args.preempt:
-            name = twin.read_cluster_file(args.cluster_file)["cluster_name"]
-            if args.preempt:
-                print(f"[distcl] {twin.preempt(name, args.preempt)}")
-            elif stopped := twin.stop_twin(name):
-                print(f"[distcl] twin of {name!r} stopped ({stopped} processes)")
-            else:
-                print(f"[distcl] no twin of {name!r} runs")
+        if not (args.down or args.preempt):
+            up = twin.start_twin(args.cluster_file, args.idle_timeout_s, args.max_node_cpus, args.max_nodes_per_type)
+            print(twin.describe(up, args.cluster_file))
             return 0
-        for flag, value in (("--idle-timeout-s", args.idle_timeout_s), ("--max-node-cpus", args.max_node_cpus),
-                            ("--max-nodes-per-type", args.max_nodes_per_type)):  # fmt: skip
-            if value is not None and value <= 0:
-                raise ConfigError(flag, f"{value} (allowed: > 0)")
-        up = twin.start_twin(args.cluster_file, args.idle_timeout_s, args.max_node_cpus, args.max_nodes_per_type)
-        print(twin.describe(up, args.cluster_file))
+        name = twin.read_cluster_file(args.cluster_file)["cluster_name"]
+        if args.preempt:
+            print(f"[distcl] {twin.preempt(name, args.preempt)}")
+        elif stopped := twin.stop_twin(name):
+            print(f"[distcl] twin of {name!r} stopped ({stopped} processes)")
+        else:
+            print(f"[distcl] no twin of {name!r} runs")
         return 0
 
     return _guarded("cluster", work)

@@ -1,4 +1,5 @@
-"""Fashion-MNIST: locate, verify or download the IDX files, read them, and build the class-incremental tasks."""
+"""Fashion-MNIST: locate, verify or download the IDX files, read them, build the class-incremental tasks, and stream
+a task's batches (sharded over workers, seeded)."""
 from __future__ import annotations
 
 import gzip
@@ -15,6 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from distcl.seeding import seeded_generator
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -205,3 +208,28 @@ def build_scenario(splits: dict[str, Split], data_cfg, seed: int, sample_size: i
         test=select(splits["test"], used, data_cfg.test_per_class),
         sample_size=sample_size,
     )
+
+
+class DataStream:
+    """Worker ``rank`` of ``world`` reads the shard images[rank::world]; its batch at step s is a pure function of
+    (seed, task, rank, world, s): epoch e = s // batches_per_epoch shuffles the shard with generator
+    (seed, "data", task, rank, world, e). A resumed run therefore sees exactly the batches it would have seen."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, task: int, rank: int = 0, world: int = 1):
+        self.images = images[rank::world]
+        n = self.images.shape[0]
+        self.batch_size = min(batch_size, n)
+        self.per_epoch = n // self.batch_size  # the short last batch of an epoch is dropped
+        self.seed_parts = (seed, "data", task, rank, world)
+        self._epoch, self._order = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Positions in the shard of the batch at ``step``."""
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(self.images.shape[0], generator=seeded_generator(*self.seed_parts, epoch))
+        return self._order[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def batch(self, step: int) -> torch.Tensor:
+        return self.images[self.indices(step)]

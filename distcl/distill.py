@@ -17,11 +17,11 @@ from typing import Callable, Optional, Union
 import torch
 
 from distcl.config import PIDConfig, ProgressiveConfig
-from distcl.settings import ConfigError
 from distcl.diffusion import ddim_sample
 from distcl.models import load_pipeline_parts
 from distcl.pid import STUDENT_FILE, load_pid_student, pid_unit
 from distcl.progressive import stage_dir, stage_unit
+from distcl.settings import ConfigError
 from distcl.training import DistillUnit, optimise
 
 METHODS = {"progressive": ProgressiveConfig, "pid": PIDConfig}
@@ -69,9 +69,9 @@ def fit_inline(spec: UnitSpec, images: Optional[torch.Tensor], progress: bool,
     """Train the unit in this process on the whole batch."""
     unit = spec.build(device, images)
     optimizer = torch.optim.Adam(unit.model.parameters(), lr=unit.lr)
-    rows = optimise(unit.model, optimizer, lambda step: unit.loss(unit.model, step, slice(None)), unit.iterations,
-                    progress=progress, desc=f"distil {spec.method} {spec.name}",
-                    read_every=INLINE_READ_EVERY)  # fmt: skip
+    rows = optimise(unit.model, optimizer, lambda step: {"loss": unit.loss(unit.model, step, slice(None))},
+                    unit.iterations, grad_clip=1.0, read_every=INLINE_READ_EVERY, progress=progress,
+                    desc=f"distil {spec.method} {spec.name}")
     return unit, rows
 
 

@@ -28,8 +28,10 @@ from distcl.data import Split, to_model_range
 from distcl.diffusion import ddim_sample
 from distcl.models import FashionClassifier, build_scheduler, build_unet, load_pipeline_parts
 from distcl.pid import STUDENT_FILE, load_pid_student
+from distcl.seeding import seeded_generator
+from distcl.settings import ConfigError
 from distcl.solver import SolverCNN
-from distcl.training import seeded_generator
+from distcl.training import optimise
 
 FMNIST_EXTRACTOR = "distcl-fmnist"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -96,18 +98,21 @@ def train_classifier(
     torch.manual_seed(seed)
     net = FashionClassifier().to(device)
     x, y = to_model_range(train.images, 28), train.labels
+    per_epoch = math.ceil(len(y) / 128)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * math.ceil(len(y) / 128))
-    for epoch in range(epochs):
-        net.train()
-        order = torch.randperm(len(y), generator=generator)
-        for start in tqdm(range(0, len(y), 128), desc=f"classifier epoch {epoch}", disable=not progress, leave=False):
-            idx = order[start : start + 128]
-            loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * per_epoch)
+    order: dict[int, torch.Tensor] = {}  # {epoch: its permutation}, drawn in epoch order from ``generator``
+
+    def step_terms(step: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(step, per_epoch)
+        if epoch not in order:
+            order.clear()
+            order[epoch] = torch.randperm(len(y), generator=generator)
+        idx = order[epoch][i * 128 : (i + 1) * 128]
+        return {"loss": F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))}
+
+    optimise(net, optimizer, step_terms, epochs * per_epoch, after_step=schedule.step, log_every=per_epoch,
+             progress=progress, desc="evaluation classifier")
     net.eval()
     predictions = classify(net, to_model_range(test.images, 28))
     return net, float((predictions == test.labels).float().mean())
@@ -177,6 +182,16 @@ def sample_checkpoint(model: Path, num: int, steps: int, seed: int, device: torc
             return load_pid_student(model, device).sample(num, generator)
     unet, scheduler = load_pipeline_parts(model, device)
     return generate(unet.eval(), scheduler, num, steps, 0.0, num, generator, progress=False)
+
+
+def write_samples(model: Path, out: Path, num: int, steps: int, seed: int, device: torch.device) -> Path:
+    """``distcl sample``: a square PNG grid of :func:`sample_checkpoint`'s samples at ``out``."""
+    if num < 1 or steps < 1:
+        raise ConfigError("--num/--steps", f"{num}/{steps} (allowed: >= 1)")
+    images = sample_checkpoint(Path(model), num, steps, seed, device)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_image((images.clamp(-1, 1) + 1) / 2, out, nrow=math.ceil(math.sqrt(num)))
+    return Path(out)
 
 
 def sample_generators(seed: int, task: int, start: int, stop: int) -> list[torch.Generator]:

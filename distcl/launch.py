@@ -1,12 +1,18 @@
-"""A run on the backend its config names: the choice made at the face (the CLI, the job entrypoints, a Tune
-trial), so that the core (distcl.continual) never imports the Ray shell."""
+"""A run, or a distillation, on the backend asked for: the choice made at the face (the CLI, the job entrypoints,
+a Tune trial), so that the core (distcl.continual, distcl.distill) never imports the Ray shell."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from distcl.config import RunConfig
+from distcl.config import RunConfig, RuntimeConfig, apply_overrides
 from distcl.continual import run_continual
+from distcl.data import load_fashion_mnist, locate, to_model_range
+from distcl.devices import resolve_device
+from distcl.distill import METHODS, distill, fit_inline
+from distcl.models import load_pipeline_parts
+from distcl.settings import from_dict
 
 
 def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
@@ -18,3 +24,27 @@ def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], N
 
         return run_on_ray(cfg, out, progress=progress, log=log, on_task=on_task)
     return run_continual(cfg, out, progress=progress, log=log, on_task=on_task)
+
+
+def distill_teacher(method: str, teacher: Path, out: Path, overrides: list[str], inline: bool = False,
+                    device: str = "auto", runtime: Optional[RuntimeConfig] = None, data_dir: Optional[str] = None,
+                    progress: bool = True) -> list[Path]:
+    """``distcl distill``: the ``method`` settings from ``key=value`` overrides, trained in this process on
+    ``device`` (``inline``) or on Ray Train with ``runtime``'s layout; progressive with ``data=fmnist`` on the
+    training images at the teacher's size. The outputs (PD: one per stage)."""
+    cfg = from_dict(METHODS[method], apply_overrides({}, overrides))
+    if inline:
+        fit = partial(fit_inline, device=resolve_device(device))
+    else:
+        from distcl.runtime.distill import RayDistillFit  # Ray is imported only when asked for
+
+        fit = RayDistillFit(runtime or RuntimeConfig())
+        fit.check(cfg.batch_size)
+    images = None
+    if method == "progressive" and cfg.data == "fmnist":
+        size = load_pipeline_parts(Path(teacher))[0].config.sample_size
+        images = to_model_range(load_fashion_mnist(locate(data_dir, None))["train"].images, size)
+    try:
+        return distill(method, Path(teacher), Path(out), cfg, fit, images, progress=progress)
+    finally:
+        getattr(fit, "close", lambda: None)()  # the Ray fit's worker group

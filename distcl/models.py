@@ -13,6 +13,7 @@ from torch import nn
 from distcl.config import UNET_PRESETS
 from distcl.settings import ConfigError
 
+
 def build_unet(model_cfg) -> UNet2DModel:
     """A freshly initialised UNet2DModel (1 channel in and out) of the configured preset; seed the global RNG first."""
     return UNet2DModel(**unet_spec(model_cfg))

@@ -40,9 +40,10 @@ import torch
 from diffusers import UNet2DModel
 
 from distcl.config import PIDConfig
-from distcl.settings import ConfigError
 from distcl.models import load_pipeline_parts
-from distcl.training import DistillUnit, seeded_generator
+from distcl.seeding import seeded_generator
+from distcl.settings import ConfigError
+from distcl.training import DistillUnit
 
 STUDENT_FILE = "pid.json"
 

@@ -30,7 +30,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 from distcl.config import ProgressiveConfig
 from distcl.diffusion import ddim_sample
 from distcl.models import load_pipeline_parts, save_checkpoint
-from distcl.training import DistillUnit, seeded_generator
+from distcl.seeding import seeded_generator
+from distcl.training import DistillUnit
 
 PARAMETERISATIONS = {"x": "sample", "v": "v_prediction"}  # distcl name -> diffusers prediction_type
 

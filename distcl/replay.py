@@ -22,6 +22,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from distcl.devices import autocast, to_device
 from distcl.diffusion import add_noise, ddim_sample, sampling_timesteps
+from distcl.seeding import seeded_generator
 
 REPLAY_ITEM_STRATEGIES = ("gr", "gd", "partial_generation", "gaussian")  # add B teacher-made items per step
 
@@ -101,3 +102,26 @@ def make_replay(teacher: Teacher, strategy: str, n: int, generator: torch.Genera
 def replay_on_data(teacher: Teacher, x_t: torch.Tensor, t: torch.Tensor) -> ReplayBatch:
     """LwF-style targets on the current data's own noisy inputs: eps_teacher(x_t, t)."""
     return ReplayBatch(x_t, t, teacher.eps(x_t, t))
+
+
+def replay_index(step: int, rank: int = 0, world: int = 1) -> int:
+    """Worker r consumes replay batches r, r + W, r + 2W, ...: batch index = step * W + r."""
+    return step * world + rank
+
+
+class InlineReplay:
+    """Replay batch i of task k made on the trainer from generator (seed, "replay", k, i): what the sampler
+    actors compute (the reference's way of making replay)."""
+
+    def __init__(self, teacher: Teacher, strategy: str, batch_size: int, seed: int, task: int, rank=0, world=1):
+        self.teacher, self.strategy, self.batch_size = teacher, strategy, batch_size
+        self.seed, self.task, self.rank, self.world = seed, task, rank, world
+
+    def get(self, step: int) -> ReplayBatch:
+        index = replay_index(step, self.rank, self.world)
+        return indexed_replay(self.teacher, self.strategy, self.batch_size, self.seed, self.task, index)
+
+
+def indexed_replay(teacher: Teacher, strategy: str, batch_size: int, seed: int, task: int, index: int) -> ReplayBatch:
+    """Replay batch ``index`` of task ``task``: make_replay with generator (seed, "replay", task, index)."""
+    return make_replay(teacher, strategy, batch_size, seeded_generator(seed, "replay", task, index))

@@ -16,10 +16,11 @@ from typing import Optional, Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from distcl.data import DataStream
 from distcl.diffusion import ddim_sample
-from distcl.training import DataStream, seeded_generator
+from distcl.seeding import seeded_generator
+from distcl.training import optimise
 
 
 class SolverCNN(nn.Module):
@@ -76,30 +77,24 @@ def train_solver_task(model: SolverCNN, previous: Optional[SolverCNN], images: t
                       device: torch.device, progress: bool = True) -> list[dict]:  # fmt: skip
     """Train ``model`` in place for ``steps`` Adam steps; with ``replay`` (and ``previous``, the frozen classifier
     of task-1) the loss is the weighted sum above, else cross-entropy. Returns one row per step."""
-    model.to(device).train()
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=solver_cfg.lr)
     stream = DataStream(images, solver_cfg.batch_size, seed, ("solver", task))
     w = 1 - 1 / (task + 1)
-    rows = []
-    for step in tqdm(range(steps), desc=f"classifier task {task}", disable=not progress, leave=False):
+
+    def step_terms(step: int) -> dict[str, torch.Tensor]:
         idx = stream.indices(step)
-        x, y = images[idx].to(device), labels[idx].to(device)
-        loss_data = F.cross_entropy(model(x), y)
-        loss = loss_data
-        loss_replay = torch.zeros(())
-        if replay is not None and task > 0:
-            x_replay = replay.get(step).to(device)
-            with torch.no_grad():
-                teacher_logits = previous(x_replay)
-            loss_replay = distillation_loss(model(x_replay), teacher_logits, solver_cfg.temperature)
-            loss = (1 - w) * loss_data + w * loss_replay
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        rows.append({"task": task, "step": step, "loss": loss.item(), "loss_data": loss_data.item(),
-                     "loss_replay": loss_replay.item()})  # fmt: skip
-    model.eval()
-    return rows
+        loss_data = F.cross_entropy(model(images[idx].to(device)), labels[idx].to(device))
+        if replay is None or task == 0:
+            return {"loss": loss_data, "loss_data": loss_data, "loss_replay": torch.zeros((), device=device)}
+        x_replay = replay.get(step).to(device)
+        with torch.no_grad():
+            teacher_logits = previous(x_replay)
+        loss_replay = distillation_loss(model(x_replay), teacher_logits, solver_cfg.temperature)
+        return {"loss": (1 - w) * loss_data + w * loss_replay, "loss_data": loss_data, "loss_replay": loss_replay}
+
+    return optimise(model, optimizer, step_terms, steps, row={"task": task}, progress=progress,
+                    desc=f"classifier task {task}")
 
 
 @torch.no_grad()

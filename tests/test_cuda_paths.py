@@ -13,16 +13,15 @@ from diffusers import DDIMScheduler
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from distcl.config import ModelConfig
-from distcl.diffusion import add_noise
-from distcl.diffusion import ddim_sample
+from distcl.diffusion import add_noise, ddim_sample
 from distcl.evaluation import FashionFeatureExtractor, classify, generate, generate_indexed
 from distcl.losses import continual_loss
 from distcl.models import FashionClassifier, build_scheduler
 from distcl.pid import PIDStudent, SigmaSchedule, SigmaTeacher, edm_time_grid, pid_residual
 from distcl.progressive import TimeSchedule, model_x, pd_target, truncated_snr_weight
 from distcl.replay import Teacher, make_replay, replay_on_data
+from distcl.seeding import seeded_generator
 from distcl.solver import SolverCNN, distillation_loss, replay_images
-from distcl.training import seeded_generator
 from tests.conftest import tiny_unet
 
 CUDA = torch.device("cuda")

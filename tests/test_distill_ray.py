@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 from distcl.cli import main
 from distcl.config import ModelConfig, ProgressiveConfig, RuntimeConfig
-from distcl.settings import ConfigError
 from distcl.distill import distill, fit_inline
 from distcl.models import build_scheduler, save_checkpoint
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.workers import FAULT_ENV
+from distcl.settings import ConfigError
 from tests.ray_jobs import ROOT
 
 pytestmark = pytest.mark.slow

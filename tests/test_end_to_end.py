@@ -11,11 +11,13 @@ import torch
 from diffusers import DDIMPipeline
 from safetensors.torch import load_file
 
+from distcl.backend import InlineBackend
 from distcl.cli import main
 from distcl.config import load_config
-from distcl.settings import ConfigError
-from distcl.continual import InlineBackend, load_teacher, run_continual
+from distcl.continual import run_continual
 from distcl.distill import fast_sampler
+from distcl.settings import ConfigError
+from distcl.teachers import load_teacher
 from distcl.training import NonFiniteLossError
 
 pytestmark = pytest.mark.slow

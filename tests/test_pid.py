@@ -8,7 +8,6 @@ from diffusers import DDIMScheduler
 
 from distcl.cli import main
 from distcl.config import ModelConfig, PIDConfig
-from distcl.settings import ConfigError
 from distcl.models import build_scheduler, save_checkpoint
 from distcl.pid import (
     PIDStudent,
@@ -18,6 +17,7 @@ from distcl.pid import (
     load_pid_student,
     pid_residual,
 )
+from distcl.settings import ConfigError
 
 
 def heun_solve(teacher: SigmaTeacher, y: torch.Tensor, sigmas: torch.Tensor,

@@ -8,7 +8,6 @@ from diffusers import DDIMPipeline, DDIMScheduler
 
 from distcl.cli import main
 from distcl.config import ModelConfig, ProgressiveConfig
-from distcl.settings import ConfigError
 from distcl.diffusion import ddim_sample
 from distcl.distill import distill, fit_inline
 from distcl.models import build_scheduler, save_checkpoint
@@ -19,6 +18,7 @@ from distcl.progressive import (
     pd_target,
     student_scheduler,
 )
+from distcl.settings import ConfigError
 
 
 def zero_snr_schedule() -> TimeSchedule:

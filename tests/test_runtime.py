@@ -16,21 +16,18 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors.torch import load_file
 
+from distcl.backend import InlineBackend, inline_image_replay
 from distcl.config import load_config
-from distcl.settings import ConfigError
-from distcl.continual import (
-    InlineBackend,
-    TeacherFiles,
-    inline_image_replay,
-    run_continual,
-    task_dir,
-)
+from distcl.continual import run_continual
 from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, load_fashion_mnist
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.models import load_unet
+from distcl.rundir import task_dir
 from distcl.runtime import cluster as cluster_module
 from distcl.runtime import pipeline
 from distcl.runtime.samplers import RemoteReplay, SamplerPool, classifier_replay
+from distcl.settings import ConfigError
+from distcl.teachers import TeacherFiles
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,11 @@ import torch
 import torch.nn.functional as F
 
 from distcl.config import ClassifierConfig, load_config
-from distcl.settings import ConfigError
 from distcl.data import load_fashion_mnist, select, to_model_range
 from distcl.diffusion import ddim_sample
 from distcl.evaluation import classify
+from distcl.seeding import seeded_generator
+from distcl.settings import ConfigError
 from distcl.solver import (
     InlineImageReplay,
     SolverCNN,
@@ -16,7 +17,6 @@ from distcl.solver import (
     replay_images,
     train_solver_task,
 )
-from distcl.training import seeded_generator
 
 
 def test_solver_has_the_reference_scale():

@@ -4,17 +4,11 @@ import pytest
 import torch
 
 from distcl.config import ModelConfig, TrainConfig
+from distcl.data import DataStream
 from distcl.models import build_scheduler
-from distcl.replay import Teacher
-from distcl.training import (
-    DataStream,
-    InlineReplay,
-    NonFiniteLossError,
-    derive_seed,
-    make_optimizer,
-    steps_per_task,
-    train_task,
-)
+from distcl.replay import InlineReplay, Teacher
+from distcl.seeding import derive_seed
+from distcl.training import NonFiniteLossError, make_optimizer, steps_per_task, train_task
 from tests.conftest import tiny_unet
 
 IMAGES = torch.rand(20, 1, 8, 8) * 2 - 1

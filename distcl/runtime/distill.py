@@ -7,55 +7,34 @@ every ``runtime.checkpoint_every`` steps, and rerunning resumes an unfinished un
 """
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import ray
-import ray.train.torch
 import torch
 
 from distcl.config import RuntimeConfig, check_worker_split
 from distcl.distill import UnitSpec
 from distcl.runtime.cluster import join_cluster
-from distcl.runtime.workers import WORKER_LOG, WorkerGroup, WorkItem
+from distcl.runtime.workers import OptimisationItem, WorkerGroup, WorkItem
 from distcl.training import DistillUnit, optimise
 
 PRINT_EVERY_S = 10.0
 
 
 def distill_unit_item(config: dict, item: WorkItem) -> dict:
-    """The unit ``config["spec"]`` on this worker; returns the final state (rank 0: weights and logged rows)."""
+    """The unit ``config["spec"]`` on this worker (its rows of every step's batch); returns the final state
+    (distcl.runtime.workers.OptimisationItem). The losses, averaged over the workers, are read on the host at the
+    checkpoints and the last step; a line at most every PRINT_EVERY_S."""
     spec: UnitSpec = config["spec"]
-    rank, world = item.rank, item.world
+    world = item.world
     images = ray.get(config["images"]) if config["images"] is not None else None
     unit = spec.build(item.device, images)
     optimizer = torch.optim.Adam(unit.model.parameters(), lr=unit.lr)
-    start, rows = 0, []
-    if item.resume is not None:
-        unit.model.load_state_dict(item.resume["model"])
-        optimizer.load_state_dict(item.resume["optimizer"])
-        start, rows = item.resume["step"] + 1, item.resume["rows"]
-        if rank == 0:
-            WORKER_LOG.info(f"[distcl] {spec.method} {spec.name}: resumed at step {start} from checkpoint")
-    model = ray.train.torch.prepare_model(unit.model, move_to_device=False)
-    shard = slice(rank, None, world)
-    last_print = [time.perf_counter()]
+    every = config["checkpoint_every"]
 
-    def state_at(step: int, logged: list[dict]) -> dict:
-        return {"model": unit.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "rows": rows + logged} if rank == 0 else {}  # fmt: skip
-
-    every = config["checkpoint_every"]  # the losses are read on the host at the checkpoints (and the last step)
-
-    def on_step(step: int, logged: list[dict]) -> None:
-        item.inject_fault(step)
-        read = bool(logged) and logged[-1]["iteration"] == step  # optimise read the losses at this step
-        if rank == 0 and read and (time.perf_counter() - last_print[0] > PRINT_EVERY_S or step == unit.iterations - 1):
-            WORKER_LOG.info(f"[distcl] {spec.method} {spec.name} step {step + 1}/{unit.iterations}: "
-                            f"loss {logged[-1]['loss']:.4f}")  # fmt: skip
-            last_print[0] = time.perf_counter()
-        if (step + 1) % every == 0 and step < unit.iterations - 1:
-            item.checkpoint(state_at(step, logged), {"step": step, "loss": logged[-1]["loss"]})
+    def describe(row: dict, seconds: float, done: int) -> Optional[str]:
+        last = row["step"] == unit.iterations - 1
+        return f"loss {row['loss']:.4f}" if seconds > PRINT_EVERY_S or last else None
 
     def mean_over_workers(loss: torch.Tensor) -> torch.Tensor:
         if world > 1:
@@ -63,9 +42,13 @@ def distill_unit_item(config: dict, item: WorkItem) -> dict:
             torch.distributed.all_reduce(loss)
         return loss / world
 
-    logged = optimise(model, optimizer, lambda step: unit.loss(model, step, shard), unit.iterations, start,
-                      on_step=on_step, progress=False, loss_value=mean_over_workers, read_every=every)  # fmt: skip
-    return state_at(unit.iterations - 1, logged)
+    shard = slice(item.rank, None, world)
+    work = OptimisationItem(item, f"{spec.method} {spec.name}", unit.model, {"optimizer": optimizer},
+                            unit.iterations, every, describe)
+    return work.run(lambda model, start, on_step: optimise(
+        model, optimizer, lambda step: {"loss": unit.loss(model, step, shard)}, unit.iterations, start=start,
+        grad_clip=1.0, read_every=every, reduce=mean_over_workers, on_step=on_step, progress=False,
+        desc=f"{spec.method} {spec.name}"))
 
 
 class RayDistillFit:

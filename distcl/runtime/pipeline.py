@@ -13,16 +13,19 @@ from typing import Callable, Optional
 import ray
 from tqdm.auto import tqdm
 
+from distcl.backend import ClassifierSpec, TaskSpec
 from distcl.config import RunConfig
-from distcl.settings import ConfigError
-from distcl.continual import ClassifierSpec, TaskSpec, TeacherFiles, out_lock, run_continual
+from distcl.continual import run_continual
 from distcl.evaluation import ChunkResult, EvalJob
 from distcl.replay import REPLAY_ITEM_STRATEGIES
+from distcl.rundir import out_lock
 from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.samplers import SamplerPool, sampler_resources
 from distcl.runtime.train import classifier_task_item, train_task_item
 from distcl.runtime.workers import WorkerGroup, resolve_use_gpu, worker_resources
+from distcl.settings import ConfigError
+from distcl.teachers import TeacherFiles
 
 
 def layout_bundles(cfg: RunConfig, use_gpu: bool) -> dict[str, dict[str, float]]:

@@ -21,9 +21,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distcl.config import RunConfig
 from distcl.devices import configure_numerics
 from distcl.evaluation import ChunkResult, EvalChunk, EvalJob, EvalWorker
-from distcl.replay import ReplayBatch, Teacher
+from distcl.replay import ReplayBatch, Teacher, indexed_replay, replay_index
 from distcl.solver import replay_images
-from distcl.training import indexed_replay, replay_index
 
 ACTOR_RESTARTS = 4
 
@@ -43,7 +42,7 @@ class TeacherSampler:
         self.eval_worker, self.eval_job, self.eval_key = EvalWorker(self.device), None, None
 
     def _teacher(self, teacher: list) -> Teacher:
-        """``teacher[0]``: a ref to the teacher's distcl.continual.TeacherFiles, fetched once per teacher."""
+        """``teacher[0]``: a ref to the teacher's distcl.teachers.TeacherFiles, fetched once per teacher."""
         key = teacher[0].hex()
         if self.loaded != key:
             self.teacher = ray.get(teacher[0]).load(self.cfg, self.device)

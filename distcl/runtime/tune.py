@@ -22,10 +22,10 @@ import ray
 import yaml
 from ray import tune
 
-from distcl.settings import ConfigError, from_dict
 from distcl.launch import run
 from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.pipeline import layout_needs
+from distcl.settings import ConfigError, from_dict
 from distcl.sweep import (
     SweepConfig,
     fid_auc,

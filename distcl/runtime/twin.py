@@ -28,9 +28,9 @@ import psutil
 import yaml
 from ray.util import get_node_ip_address as node_ip_address
 
-from distcl.settings import ConfigError
 from distcl.data import cache_dir
 from distcl.runtime.cluster import HEAD_RESOURCE, validate_cluster_config
+from distcl.settings import ConfigError, check_field
 
 TWIN_ENV = "DISTCL_TWIN"
 NODE_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"  # the fake provider gives each node's processes its node id
@@ -171,6 +171,9 @@ def start_twin(cluster_file: str | Path, idle_timeout_s: float = 15.0, max_node_
     """Start the twin of ``cluster_file`` (refused, naming it, when its twin runs already): its head with the head
     type's resources (cluster.yaml's: 0 CPUs) and the autoscaler. GPUs are kept when torch sees one here
     (``keep_gpus`` None) or when asked. A failed start leaves nothing behind."""
+    for flag, value in (("--idle-timeout-s", idle_timeout_s), ("--max-node-cpus", max_node_cpus),
+                        ("--max-nodes-per-type", max_nodes_per_type)):
+        check_field(value is None or value > 0, flag, f"{value} (allowed: > 0)")
     cluster_file = Path(cluster_file).resolve()
     cluster = read_cluster_file(cluster_file)
     name = cluster["cluster_name"]

@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -113,6 +114,60 @@ class WorkItem:
         if self.fault is not None and step == self.fault[0] and not os.path.exists(self.fault[1]):
             Path(self.fault[1]).touch()
             raise RuntimeError(f"injected fault at {self.name} step {step}")
+
+
+class OptimisationItem:
+    """The skeleton of a work item that optimises a model on every Train worker (a continual task, a distillation
+    unit, named ``label`` in its lines). ``run(fit)`` resumes the model, ``stateful`` (optimizer, EMA: ``state_dict`` / ``load_state_dict``),
+    the step and the rows from the item's last checkpoint, wraps the model for DDP (``prepare_model``) and calls
+    ``fit(model, start, on_step)`` (a distcl.training loop). After each step: the planned fault; on rank 0, for a
+    row just read, the line ``describe(row, seconds, steps)`` (since the last line; None: no line); a checkpoint
+    of all workers every ``checkpoint_every`` steps. The final state (rank 0's; {} elsewhere) holds the model,
+    the stateful objects, step, rows, recoveries (resumed step, seconds after the checkpoint) and the workers'
+    node ids in rank order."""
+
+    def __init__(self, item: WorkItem, label: str, model: torch.nn.Module, stateful: dict, steps: int,
+                 checkpoint_every: int, describe: Callable[[dict, float, int], Optional[str]]):
+        self.item, self.label, self.model, self.stateful, self.steps = item, label, model, stateful, steps
+        self.checkpoint_every, self.describe = checkpoint_every, describe
+        self.start, self.rows, self.recoveries = 0, [], []
+        if item.resume is not None:
+            model.load_state_dict(item.resume["model"])
+            for name, obj in stateful.items():
+                obj.load_state_dict(item.resume[name])
+            self.start, self.rows = item.resume["step"] + 1, item.resume["rows"]
+            self.recoveries = item.resume["recoveries"] + [
+                {"resumed_at_step": self.start, "recovery_s": time.time() - item.resume["time"]}]
+            if item.rank == 0:
+                WORKER_LOG.info(f"[distcl] {label}: resumed at step {self.start} from checkpoint, "
+                                f"{self.recoveries[-1]['recovery_s']:.1f}s after it was written")
+        self.worker_nodes = [ray.get_runtime_context().get_node_id()]
+        if item.world > 1:
+            self.worker_nodes = [None] * item.world
+            torch.distributed.all_gather_object(self.worker_nodes, self.worker_nodes[0])
+        self.last_line = (time.perf_counter(), self.start)
+
+    def run(self, fit: Callable[[torch.nn.Module, int, Callable[[int, list[dict]], None]], list[dict]]) -> dict:
+        wrapped = ray.train.torch.prepare_model(self.model, move_to_device=False)
+        return self.state(self.steps - 1, fit(wrapped, self.start, self.on_step))
+
+    def on_step(self, step: int, logged: list[dict]) -> None:
+        self.item.inject_fault(step)
+        if self.item.rank == 0 and logged and logged[-1]["step"] == step:
+            began, first = self.last_line
+            line = self.describe(logged[-1], time.perf_counter() - began, step + 1 - first)
+            if line is not None:
+                WORKER_LOG.info(f"[distcl] {self.label} step {step + 1}/{self.steps}: {line}")
+                self.last_line = (time.perf_counter(), step + 1)
+        if (step + 1) % self.checkpoint_every == 0 and step < self.steps - 1:
+            self.item.checkpoint(self.state(step, logged), {"step": step})
+
+    def state(self, step: int, logged: list[dict]) -> dict:
+        if self.item.rank != 0:
+            return {}
+        return {"model": self.model.state_dict(), **{n: o.state_dict() for n, o in self.stateful.items()},
+                "step": step, "rows": self.rows + logged, "recoveries": self.recoveries, "time": time.time(),
+                "worker_nodes": self.worker_nodes}
 
 
 def load_state(checkpoint: Checkpoint, device: torch.device | str = "cpu") -> dict:
