@@ -1,5 +1,4 @@
-"""The UNet of a preset (diffusers UNet2DModel), the DDIM scheduler factory, checkpoints, and the Fashion-MNIST
-classifier CNN."""
+"""The UNet of a preset (diffusers UNet2DModel), the DDIM scheduler factory, and checkpoints (DDIMPipeline folders)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +7,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
-from torch import nn
 
 from distcl.config import UNET_PRESETS
 from distcl.settings import ConfigError
@@ -85,26 +83,3 @@ def build_scheduler(model_cfg) -> DDIMScheduler:
         set_alpha_to_one=True,
         rescale_betas_zero_snr=model_cfg.rescale_zero_terminal_snr,
     )
-
-
-class FashionClassifier(nn.Module):
-    """A small CNN on 28x28 Fashion-MNIST images in [-1, 1]; ``features`` is its 128-d penultimate layer."""
-
-    feature_dim = 128
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, self.feature_dim), nn.ReLU(),
-        )  # fmt: skip
-        self.head = nn.Linear(self.feature_dim, 10)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != 28:
-            x = nn.functional.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))

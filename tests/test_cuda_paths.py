@@ -14,9 +14,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from distcl.config import ModelConfig
 from distcl.diffusion import add_noise, ddim_sample
-from distcl.evaluation import FashionFeatureExtractor, classify, generate, generate_indexed
+from distcl.eval_net import FashionClassifier, FashionFeatureExtractor, classify
+from distcl.evaluation import generate, generate_indexed
 from distcl.losses import continual_loss
-from distcl.models import FashionClassifier, build_scheduler
+from distcl.models import build_scheduler
 from distcl.pid import PIDStudent, SigmaSchedule, SigmaTeacher, edm_time_grid, pid_residual
 from distcl.progressive import TimeSchedule, model_x, pd_target, truncated_snr_weight
 from distcl.replay import Teacher, make_replay, replay_on_data

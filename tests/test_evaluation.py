@@ -5,8 +5,8 @@ import torch
 
 from distcl.config import EvalConfig, ModelConfig
 from distcl.data import cache_dir, load_fashion_mnist, select, to_model_range
+from distcl.eval_net import FMNIST_EXTRACTOR, classify, load_or_train_classifier
 from distcl.evaluation import (
-    FMNIST_EXTRACTOR,
     EvalChunk,
     EvalJob,
     EvalNets,
@@ -14,10 +14,8 @@ from distcl.evaluation import (
     EvalWorker,
     LoadedNets,
     class_histogram_metrics,
-    classify,
     fid_from_features,
     generate_indexed,
-    load_or_train_classifier,
     metrics_from_chunks,
     solver_predictions,
     to_uint8,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from distcl.config import ClassifierConfig, load_config
 from distcl.data import load_fashion_mnist, select, to_model_range
 from distcl.diffusion import ddim_sample
-from distcl.evaluation import classify
+from distcl.eval_net import classify
 from distcl.seeding import seeded_generator
 from distcl.settings import ConfigError
 from distcl.solver import (
