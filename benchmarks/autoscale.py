@@ -29,8 +29,8 @@ from tabulate import tabulate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, machine  # noqa: E402
+from distcl import launch  # noqa: E402
 from distcl.config import load_config  # noqa: E402
-from distcl.continual import run_continual  # noqa: E402
 from distcl.runtime.twin import (  # noqa: E402
     HEAD_TYPE,
     node_type_of,
@@ -156,7 +156,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="distcl-autoscale-"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the Train worker and the sampler actor compute
-    run_continual(load_config(preset="smoke", overrides=RUN + ["runtime.backend=inline", "device=cpu"]),
+    launch.run(load_config(preset="smoke", overrides=RUN + ["runtime.backend=inline", "device=cpu"]),
                   work / "inline", progress=False, log=lambda _: None)  # fmt: skip
     torch.set_num_threads(threads)
     reference = pd.read_parquet(work / "inline" / "metrics.parquet").set_index(["task", "metric"]).value

@@ -19,11 +19,13 @@ import pandas as pd
 import torch
 
 from benchmarks.common import RESULTS, machine
+from benchmarks.quality import strategy_run
 from distcl.config import PIDConfig, ProgressiveConfig, load_config
 from distcl.data import build_scenario, cache_dir, load_fashion_mnist, locate
 from distcl.devices import resolve_device
 from distcl.distill import distill, fit_inline
 from distcl.evaluation import Evaluator, generate
+from distcl.launch import run
 from distcl.models import load_pipeline_parts
 from distcl.pid import load_pid_student
 from distcl.seeding import seeded_generator
@@ -33,12 +35,17 @@ DDIM_STEPS = (1, 2, 4, 8, 16)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="runs/benchmarks/quality-default-joint-42/task_4")
+    parser.add_argument("--teacher", help="a task_<k>/ checkpoint (default: the final model of the quality "
+                        "benchmark's joint run, seed 42, made or resumed here)")
     parser.add_argument("--work", default="runs/fast_sampling", help="distilled students (resumable)")
     parser.add_argument("--pd-iterations", type=int, default=300, help="updates per halving stage")
     parser.add_argument("--pid-iterations", type=int, default=2000)
     args = parser.parse_args()
 
+    if args.teacher is None:
+        joint, out = strategy_run("joint", 42)
+        run(joint, out)  # done already: it is only read
+        args.teacher = out / f"task_{joint.data.num_tasks - 1}"
     teacher_dir, work = Path(args.teacher), Path(args.work)
     cfg = load_config(teacher_dir.parent / "config.yaml")  # the teacher's run: its data, model, evaluation
     device = resolve_device(cfg.device)

@@ -24,11 +24,21 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.common import RESULTS, machine
-from distcl.config import load_config
+from distcl.config import RunConfig, load_config
 from distcl.launch import run
 
 STRATEGIES = ("finetune", "joint", "gr", "gd")
 TEACHER = {"gr": ["train.teacher_steps=2"], "gd": ["train.teacher_steps=2", "train.replay_lambda=3.0"]}
+
+
+def strategy_run(strategy: str, seed: int, tag: str = "default", preset: str = "cpu", overrides: list[str] = (),
+                 ray: bool = False, runs: str = "runs/benchmarks") -> tuple[RunConfig, Path]:
+    """The config and run directory of one benchmark run (``distcl.launch.run`` makes or resumes it)."""
+    overrides = [f"train.strategy={strategy}", f"seed={seed}", f"name=quality-{tag}-{strategy}-{seed}",
+                 f"runtime.backend={'ray' if ray else 'inline'}", "classifier.enabled=true",
+                 *TEACHER.get(strategy, []), *overrides]
+    cfg = load_config(preset=preset, overrides=overrides)
+    return cfg, Path(runs) / cfg.name
 
 
 def main() -> None:
@@ -52,11 +62,7 @@ def main() -> None:
                 print(f"skip {strategy} seed {seed} ({args.tag}): done")
                 continue
             results = results[~pair] if pair.any() else results  # a run from before the classifier: redone
-            overrides = [f"train.strategy={strategy}", f"seed={seed}", f"name=quality-{args.tag}-{strategy}-{seed}",
-                         f"runtime.backend={'ray' if args.ray else 'inline'}", "classifier.enabled=true",
-                         *TEACHER.get(strategy, []), *args.overrides]  # fmt: skip
-            cfg = load_config(preset=args.preset, overrides=overrides)
-            out = Path(args.runs) / cfg.name
+            cfg, out = strategy_run(strategy, seed, args.tag, args.preset, args.overrides, args.ray, args.runs)
             start = time.perf_counter()
             metrics_path = run(cfg, out)
             wall = time.perf_counter() - start

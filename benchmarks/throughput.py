@@ -30,11 +30,10 @@ import torch
 
 from benchmarks.common import RESULTS, machine
 from distcl.config import load_config
-from distcl.continual import run_continual
 from distcl.data import DataStream
+from distcl.launch import run
 from distcl.models import build_scheduler, build_unet, save_checkpoint
 from distcl.replay import InlineReplay, Teacher
-from distcl.runtime.pipeline import run as run_on_ray
 from distcl.runtime.samplers import RemoteReplay, SamplerPool
 from distcl.seeding import noise_seed
 from distcl.teachers import TeacherFiles
@@ -144,11 +143,11 @@ def main() -> None:
         torch.set_num_threads(threads)  # the in-process run uses every core, as a user's would
         inline_cfg = load_config(preset="cpu", overrides=p3 + ["runtime.backend=inline"])
         start = time.perf_counter()
-        run_continual(inline_cfg, work / "inline", progress=False)
+        run(inline_cfg, work / "inline", progress=False)
         inline_s = time.perf_counter() - start
         ray_cfg = load_config(preset="cpu", overrides=p3)
         start = time.perf_counter()
-        run_on_ray(ray_cfg, work / "ray", progress=False)
+        run(ray_cfg, work / "ray", progress=False)
         ray_s = time.perf_counter() - start
         results["p3_ray_vs_inline"] = {"inline_s": inline_s, "ray_s": ray_s, "ratio": ray_s / inline_s,
                                        "run": "cpu preset, gd" + (", 2 tasks x 60 steps" if args.short else ""),
