@@ -8,6 +8,7 @@ The node count per type over time comes from Ray's state API (each node's start 
 from the job's console (timestamped as its lines arrive: up to a second late). Prints a table, writes
 benchmarks/results/autoscale.json and autoscale.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,25 @@ from distcl.runtime.twin import (  # noqa: E402
 )
 from tests.ray_jobs import ROOT, follow, status, submit  # noqa: E402
 
-RUN = ["data.num_tasks=2", "data.train_per_class=40", "data.test_per_class=20", "train.batch_size=8",
-       "train.max_steps=40", "eval.num_samples=20", "eval.steps=2", "runtime.checkpoint_every=10",
-       "runtime.num_samplers=1", "classifier.enabled=true", "classifier.epochs=0.2"]  # fmt: skip
+RUN = [
+    "data.num_tasks=2",
+    "data.train_per_class=40",
+    "data.test_per_class=20",
+    "train.batch_size=8",
+    "train.max_steps=40",
+    "eval.num_samples=20",
+    "eval.steps=2",
+    "runtime.checkpoint_every=10",
+    "runtime.num_samplers=1",
+    "classifier.enabled=true",
+    "classifier.epochs=0.2",
+]
 ON_NODE_TYPES = ["runtime.worker_resource=trainer_slot", "runtime.sampler_resource=sampler_slot"]
-PHASES = [("first training step", r"task 0 step 1/"), ("task 0 end", r"task 0 evaluated"),
-          ("task 1 end", r"task 1 evaluated")]  # fmt: skip
+PHASES = [
+    ("first training step", r"task 0 step 1/"),
+    ("task 0 end", r"task 0 evaluated"),
+    ("task 1 end", r"task 1 evaluated"),
+]
 
 
 def node_intervals(twin, since: float) -> list[dict]:
@@ -95,8 +109,12 @@ def scenario(twin, env, out: Path, reclaim: str | None, reference: pd.DataFrame)
     ev = job(twin, env, ["python", "jobs/train_cl.py", "--preset", "smoke", "--out", str(out), *args], reclaim)
     scaled_down = wait_for_scale_down(twin)
     nodes = node_intervals(twin, ev["submitted"])
-    result = {"reclaimed": reclaim, "status": ev["status"], "nodes": nodes,
-              "events": {k: v for k, v in ev.items() if isinstance(v, float)}}  # fmt: skip
+    result = {
+        "reclaimed": reclaim,
+        "status": ev["status"],
+        "nodes": nodes,
+        "events": {k: v for k, v in ev.items() if isinstance(v, float)},
+    }
     t0 = ev["submitted"]
     result["submit_to_first_step_s"] = ev["first training step"] - t0
     result["wall_s"] = ev["finished"] - t0
@@ -119,11 +137,16 @@ def sweep(twin, env, out: Path) -> dict:
     trials = pd.read_parquet(out / "sweep.parquet")
     times = sorted({n["start"] for n in nodes} | {n["end"] or scaled_down for n in nodes})
     alive = max(sum(n["start"] <= t < (n["end"] or scaled_down) for n in nodes) for t in times) if nodes else 0
-    return {"status": ev["status"], "nodes": nodes,
-            "events": {"submitted": ev["submitted"], "finished": ev["finished"]},
-            "trials": len(trials), "completed": int((trials.status == "completed").sum()), "max_nodes_alive": alive,
-            "max_nodes": sum(t["max_workers"] for t in twin.worker_types.values()),
-            "wall_s": ev["finished"] - ev["submitted"]}  # fmt: skip
+    return {
+        "status": ev["status"],
+        "nodes": nodes,
+        "events": {"submitted": ev["submitted"], "finished": ev["finished"]},
+        "trials": len(trials),
+        "completed": int((trials.status == "completed").sum()),
+        "max_nodes_alive": alive,
+        "max_nodes": sum(t["max_workers"] for t in twin.worker_types.values()),
+        "wall_s": ev["finished"] - ev["submitted"],
+    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -134,8 +157,9 @@ def plot(results: dict, path: Path) -> None:
         end = max([n["end"] or run["events"]["finished"] for n in run["nodes"]] + [run["events"]["finished"]])
         grid = [t0 + i * 0.5 for i in range(int((end - t0) / 0.5) + 20)]
         for kind in sorted({n["type"] for n in run["nodes"]}):
-            count = [sum(n["type"] == kind and n["start"] <= t < (n["end"] or end + 10) for n in run["nodes"])
-                     for t in grid]  # fmt: skip
+            count = [
+                sum(n["type"] == kind and n["start"] <= t < (n["end"] or end + 10) for n in run["nodes"]) for t in grid
+            ]
             ax.step([t - t0 for t in grid], count, where="post", label=kind)
         for i, (label, t) in enumerate(sorted(run["events"].items(), key=lambda e: e[1])):
             ax.axvline(t - t0, color="grey", lw=0.8, ls="--")
@@ -156,8 +180,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="distcl-autoscale-"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the Train worker and the sampler actor compute
-    launch.run(load_config(preset="smoke", overrides=RUN + ["runtime.backend=inline", "device=cpu"]),
-                  work / "inline", progress=False, log=lambda _: None)  # fmt: skip
+    launch.run(
+        load_config(preset="smoke", overrides=RUN + ["runtime.backend=inline", "device=cpu"]),
+        work / "inline",
+        progress=False,
+        log=lambda _: None,
+    )
     torch.set_num_threads(threads)
     reference = pd.read_parquet(work / "inline" / "metrics.parquet").set_index(["task", "metric"]).value
     twin = start_twin(args.cluster, idle_timeout_s=args.idle_timeout_s, max_node_cpus=1, max_nodes_per_type=2)
@@ -165,26 +193,59 @@ def main() -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     try:
         runs = {}
-        for name, reclaim in (("uninterrupted", None), ("sampler node reclaimed", "sampler"),
-                              ("trainer node reclaimed", "gpu_trainer")):  # fmt: skip
+        for name, reclaim in (
+            ("uninterrupted", None),
+            ("sampler node reclaimed", "sampler"),
+            ("trainer node reclaimed", "gpu_trainer"),
+        ):
             print(f"[autoscale] {name} ...", flush=True)
             runs[name] = scenario(twin, env, work / name.replace(" ", "_"), reclaim, reference)
         print("[autoscale] tune sweep ...", flush=True)
         tune = sweep(twin, env, work / "sweep")
     finally:
         stop_twin(twin.name)
-    results = {"machine": machine(), "cluster": "cluster.yaml, twin with 1 CPU per node, at most 2 nodes per type, "
-               f"idle timeout {args.idle_timeout_s:g} s", "runs": runs, "tune": tune}  # fmt: skip
+    results = {
+        "machine": machine(),
+        "cluster": "cluster.yaml, twin with 1 CPU per node, at most 2 nodes per type, "
+        f"idle timeout {args.idle_timeout_s:g} s",
+        "runs": runs,
+        "tune": tune,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "autoscale.json").write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "autoscale.png")
-    rows = [[name, r["status"], f"{r['submit_to_first_step_s']:.1f}", f"{r.get('replace_s') or 0:.1f}",
-             ",".join(r["recovered_at"]) or "-", f"{r['scale_down_s']:.1f}", f"{r['wall_s']:.1f}",
-             f"{r['max_abs_metric_diff_vs_inline']:.2g}"] for name, r in runs.items()]  # fmt: skip
-    print(tabulate(rows, headers=["run", "status", "submit->1st step s", "node replaced in s", "resumed at step",
-                                  "scale-down s", "wall s", "max |metric - inline|"]))  # fmt: skip
-    print(f"tune: {tune['completed']}/{tune['trials']} trials completed, at most {tune['max_nodes_alive']} of "
-          f"{tune['max_nodes']} nodes alive at once, {tune['wall_s']:.0f} s")
+    rows = [
+        [
+            name,
+            r["status"],
+            f"{r['submit_to_first_step_s']:.1f}",
+            f"{r.get('replace_s') or 0:.1f}",
+            ",".join(r["recovered_at"]) or "-",
+            f"{r['scale_down_s']:.1f}",
+            f"{r['wall_s']:.1f}",
+            f"{r['max_abs_metric_diff_vs_inline']:.2g}",
+        ]
+        for name, r in runs.items()
+    ]
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "run",
+                "status",
+                "submit->1st step s",
+                "node replaced in s",
+                "resumed at step",
+                "scale-down s",
+                "wall s",
+                "max |metric - inline|",
+            ],
+        )
+    )
+    print(
+        f"tune: {tune['completed']}/{tune['trials']} trials completed, at most {tune['max_nodes_alive']} of "
+        f"{tune['max_nodes']} nodes alive at once, {tune['wall_s']:.0f} s"
+    )
     print(f"wrote {RESULTS / 'autoscale.json'} and {RESULTS / 'autoscale.png'}")
 
 

@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: the machine's description and the results folder."""
+
 from __future__ import annotations
 
 import datetime
@@ -23,5 +24,7 @@ def machine() -> str:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}; {datetime.date.today().isoformat()}")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}; {datetime.date.today().isoformat()}"
+    )

@@ -8,6 +8,7 @@ Writes benchmarks/results/fast_sampling.parquet (method, steps, metric, value, t
 PD stage or of PID, machine, teacher) and
 benchmarks/results/fast_sampling_fid.png (FID against sampling steps, one line per method).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ DDIM_STEPS = (1, 2, 4, 8, 16)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", help="a task_<k>/ checkpoint (default: the final model of the quality "
-                        "benchmark's joint run, seed 42, made or resumed here)")
+    parser.add_argument(
+        "--teacher",
+        help="a task_<k>/ checkpoint (default: the final model of the quality "
+        "benchmark's joint run, seed 42, made or resumed here)",
+    )
     parser.add_argument("--work", default="runs/fast_sampling", help="distilled students (resumable)")
     parser.add_argument("--pd-iterations", type=int, default=300, help="updates per halving stage")
     parser.add_argument("--pid-iterations", type=int, default=2000)
@@ -62,8 +66,17 @@ def main() -> None:
 
     def score(method: str, steps: int, samples: torch.Tensor, train_s: float) -> None:
         metrics = evaluator.score(samples, test, RESULTS / "fast_sampling" / f"{method}_{steps}.png")
-        rows.extend({"method": method, "steps": steps, "metric": m, "value": v, "train_s": train_s,
-                     "iterations": iterations[method]} for m, v in metrics.items())  # fmt: skip
+        rows.extend(
+            {
+                "method": method,
+                "steps": steps,
+                "metric": m,
+                "value": v,
+                "train_s": train_s,
+                "iterations": iterations[method],
+            }
+            for m, v in metrics.items()
+        )
         print(f"{method:12s} {steps:3d} steps: fid {metrics['fid']:.2f}, kld {metrics['kld']:.3f}", flush=True)
 
     def seeds() -> torch.Generator:
@@ -72,8 +85,16 @@ def main() -> None:
     for steps in DDIM_STEPS:
         score("ddim", steps, generate(unet.eval(), scheduler, n, steps, 0.0, cfg.eval.batch_size, seeds(), False), 0.0)
 
-    pd_cfg = ProgressiveConfig(start_steps=16, target_steps=1, parameterisation="v", iterations=args.pd_iterations,
-                               batch_size=64, lr=5e-4, data="fmnist", seed=cfg.seed)  # fmt: skip
+    pd_cfg = ProgressiveConfig(
+        start_steps=16,
+        target_steps=1,
+        parameterisation="v",
+        iterations=args.pd_iterations,
+        batch_size=64,
+        lr=5e-4,
+        data="fmnist",
+        seed=cfg.seed,
+    )
     images = scenario.train_images(cfg.data.num_tasks - 1, joint=True)
     start = time.perf_counter()
     fit = partial(fit_inline, device=device)
@@ -81,8 +102,12 @@ def main() -> None:
     pd_s = (time.perf_counter() - start) / len(stages)
     for steps, directory in zip(pd_cfg.stages(), stages):
         student, student_scheduler = load_pipeline_parts(directory, device)
-        score("progressive", steps, generate(student.eval(), student_scheduler, n, steps, 0.0, cfg.eval.batch_size,
-                                             seeds(), False), pd_s)  # fmt: skip
+        score(
+            "progressive",
+            steps,
+            generate(student.eval(), student_scheduler, n, steps, 0.0, cfg.eval.batch_size, seeds(), False),
+            pd_s,
+        )
 
     pid_cfg = PIDConfig(iterations=args.pid_iterations, batch_size=32, lr=2e-4, seed=cfg.seed)
     start = time.perf_counter()

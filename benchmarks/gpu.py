@@ -10,6 +10,7 @@ each in fp32 and in bf16 (autocast, TF32), side by side in one process.
 
 Writes benchmarks/results/gpu.json (rows: work, precision, seconds per call, items/s; the machine and device).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("benchmarks.gpu: no CUDA device here (this benchmark measures a GPU; --device cpu only checks the "
-              "script)", file=sys.stderr)  # fmt: skip
+        print(
+            "benchmarks.gpu: no CUDA device here (this benchmark measures a GPU; --device cpu only checks the script)",
+            file=sys.stderr,
+        )
         return 2
     cfg = load_config(preset=args.preset)
     B = cfg.train.batch_size
@@ -71,24 +74,58 @@ def main(argv: list[str] | None = None) -> int:
         replay = indexed_replay(teacher, "gd", B, cfg.seed, 1, 0).to(device)
         optimizer, _ = make_optimizer(student, cfg.train)
         work = {
-            "train step": (B, lambda: optimise(student, optimizer, lambda step: continual_terms(
-                student, x0, replay, task=1, train_cfg=cfg.train, scheduler=scheduler,
-                generator=seeded_generator(0), precision=precision), 1, grad_clip=cfg.train.grad_clip,
-                progress=False)),
+            "train step": (
+                B,
+                lambda: optimise(
+                    student,
+                    optimizer,
+                    lambda step: continual_terms(
+                        student,
+                        x0,
+                        replay,
+                        task=1,
+                        train_cfg=cfg.train,
+                        scheduler=scheduler,
+                        generator=seeded_generator(0),
+                        precision=precision,
+                    ),
+                    1,
+                    grad_clip=cfg.train.grad_clip,
+                    progress=False,
+                ),
+            ),
             "replay (one sampler)": (B, lambda: indexed_replay(teacher, "gd", B, cfg.seed, 1, 0)),
-            "evaluation samples": (cfg.eval.batch_size, lambda: generate_indexed(
-                teacher_unet, scheduler, cfg.eval.steps, cfg.eval.eta, cfg.seed, 1, 0, cfg.eval.batch_size)),
-        }  # fmt: skip
+            "evaluation samples": (
+                cfg.eval.batch_size,
+                lambda: generate_indexed(
+                    teacher_unet, scheduler, cfg.eval.steps, cfg.eval.eta, cfg.seed, 1, 0, cfg.eval.batch_size
+                ),
+            ),
+        }
         for name, (items, fn) in work.items():
             if name == "evaluation samples" and precision == "bf16":
                 continue  # evaluation samples are drawn in fp32 (comparable metrics across runs)
             seconds = timed(fn, device, args.repeats)
-            rows.append({"work": name, "precision": precision, "items": items, "s_per_call": seconds,
-                         "items_per_s": items / seconds})  # fmt: skip
+            rows.append(
+                {
+                    "work": name,
+                    "precision": precision,
+                    "items": items,
+                    "s_per_call": seconds,
+                    "items_per_s": items / seconds,
+                }
+            )
     configure_numerics("fp32", deterministic=False)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = {"machine": machine(), "device": device_name, "preset": args.preset, "batch_size": B,
-              "teacher_steps": cfg.train.teacher_steps, "eval_steps": cfg.eval.steps, "rows": rows}  # fmt: skip
+    result = {
+        "machine": machine(),
+        "device": device_name,
+        "preset": args.preset,
+        "batch_size": B,
+        "teacher_steps": cfg.train.teacher_steps,
+        "eval_steps": cfg.eval.steps,
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{args.preset} preset on {device_name}, batch {B}")

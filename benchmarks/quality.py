@@ -15,6 +15,7 @@ Writes benchmarks/results/quality.parquet (long form: strategy, seed, task, metr
 tag) and benchmarks/results/quality_fid.png (FID against task, mean and spread over the seeds done).
 Runs go through the in-process backend (``--ray`` for the Ray runtime): the numbers are the same.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,25 @@ STRATEGIES = ("finetune", "joint", "gr", "gd")
 TEACHER = {"gr": ["train.teacher_steps=2"], "gd": ["train.teacher_steps=2", "train.replay_lambda=3.0"]}
 
 
-def strategy_run(strategy: str, seed: int, tag: str = "default", preset: str = "cpu", overrides: list[str] = (),
-                 ray: bool = False, runs: str = "runs/benchmarks") -> tuple[RunConfig, Path]:
+def strategy_run(
+    strategy: str,
+    seed: int,
+    tag: str = "default",
+    preset: str = "cpu",
+    overrides: list[str] = (),
+    ray: bool = False,
+    runs: str = "runs/benchmarks",
+) -> tuple[RunConfig, Path]:
     """The config and run directory of one benchmark run (``distcl.launch.run`` makes or resumes it)."""
-    overrides = [f"train.strategy={strategy}", f"seed={seed}", f"name=quality-{tag}-{strategy}-{seed}",
-                 f"runtime.backend={'ray' if ray else 'inline'}", "classifier.enabled=true",
-                 *TEACHER.get(strategy, []), *overrides]
+    overrides = [
+        f"train.strategy={strategy}",
+        f"seed={seed}",
+        f"name=quality-{tag}-{strategy}-{seed}",
+        f"runtime.backend={'ray' if ray else 'inline'}",
+        "classifier.enabled=true",
+        *TEACHER.get(strategy, []),
+        *overrides,
+    ]
     cfg = load_config(preset=preset, overrides=overrides)
     return cfg, Path(runs) / cfg.name
 
@@ -56,8 +70,11 @@ def main() -> None:
     results = pd.read_parquet(path) if path.exists() else pd.DataFrame()
     for seed in args.seeds:
         for strategy in args.strategies:
-            pair = (results.strategy == strategy) & (results.seed == seed) & (results.tag == args.tag) \
-                if not results.empty else pd.Series(dtype=bool)  # fmt: skip
+            pair = (
+                (results.strategy == strategy) & (results.seed == seed) & (results.tag == args.tag)
+                if not results.empty
+                else pd.Series(dtype=bool)
+            )
             if (pair & (results.metric == "accuracy")).any():
                 print(f"skip {strategy} seed {seed} ({args.tag}): done")
                 continue
@@ -86,10 +103,17 @@ def table(results: pd.DataFrame) -> str:
     wall = last.groupby(["tag", "strategy", "seed"]).wall_s.first().reset_index()
     wide = wide.merge(wall, on=["tag", "strategy", "seed"])
     agg = wide.groupby(["tag", "strategy"]).agg(
-        seeds=("seed", "count"), fid=("fid", "mean"), fid_se=("fid", "sem"), kld=("kld", "mean"),
-        kld_se=("kld", "sem"), tv=("tv", "mean"), accuracy=("accuracy", "mean"), accuracy_se=("accuracy", "sem"),
-        forgetting=("forgetting", "mean"), wall_min=("wall_s", lambda s: s.mean() / 60),
-    )  # fmt: skip
+        seeds=("seed", "count"),
+        fid=("fid", "mean"),
+        fid_se=("fid", "sem"),
+        kld=("kld", "mean"),
+        kld_se=("kld", "sem"),
+        tv=("tv", "mean"),
+        accuracy=("accuracy", "mean"),
+        accuracy_se=("accuracy", "sem"),
+        forgetting=("forgetting", "mean"),
+        wall_min=("wall_s", lambda s: s.mean() / 60),
+    )
     order = {s: i for i, s in enumerate(STRATEGIES)}
     agg = agg.reset_index().sort_values(["tag", "strategy"], key=lambda c: c.map(order) if c.name == "strategy" else c)
     return agg.to_markdown(index=False, floatfmt=".3f")
@@ -130,8 +154,10 @@ def plot_samples(results: pd.DataFrame, runs: Path, path: Path) -> None:
     seed, last = int(results.seed.min()), int(results.task.max())
     order = {s: i for i, s in enumerate(STRATEGIES)}
     pairs = sorted(set(zip(results.tag, results.strategy)), key=lambda p: (p[0] != "default", order[p[1]], p[0]))
-    grids = [(f"{s} ({t})" if t != "default" else s, runs / f"quality-{t}-{s}-{seed}" / "samples" / f"task_{last}.png")
-             for t, s in pairs]  # fmt: skip
+    grids = [
+        (f"{s} ({t})" if t != "default" else s, runs / f"quality-{t}-{s}-{seed}" / "samples" / f"task_{last}.png")
+        for t, s in pairs
+    ]
     grids = [(name, grid) for name, grid in grids if grid.exists()]
     if not grids:
         return

@@ -1,7 +1,8 @@
 """Write README.md's "Results" section from the committed results files (never typed by hand).
 
-    python -m benchmarks.readme_results
+python -m benchmarks.readme_results
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ def section() -> str:
         df = pd.read_parquet(fast)
         wide = df.pivot_table(index=["method", "steps"], columns="metric", values="value").reset_index()
         train = df.groupby(["method", "steps"])[["iterations", "train_s"]].first().reset_index()
-        wide = wide.merge(train, on=["method", "steps"])[["method", "steps", "fid", "kld", "tv", "iterations", "train_s"]]
+        wide = wide.merge(train, on=["method", "steps"])[
+            ["method", "steps", "fid", "kld", "tv", "iterations", "train_s"]
+        ]
         parts += [
             "Fast sampling (`python -m benchmarks.fast_sampling`, `benchmarks/results/fast_sampling.parquet`): the "
             f"teacher `{df.teacher.iloc[0]}` (the joint run's final model, all 10 classes) sampled by DDIM, by its "
@@ -96,11 +99,13 @@ def section() -> str:
             f"| p3: wall time, Ray runtime / one process ({t['p3_ray_vs_inline']['run']}) | "
             f"{t['p3_ray_vs_inline']['ratio']:.3f} | <= 1.0 |",
             f"| object store put + get of one replay batch ({t['object_store_s']['batch_mb']:.2f} MB) | "
-            f"{t['object_store_s']['put_get_median'] * 1000:.1f} ms | next to a {t['step_s']['gd_actors'] * 1000:.0f} ms step |",
+            f"{t['object_store_s']['put_get_median'] * 1000:.1f} ms | "
+            f"next to a {t['step_s']['gd_actors'] * 1000:.0f} ms step |",
             "",
             f"Sampler actors one trainer needs for gd (teacher forward {need['teacher_forward_s'] * 1000:.0f} ms, "
             f"trainer step {need['trainer_step_s'] * 1000:.0f} ms, batch {t['batch_size']}, model `{t['model']}`): "
-            f"{need['gd_2_steps']} with 2 teacher steps, {need['gd_10_steps']} with 10, {need['gd_100_steps']} with 100.",
+            f"{need['gd_2_steps']} with 2 teacher steps, {need['gd_10_steps']} with 10, "
+            f"{need['gd_100_steps']} with 100.",
             "",
             f"Machine: {t['machine']}",
             "",
@@ -172,11 +177,17 @@ def sampler_finding(df: pd.DataFrame) -> list[str]:
         return []
     base = wide.loc["default"]
     wall = (last[last.strategy == "gd"].groupby("tag").wall_s.first() / 60).to_dict()
-    names = {"sampler-progressive2": "a 2-step progressive student (2 + 1 forwards per item, the cost of the "
-             "2-step DDIM teacher)", "sampler-pid": "a one-step PID student (1 + 1 forwards per item)"}  # fmt: skip
-    lines = [f"Fast replay samplers (`replay_sampler.method`, gd with lambda 3, x0_hat drawn by the student, "
-             f"targets by the teacher). Against the teacher's own 2-step DDIM (FID {base.fid:.1f}, KLD {base.kld:.2f}, "
-             f"classifier accuracy {base.accuracy:.2f}):", ""]  # fmt: skip
+    names = {
+        "sampler-progressive2": "a 2-step progressive student (2 + 1 forwards per item, the cost of the "
+        "2-step DDIM teacher)",
+        "sampler-pid": "a one-step PID student (1 + 1 forwards per item)",
+    }
+    lines = [
+        f"Fast replay samplers (`replay_sampler.method`, gd with lambda 3, x0_hat drawn by the student, "
+        f"targets by the teacher). Against the teacher's own 2-step DDIM (FID {base.fid:.1f}, KLD {base.kld:.2f}, "
+        f"classifier accuracy {base.accuracy:.2f}):",
+        "",
+    ]
     for tag in rows:
         r = wide.loc[tag]
         lines.append(f"- `{tag}`, {names[tag]}: FID {r.fid:.1f}, KLD {r.kld:.2f}, accuracy {r.accuracy:.2f}.")

@@ -16,6 +16,7 @@ cluster for each Ray run), one after the other on the same machine.
 
 Writes benchmarks/results/thin_driver.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -105,8 +106,9 @@ def main() -> None:
     cfg = load_config(preset="paper", overrides=["eval.num_samples=200", "eval.batch_size=50"])
     splits = load_fashion_mnist(locate(cfg.data.data_dir, cfg.cache_dir))
     test = select(splits["test"], list(range(10)), 50)
-    evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache_dir(cfg.cache_dir), torch.device("cpu"),
-                          progress=False)  # fmt: skip
+    evaluator = Evaluator(
+        cfg.eval, splits["train"], splits["test"], cache_dir(cfg.cache_dir), torch.device("cpu"), progress=False
+    )
     torch.manual_seed(0)
     job = evaluator.job(4, cfg.seed, cfg.model, build_unet(cfg.model).state_dict(), test, 32)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -122,9 +124,17 @@ def main() -> None:
         "driver_cpu_share": three["driver_cpu_s"] / three["machine_cpu_s"],
         "smoke_ray_over_inline": runs["smoke_ray"]["wall_s"] / runs["smoke_inline"]["wall_s"],
         "p3_ray_over_inline": runs["p3_ray"]["wall_s"] / runs["p3_inline"]["wall_s"],
-        "eval": {"model": "paper", "samples": 200, "steps": 10, "real_images": len(test.labels),
-                 "chunks": len(job.chunks()), "one_sampler_s": one_s, "two_samplers_s": two_s,
-                 "metrics_one": one, "metrics_two": two},  # fmt: skip
+        "eval": {
+            "model": "paper",
+            "samples": 200,
+            "steps": 10,
+            "real_images": len(test.labels),
+            "chunks": len(job.chunks()),
+            "one_sampler_s": one_s,
+            "two_samplers_s": two_s,
+            "metrics_one": one,
+            "metrics_two": two,
+        },
         "eval_scaling_2_over_1": one_s / two_s,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

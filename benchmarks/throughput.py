@@ -15,6 +15,7 @@
 
 Writes benchmarks/results/throughput.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,18 @@ def trainer_steps(cfg, student, images, replay, task=1) -> float:
     """Median seconds per train step over STEPS steps (replay wait included)."""
     optimizer, _ = make_optimizer(student, cfg.train)
     rows = train_task(
-        student, optimizer, DataStream(images, cfg.train.batch_size, cfg.seed, task), replay, task=task,
-        steps=STEPS, train_cfg=cfg.train, scheduler=build_scheduler(cfg.model), noise_seed=noise_seed(0, task),
-        device=torch.device("cpu"), progress=False,
-    )  # fmt: skip
+        student,
+        optimizer,
+        DataStream(images, cfg.train.batch_size, cfg.seed, task),
+        replay,
+        task=task,
+        steps=STEPS,
+        train_cfg=cfg.train,
+        scheduler=build_scheduler(cfg.model),
+        noise_seed=noise_seed(0, task),
+        device=torch.device("cpu"),
+        progress=False,
+    )
     return statistics.median(r["step_s"] for r in rows[1:])  # the first step warms up
 
 
@@ -90,8 +99,9 @@ def main() -> None:
         modes = {"finetune_2B": [], "gd_actors": [], "gd_inline": []}
         for _ in range(ROUNDS):
             student = build_unet(cfg.model)
-            ft_cfg = load_config(preset="cpu", overrides=["train.strategy=finetune", "train.batch_size=128",
-                                                          "train.log_every=1"])  # fmt: skip
+            ft_cfg = load_config(
+                preset="cpu", overrides=["train.strategy=finetune", "train.batch_size=128", "train.log_every=1"]
+            )
             modes["finetune_2B"].append(trainer_steps(ft_cfg, student, images_2B, None))
             stream = RemoteReplay(pool.actors, 1, teacher_files, 0, 1, STEPS, depth=4, timeout_s=600)
             modes["gd_actors"].append(trainer_steps(cfg, build_unet(cfg.model), images_B, stream))
@@ -121,9 +131,11 @@ def main() -> None:
             start = time.perf_counter()
             ray.get(ray.put(batch))
             times.append(time.perf_counter() - start)
-        results["object_store_s"] = {"put_get_median": statistics.median(times), "batch_mb":
-                                     sum(t.numel() * t.element_size() for t in vars(batch).values()) / 2**20,
-                                     "step_s_gd_actors": step["gd_actors"]}  # fmt: skip
+        results["object_store_s"] = {
+            "put_get_median": statistics.median(times),
+            "batch_mb": sum(t.numel() * t.element_size() for t in vars(batch).values()) / 2**20,
+            "step_s_gd_actors": step["gd_actors"],
+        }
 
         x = torch.randn(B, 1, size, size)
         t = torch.full((B,), 500)
@@ -134,9 +146,10 @@ def main() -> None:
                 teacher_unet(x, t)
             forward = (time.perf_counter() - start) / 5
         results["samplers_needed"] = {
-            "teacher_forward_s": forward, "trainer_step_s": step["finetune_2B"],
+            "teacher_forward_s": forward,
+            "trainer_step_s": step["finetune_2B"],
             **{f"gd_{n}_steps": math.ceil((n + 1) * forward / step["finetune_2B"]) for n in (2, 10, 100)},
-        }  # fmt: skip
+        }
 
         short = ["data.num_tasks=2", "train.max_steps=60", "eval.num_samples=200"] if args.short else []
         p3 = short + ["runtime.num_samplers=1", "train.strategy=gd", "train.teacher_steps=2"]
@@ -149,20 +162,26 @@ def main() -> None:
         start = time.perf_counter()
         run(ray_cfg, work / "ray", progress=False)
         ray_s = time.perf_counter() - start
-        results["p3_ray_vs_inline"] = {"inline_s": inline_s, "ray_s": ray_s, "ratio": ray_s / inline_s,
-                                       "run": "cpu preset, gd" + (", 2 tasks x 60 steps" if args.short else ""),
-                                       "goal": "<= 1.0"}  # fmt: skip
+        results["p3_ray_vs_inline"] = {
+            "inline_s": inline_s,
+            "ray_s": ray_s,
+            "ratio": ray_s / inline_s,
+            "run": "cpu preset, gd" + (", 2 tasks x 60 steps" if args.short else ""),
+            "goal": "<= 1.0",
+        }
     finally:
         ray.shutdown()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(results, indent=2))
-    print(f"| figure | value | goal |\n|---|---|---|\n"
-          f"| p1 trainer ratio, replay from actors | {results['p1_trainer_ratio']['actors']:.3f} | <= 1.05 |\n"
-          f"| p1 trainer ratio, replay inline | {results['p1_trainer_ratio']['inline']:.3f} | - |\n"
-          f"| p2 sampler scaling, 2 vs 1 actors | {results['p2_sampler_scaling']['ratio']:.3f} | >= 1.8 |\n"
-          f"| p3 Ray / inline wall time | {results['p3_ray_vs_inline']['ratio']:.3f} | <= 1.0 |\n"
-          f"| object store put+get per batch (s) | {results['object_store_s']['put_get_median']:.4f} | - |\n"
-          f"| trainer step, gd with actors (s) | {step['gd_actors']:.4f} | - |")  # fmt: skip
+    print(
+        f"| figure | value | goal |\n|---|---|---|\n"
+        f"| p1 trainer ratio, replay from actors | {results['p1_trainer_ratio']['actors']:.3f} | <= 1.05 |\n"
+        f"| p1 trainer ratio, replay inline | {results['p1_trainer_ratio']['inline']:.3f} | - |\n"
+        f"| p2 sampler scaling, 2 vs 1 actors | {results['p2_sampler_scaling']['ratio']:.3f} | >= 1.8 |\n"
+        f"| p3 Ray / inline wall time | {results['p3_ray_vs_inline']['ratio']:.3f} | <= 1.0 |\n"
+        f"| object store put+get per batch (s) | {results['object_store_s']['put_get_median']:.4f} | - |\n"
+        f"| trainer step, gd with actors (s) | {step['gd_actors']:.4f} | - |"
+    )
     print("sampler actors needed per trainer:", {k: v for k, v in results["samplers_needed"].items()})
 
 

@@ -1,6 +1,7 @@
 """Where a continual run's heavy work happens: the :class:`Backend` seam (train a task, train the continual
 classifier, distil a replay sampler, evaluate), the specs that cross it, and :class:`InlineBackend`, every piece
 in this process. The Ray implementation is distcl.runtime.pipeline.RayBackend; the core never imports it."""
+
 from __future__ import annotations
 
 import copy
@@ -107,15 +108,27 @@ class ClassifierSpec:
     progress: bool = True
 
 
-def train_classifier(spec: ClassifierSpec, replay: Optional[ImageReplay], device: torch.device | str
-                     ) -> tuple[dict[str, torch.Tensor], list[dict]]:  # fmt: skip
+def train_classifier(
+    spec: ClassifierSpec, replay: Optional[ImageReplay], device: torch.device | str
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Classifier task k on ``device`` (distcl.solver.train_solver_task); with ``replay``, the frozen starting
     weights label the replay images. Returns the trained weights (CPU) and the log rows."""
     model = SolverCNN()
     model.load_state_dict(spec.init)
     previous = copy.deepcopy(model).to(device).eval().requires_grad_(False) if replay is not None else None
-    rows = train_solver_task(model, previous, spec.images, spec.labels, replay, spec.task, spec.steps,
-                             spec.cfg.classifier, spec.cfg.seed, device, spec.progress)  # fmt: skip
+    rows = train_solver_task(
+        model,
+        previous,
+        spec.images,
+        spec.labels,
+        replay,
+        spec.task,
+        spec.steps,
+        spec.cfg.classifier,
+        spec.cfg.seed,
+        device,
+        spec.progress,
+    )
     return {name: value.cpu() for name, value in model.state_dict().items()}, rows
 
 

@@ -12,6 +12,7 @@
 
 Exit codes: 0 done, 1 the run failed (message on stderr), 2 bad input (nothing written).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML/JSON config file (fields of distcl.config.RunConfig)")
     run.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset config")
     run.add_argument("--out", help="output directory (default: runs/<name>); rerun to resume")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a field, e.g. --set train.replay_lambda=1.0 (repeatable)")  # fmt: skip
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set train.replay_lambda=1.0 (repeatable)",
+    )
     run.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (searched first)")
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     run.add_argument("--inline", action="store_true", help="no Ray: one process, replay made on the trainer")
@@ -45,21 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="distil a teacher checkpoint into a fast sampler")
     methods = distill.add_subparsers(dest="method", required=True)
     for method, help_text, settings in (
-        ("progressive", "progressive distillation: halving stages, x / v students (OUT/steps_<n>/)",
-         "distcl.config.ProgressiveConfig, e.g. --set target_steps=2"),
-        ("pid", "physics-informed distillation: a data-free one-step student (OUT/, distcl sample --model OUT)",
-         "distcl.config.PIDConfig, e.g. --set difference=central"),
-    ):  # fmt: skip
+        (
+            "progressive",
+            "progressive distillation: halving stages, x / v students (OUT/steps_<n>/)",
+            "distcl.config.ProgressiveConfig, e.g. --set target_steps=2",
+        ),
+        (
+            "pid",
+            "physics-informed distillation: a data-free one-step student (OUT/, distcl sample --model OUT)",
+            "distcl.config.PIDConfig, e.g. --set difference=central",
+        ),
+    ):
         parser_m = methods.add_parser(method, help=help_text)
         parser_m.add_argument("--teacher", required=True, help="a task_<k>/ checkpoint (DDIMPipeline folder)")
         parser_m.add_argument("--out", required=True, help="output directory (resumable)")
-        parser_m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                              help=f"a field of {settings}")  # fmt: skip
+        parser_m.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=f"a field of {settings}"
+        )
         parser_m.add_argument("--workers", type=int, default=1, help="Ray Train workers (batch_size splits among them)")
         parser_m.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
         parser_m.add_argument("--inline", action="store_true", help="no Ray: train in this process")
         parser_m.add_argument("--device", default="auto", help="with --inline: auto | cpu | cuda")
-        parser_m.add_argument("--no-progress", action="store_true", help="no progress bars (the default off a terminal)")
+        parser_m.add_argument(
+            "--no-progress", action="store_true", help="no progress bars (the default off a terminal)"
+        )
         if method == "progressive":
             parser_m.add_argument("--data-dir", help="Fashion-MNIST files (with --set data=fmnist)")
     sample = sub.add_parser("sample", help="sample a checkpoint: a task_<k>/ or PD stage (DDIM), or a PID student")
@@ -73,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("out", help="a run's output directory")
     cluster = sub.add_parser("cluster", help="rehearse a Ray cluster file on this machine")
     local = cluster.add_subparsers(dest="action", required=True).add_parser(
-        "local", help="a local autoscaling twin of a cluster file: its node types, started as runs ask for them")
+        "local", help="a local autoscaling twin of a cluster file: its node types, started as runs ask for them"
+    )
     local.add_argument("cluster_file", nargs="?", default="cluster.yaml", help="default: cluster.yaml")
     action = local.add_mutually_exclusive_group()
     action.add_argument("--down", action="store_true", help="stop the twin (only its own processes)")
@@ -163,8 +180,17 @@ def _distill(args) -> int:
         from distcl.launch import distill_teacher
 
         runtime = RuntimeConfig(address=args.address, num_workers=args.workers)
-        saved = distill_teacher(args.method, args.teacher, args.out, args.overrides, args.inline, args.device,
-                                runtime, getattr(args, "data_dir", None), _progress(args))
+        saved = distill_teacher(
+            args.method,
+            args.teacher,
+            args.out,
+            args.overrides,
+            args.inline,
+            args.device,
+            runtime,
+            getattr(args, "data_dir", None),
+            _progress(args),
+        )
         print(f"[distcl] done: {', '.join(map(str, saved))}")
         return 0
 

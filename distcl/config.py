@@ -73,14 +73,20 @@ def sample_size_multiple(preset: str) -> int:
 def check_halving(start_steps: int, target_steps: int, name: str) -> None:
     """Progressive distillation halves the step count: ``target_steps`` = start_steps / 2^m, m >= 1."""
     halvings = math.log2(start_steps / target_steps) if target_steps <= start_steps else -1
-    check_field(halvings >= 1 and halvings == int(halvings), name, f"{target_steps} is not reachable by halving "
-                f"{start_steps} (allowed: start_steps / 2^m, m >= 1)")
+    check_field(
+        halvings >= 1 and halvings == int(halvings),
+        name,
+        f"{target_steps} is not reachable by halving {start_steps} (allowed: start_steps / 2^m, m >= 1)",
+    )
 
 
 def check_worker_split(batch_size: int, num_workers: int, name: str) -> None:
     """A batch is split into equal shards, one per Ray Train worker."""
-    check_field(batch_size % num_workers == 0, name, f"{batch_size} is split among {num_workers} Train workers "
-                "(allowed: multiples of runtime.num_workers)")
+    check_field(
+        batch_size % num_workers == 0,
+        name,
+        f"{batch_size} is split among {num_workers} Train workers (allowed: multiples of runtime.num_workers)",
+    )
 
 
 @settings
@@ -94,11 +100,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         needed = self.num_tasks * self.classes_per_task
-        check_field(needed <= 10, "data.num_tasks", f"{self.num_tasks} tasks x {self.classes_per_task} classes "
-                    "exceeds the 10 Fashion-MNIST classes")
+        check_field(
+            needed <= 10,
+            "data.num_tasks",
+            f"{self.num_tasks} tasks x {self.classes_per_task} classes exceeds the 10 Fashion-MNIST classes",
+        )
         order = self.class_order
-        check_field(order is None or (len(set(order)) == len(order) and len(order) >= needed), "data.class_order",
-                    f"{order} (allowed: distinct labels in 0..9, at least num_tasks x classes_per_task of them)")
+        check_field(
+            order is None or (len(set(order)) == len(order) and len(order) >= needed),
+            "data.class_order",
+            f"{order} (allowed: distinct labels in 0..9, at least num_tasks x classes_per_task of them)",
+        )
 
 
 @settings
@@ -112,11 +124,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         multiple = sample_size_multiple(self.preset)
-        check_field(self.sample_size is None or self.sample_size % multiple == 0, "model.sample_size",
-                    f"{self.sample_size} does not fit preset {self.preset!r} (allowed: positive multiples of "
-                    f"{multiple})")
-        check_field(self.beta_start < self.beta_end, "model.beta_start",
-                    f"{self.beta_start}..{self.beta_end} (allowed: beta_start < beta_end)")
+        check_field(
+            self.sample_size is None or self.sample_size % multiple == 0,
+            "model.sample_size",
+            f"{self.sample_size} does not fit preset {self.preset!r} (allowed: positive multiples of {multiple})",
+        )
+        check_field(
+            self.beta_start < self.beta_end,
+            "model.beta_start",
+            f"{self.beta_start}..{self.beta_end} (allowed: beta_start < beta_end)",
+        )
 
 
 @settings
@@ -221,15 +238,19 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
-        check_field(self.replay_sampler.method == "ddim" or self.train.strategy in FAST_SAMPLER_STRATEGIES,
-                    "replay_sampler.method", f"{self.replay_sampler.method!r} draws the x0_hat of "
-                    f"{' and '.join(FAST_SAMPLER_STRATEGIES)} replay, not of train.strategy {self.train.strategy!r} "
-                    "(allowed: ddim)")
+        check_field(
+            self.replay_sampler.method == "ddim" or self.train.strategy in FAST_SAMPLER_STRATEGIES,
+            "replay_sampler.method",
+            f"{self.replay_sampler.method!r} draws the x0_hat of "
+            f"{' and '.join(FAST_SAMPLER_STRATEGIES)} replay, not of train.strategy {self.train.strategy!r} "
+            "(allowed: ddim)",
+        )
         if self.runtime.backend == "ray":
             check_worker_split(self.train.batch_size, self.runtime.num_workers, "train.batch_size")
             if self.replay_sampler.method != "ddim":
-                check_worker_split(self.replay_sampler.batch_size, self.runtime.num_workers,
-                                   "replay_sampler.batch_size")
+                check_worker_split(
+                    self.replay_sampler.batch_size, self.runtime.num_workers, "replay_sampler.batch_size"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -321,8 +342,9 @@ def load_config(
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError("config", f"{path} is not valid YAML/JSON: {err}") from None
-        check_field(isinstance(loaded, dict), "config",
-                    f"{path} must hold a mapping of fields, not {type(loaded).__name__}")
+        check_field(
+            isinstance(loaded, dict), "config", f"{path} must hold a mapping of fields, not {type(loaded).__name__}"
+        )
         _deep_update(merged, loaded)
     apply_overrides(merged, overrides or [])
     return absolute_paths(from_dict(RunConfig, merged))

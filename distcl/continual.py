@@ -1,6 +1,7 @@
 """The continual run, the task loop: for task k, train the student (teacher = the frozen student after k-1), train
 the continual classifier, evaluate; each step saved to OUT (distcl.rundir) when done, so a rerun resumes: a task
 whose task_<k>/ exists is never retrained, one without metrics is (re-)evaluated."""
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,14 @@ from distcl.solver import (
 from distcl.teachers import distill_replay_sampler, uses_fast_sampler
 
 
-def run_continual(cfg: RunConfig, out: Path, backend: Optional[Backend] = None, progress: bool = True,
-                  log: Callable[[str], None] = print,
-                  on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
+def run_continual(
+    cfg: RunConfig,
+    out: Path,
+    backend: Optional[Backend] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> Path:
     """Run (or resume) all tasks of ``cfg`` into ``out`` on ``backend`` (default: this process); returns the
     metrics table's path. ``on_task(k, metrics)`` is called after task k is evaluated, in task order, also for
     tasks a resumed run finds done. With ``classifier.enabled`` the classifier's task k follows the
@@ -54,8 +60,14 @@ def run_continual(cfg: RunConfig, out: Path, backend: Optional[Backend] = None, 
         return _run_tasks(cfg, out, backend, progress, log, on_task)
 
 
-def _run_tasks(cfg: RunConfig, out: Path, backend: Optional[Backend], progress: bool, log: Callable[[str], None],
-               on_task: Optional[Callable[[int, dict[str, float]], None]]) -> Path:
+def _run_tasks(
+    cfg: RunConfig,
+    out: Path,
+    backend: Optional[Backend],
+    progress: bool,
+    log: Callable[[str], None],
+    on_task: Optional[Callable[[int, dict[str, float]], None]],
+) -> Path:
     device = resolve_device(cfg.device)
     configure_numerics(cfg.runtime.precision, cfg.runtime.deterministic)
     fresh = build_unet(cfg.model)  # validates the architecture before anything is written
@@ -65,8 +77,10 @@ def _run_tasks(cfg: RunConfig, out: Path, backend: Optional[Backend], progress: 
     evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache_dir(cfg.cache_dir), device, progress)
     (out / "evaluator.json").write_text(json.dumps(evaluator.describe(), indent=2))
     run = ContinualRun(cfg, out, scenario, backend or InlineBackend(device), evaluator, device, progress, log)
-    log(f"[distcl] {cfg.name}: tasks {scenario.tasks}, strategy {cfg.train.strategy}, "
-        f"evaluation classifier test accuracy {evaluator.classifier_accuracy:.4f}")
+    log(
+        f"[distcl] {cfg.name}: tasks {scenario.tasks}, strategy {cfg.train.strategy}, "
+        f"evaluation classifier test accuracy {evaluator.classifier_accuracy:.4f}"
+    )
     log(f"[distcl] devices: {run.backend.devices()}, precision {cfg.runtime.precision}")
     evaluated = evaluated_tasks(out)
     for k in range(cfg.data.num_tasks):
@@ -113,8 +127,10 @@ class ContinualRun:
         rows = self.backend.train_task(spec)
         append_rows(out / "train_log.parquet", rows, k)
         save_checkpoint(student, scheduler, task_dir(out, k))
-        self.log(f"[distcl] task {k} {self.scenario.tasks[k]}: trained {rows[-1]['step'] + 1} steps in "
-                 f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}")
+        self.log(
+            f"[distcl] task {k} {self.scenario.tasks[k]}: trained {rows[-1]['step'] + 1} steps in "
+            f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}"
+        )
 
     def train_classifier(self, k: int) -> None:
         """Classifier task k (distcl.solver): it starts from the classifier of task k-1 (task 0: seeded)."""
@@ -125,13 +141,16 @@ class ContinualRun:
         joint = strategy == "joint"
         images, labels = self.scenario.train_images(k, joint), self.scenario.train_labels(k, joint)
         replay_from = task_dir(self.out, k - 1) if strategy == "replay" and k > 0 else None
-        spec = ClassifierSpec(cfg, k, init, images, labels, solver_steps(len(labels), c.epochs, c.batch_size),
-                              replay_from, self.progress)
+        spec = ClassifierSpec(
+            cfg, k, init, images, labels, solver_steps(len(labels), c.epochs, c.batch_size), replay_from, self.progress
+        )
         weights, rows = self.backend.train_classifier(spec)
         save_classifier(self.out, k, weights)
         append_rows(self.out / "classifier_log.parquet", rows, k)
-        self.log(f"[distcl] classifier task {k}: trained {len(rows)} steps in {time.perf_counter() - start:.1f}s, "
-                 f"last loss {rows[-1]['loss']:.4f}")
+        self.log(
+            f"[distcl] classifier task {k}: trained {len(rows)} steps in {time.perf_counter() - start:.1f}s, "
+            f"last loss {rows[-1]['loss']:.4f}"
+        )
 
     def evaluate(self, k: int) -> None:
         """Metrics of the model after task k on the test classes seen so far (and of the continual classifier)."""
@@ -145,15 +164,20 @@ class ContinualRun:
         save_grid(grid, out / "samples" / f"task_{k}.png")
         if cfg.classifier.enabled:
             metrics.update(classifier_metrics(self.scenario, k, out, test.labels, solver_predictions(results)))
-        rows = [{"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k, "metric": m,
-                 "value": v} for m, v in metrics.items()]
+        rows = [
+            {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k, "metric": m, "value": v}
+            for m, v in metrics.items()
+        ]
         append_rows(out / "metrics.parquet", rows, k)
-        self.log(f"[distcl] task {k} evaluated in {time.perf_counter() - start:.1f}s: "
-                 + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+        self.log(
+            f"[distcl] task {k} evaluated in {time.perf_counter() - start:.1f}s: "
+            + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items())
+        )
 
 
-def classifier_metrics(scenario: Scenario, k: int, out: Path, labels: torch.Tensor,
-                       predicted: torch.Tensor) -> dict[str, float]:
+def classifier_metrics(
+    scenario: Scenario, k: int, out: Path, labels: torch.Tensor, predicted: torch.Tensor
+) -> dict[str, float]:
     """From the continual classifier's ``predicted`` labels of the test images of every class seen so far (true
     ``labels``: ``scenario.test_split(k)``'s, in order; the evaluation workers predict them): ``accuracy`` on
     them, ``forgetting`` (distcl.solver.forgetting) and ``accuracy_task<j>`` (on task j's classes) for j <= k;

@@ -1,5 +1,6 @@
 """Fashion-MNIST: locate, verify or download the IDX files, read them, build the class-incremental tasks, and stream
 a task's batches (sharded over workers, seeded)."""
+
 from __future__ import annotations
 
 import gzip

@@ -1,5 +1,6 @@
 """Where tensors live and in which precision: the device of a role, bf16 autocast, the process's numerics
 (TF32, deterministic algorithms), host-to-device copies."""
+
 from __future__ import annotations
 
 import contextlib

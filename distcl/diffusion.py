@@ -1,4 +1,5 @@
 """Forward noising and DDIM sampling (full, or stopped per item at a timestep t' for partial generation)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -48,8 +49,10 @@ def ddim_sample(
     if stop_at is not None:
         stop_at = stop_at.to(x_T.device)
         # checked on the device, without a host read (a CPU tensor raises here, CUDA at its next sync)
-        torch._assert_async(torch.isin(stop_at, sched.timesteps.to(x_T.device)).all(),
-                            f"stop_at must lie on the {steps}-step grid (distcl.diffusion.sampling_timesteps)")  # fmt: skip
+        torch._assert_async(
+            torch.isin(stop_at, sched.timesteps.to(x_T.device)).all(),
+            f"stop_at must lie on the {steps}-step grid (distcl.diffusion.sampling_timesteps)",
+        )
         stopped = x_T
     x = x_T
     for t in tqdm(sched.timesteps.tolist(), desc="ddim", leave=False, disable=not progress):  # host ints

@@ -7,6 +7,7 @@ are made for the whole batch; worker r of W takes the rows ``slice(r, None, W)``
 mean of the workers' gradients (DDP) is the whole batch's gradient, so any number of workers trains the same
 model, up to float rounding.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,19 +65,35 @@ INLINE_READ_EVERY = 10  # steps between host reads of the loss (the progress bar
 Fit = Callable[[UnitSpec, Optional[torch.Tensor], bool], tuple[DistillUnit, list[dict]]]
 
 
-def fit_inline(spec: UnitSpec, images: Optional[torch.Tensor], progress: bool,
-               device: torch.device | str = "cpu") -> tuple[DistillUnit, list[dict]]:  # fmt: skip
+def fit_inline(
+    spec: UnitSpec, images: Optional[torch.Tensor], progress: bool, device: torch.device | str = "cpu"
+) -> tuple[DistillUnit, list[dict]]:
     """Train the unit in this process on the whole batch."""
     unit = spec.build(device, images)
     optimizer = torch.optim.Adam(unit.model.parameters(), lr=unit.lr)
-    rows = optimise(unit.model, optimizer, lambda step: {"loss": unit.loss(unit.model, step, slice(None))},
-                    unit.iterations, grad_clip=1.0, read_every=INLINE_READ_EVERY, progress=progress,
-                    desc=f"distil {spec.method} {spec.name}")
+    rows = optimise(
+        unit.model,
+        optimizer,
+        lambda step: {"loss": unit.loss(unit.model, step, slice(None))},
+        unit.iterations,
+        grad_clip=1.0,
+        read_every=INLINE_READ_EVERY,
+        progress=progress,
+        desc=f"distil {spec.method} {spec.name}",
+    )
     return unit, rows
 
 
-def distill(method: str, teacher: Path, out: Path, cfg: MethodConfig, fit: Fit, images: Optional[torch.Tensor] = None,
-            progress: bool = True, log: Callable[[str], None] = print) -> list[Path]:  # fmt: skip
+def distill(
+    method: str,
+    teacher: Path,
+    out: Path,
+    cfg: MethodConfig,
+    fit: Fit,
+    images: Optional[torch.Tensor] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
     """Distil the eps teacher at ``teacher`` by ``method`` into ``out``; returns the outputs (PD: one per stage).
     Units already done are skipped (resume); OUT/distill.json records the settings, and an OUT that holds a
     distillation with other settings is refused."""
@@ -101,8 +118,10 @@ def distill(method: str, teacher: Path, out: Path, cfg: MethodConfig, fit: Fit, 
             continue
         unit, rows = fit(spec, images, progress)
         unit.save(rows)
-        log(f"[distcl] {method} {spec.name}: {unit.iterations} iterations, last loss {rows[-1]['loss']:.4f} "
-            f"-> {spec.output}")  # fmt: skip
+        log(
+            f"[distcl] {method} {spec.name}: {unit.iterations} iterations, last loss {rows[-1]['loss']:.4f} "
+            f"-> {spec.output}"
+        )
     return [spec.output for spec in specs]
 
 

@@ -33,10 +33,19 @@ class FashionClassifier(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, self.feature_dim), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 5, padding=2),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Dropout(0.25),
+            nn.Linear(64 * 7 * 7, self.feature_dim),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(self.feature_dim, 10)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +122,16 @@ def train_classifier(
         idx = order[epoch][i * 128 : (i + 1) * 128]
         return {"loss": F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))}
 
-    optimise(net, optimizer, step_terms, epochs * per_epoch, after_step=schedule.step, log_every=per_epoch,
-             progress=progress, desc="evaluation classifier")
+    optimise(
+        net,
+        optimizer,
+        step_terms,
+        epochs * per_epoch,
+        after_step=schedule.step,
+        log_every=per_epoch,
+        progress=progress,
+        desc="evaluation classifier",
+    )
     net.eval()
     predictions = classify(net, to_model_range(test.images, 28))
     return net, float((predictions == test.labels).float().mean())
@@ -123,7 +140,9 @@ def train_classifier(
 @torch.no_grad()
 def classify(net: FashionClassifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     device = next(net.parameters()).device
-    return torch.cat([net(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [net(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    )
 
 
 def load_or_train_classifier(
@@ -139,8 +158,10 @@ def load_or_train_classifier(
             if not path.is_file():
                 net, accuracy = train_classifier(train, test, epochs, device, progress=progress)
                 with tempfile.NamedTemporaryFile(dir=cache, delete=False, suffix=".tmp") as tmp:
-                    torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
-                                "test_accuracy": accuracy}, tmp)  # fmt: skip
+                    torch.save(
+                        {"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "test_accuracy": accuracy},
+                        tmp,
+                    )
                 os.replace(tmp.name, path)
     saved = torch.load(path, map_location="cpu")
     net = FashionClassifier()

@@ -1,6 +1,7 @@
 """Evaluation after every task: seeded samples in chunks on any worker, FID (torch-fidelity), class-histogram KLD
 and TV, the continual classifier's labels, and a sample grid. FID's feature network and the labelling classifier
 are distcl.eval_net's (Inception for FID when its weights are on disk)."""
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,9 @@ def class_histogram_metrics(true_labels: torch.Tensor, generated_labels: torch.T
 
 
 @torch.no_grad()
-def generate(unet, scheduler, n: int, steps: int, eta: float, batch_size: int, generator: torch.Generator,
-             progress: bool = True) -> torch.Tensor:  # fmt: skip
+def generate(
+    unet, scheduler, n: int, steps: int, eta: float, batch_size: int, generator: torch.Generator, progress: bool = True
+) -> torch.Tensor:
     """``n`` DDIM samples in [-1, 1] on the CPU, x_T drawn batch by batch from ``generator``."""
     cfg = unet.config
     out = []
@@ -99,7 +101,9 @@ def sample_generators(seed: int, task: int, start: int, stop: int) -> list[torch
 
 
 @torch.no_grad()
-def generate_indexed(unet, scheduler, steps: int, eta: float, seed: int, task: int, start: int, stop: int) -> torch.Tensor:
+def generate_indexed(
+    unet, scheduler, steps: int, eta: float, seed: int, task: int, start: int, stop: int
+) -> torch.Tensor:
     """Evaluation samples [start, stop) of task k, in [-1, 1] on the CPU: sample i's x_T and DDIM noise come from
     its own generator, so it is the same sample in any batch, on any worker."""
     generators = sample_generators(seed, task, start, stop)
@@ -141,7 +145,10 @@ class LoadedNets:
         """FID features [N, d] (CPU, float32) of uint8 images [N, C, H, W]."""
         if images.shape[1] != self.channels:
             images = images.repeat(1, self.channels, 1, 1)
-        out = [self.extractor(images[i : i + batch_size].to(self.device))[0].cpu() for i in range(0, len(images), batch_size)]
+        out = [
+            self.extractor(images[i : i + batch_size].to(self.device))[0].cpu()
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out).float()
 
     def labels(self, samples: torch.Tensor) -> torch.Tensor:
@@ -227,7 +234,9 @@ class EvalWorker:
                 x = to_model_range(job.test_images[chunk.start : chunk.stop], job.real.shape[-1])
                 return ChunkResult(chunk, None, classify(self.solver, x))
         c = job.eval_cfg
-        samples = generate_indexed(self.unet, self.scheduler, c.steps, c.eta, job.seed, job.task, chunk.start, chunk.stop)
+        samples = generate_indexed(
+            self.unet, self.scheduler, c.steps, c.eta, job.seed, job.task, chunk.start, chunk.stop
+        )
         images = to_uint8(samples)
         grid = images[: max(0, GRID_SIZE - chunk.start)]
         return ChunkResult(chunk, self.nets.features(images), self.nets.labels(samples), grid)
@@ -246,12 +255,15 @@ def fid_from_features(generated: torch.Tensor, real: torch.Tensor) -> float:
 
 def metrics_from_chunks(results: list[ChunkResult], test_labels: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
     """FID, KLD, TV and gen_in_seen of a task from its chunks (any order), and the grid's uint8 samples."""
+
     def cat(kind: str, part: str) -> torch.Tensor:
         chosen = sorted((r for r in results if r.chunk.kind == kind), key=lambda r: r.chunk.start)
         return torch.cat([getattr(r, part) for r in chosen])
 
-    metrics = {"fid": fid_from_features(cat("generated", "features"), cat("real", "features")),
-               **class_histogram_metrics(test_labels, cat("generated", "labels"))}  # fmt: skip
+    metrics = {
+        "fid": fid_from_features(cat("generated", "features"), cat("real", "features")),
+        **class_histogram_metrics(test_labels, cat("generated", "labels")),
+    }
     if not all(math.isfinite(v) for v in metrics.values()):
         raise RuntimeError(f"non-finite evaluation metrics {metrics}")
     return metrics, cat("generated", "grid")
@@ -287,22 +299,33 @@ class Evaluator:
         state = {k: v.cpu() for k, v in classifier.state_dict().items()}
         self.nets = EvalNets(state, extractor, Path(weights).read_bytes())
 
-    def job(self, task: int, seed: int, model_cfg: ModelConfig, state: dict, test: Split, size: int,
-            solver: Optional[dict[str, torch.Tensor]] = None) -> EvalJob:  # fmt: skip
+    def job(
+        self,
+        task: int,
+        seed: int,
+        model_cfg: ModelConfig,
+        state: dict,
+        test: Split,
+        size: int,
+        solver: Optional[dict[str, torch.Tensor]] = None,
+    ) -> EvalJob:
         """Task ``task``'s evaluation of the model with weights ``state`` against the split ``test``
         (at the model's sample ``size``); with ``solver`` (the continual classifier's weights), its predictions
         of the test images too."""
         real = to_uint8(to_model_range(test.images, size))
-        return EvalJob(task, seed, self.cfg, model_cfg, state, self.nets, real, solver,
-                       test.images if solver is not None else None)  # fmt: skip
+        return EvalJob(
+            task, seed, self.cfg, model_cfg, state, self.nets, real, solver, test.images if solver is not None else None
+        )
 
     def score(self, samples: torch.Tensor, test: Split, grid_path: Optional[Path] = None) -> dict[str, float]:
         """FID, KLD, TV of given ``samples`` ([-1, 1], any sampler) against ``test``, in this process."""
         nets = LoadedNets(self.nets, self.device)
         images = to_uint8(samples)
         real = to_uint8(to_model_range(test.images, samples.shape[-1]))
-        results = [ChunkResult(EvalChunk("generated", 0, len(samples)), nets.features(images), nets.labels(samples), images),
-                   ChunkResult(EvalChunk("real", 0, len(real)), nets.features(real))]  # fmt: skip
+        results = [
+            ChunkResult(EvalChunk("generated", 0, len(samples)), nets.features(images), nets.labels(samples), images),
+            ChunkResult(EvalChunk("real", 0, len(real)), nets.features(real)),
+        ]
         metrics, grid = metrics_from_chunks(results, test.labels)
         if grid_path is not None:
             save_grid(grid, grid_path)

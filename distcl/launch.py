@@ -1,5 +1,6 @@
 """A run, or a distillation, on the backend asked for: the choice made at the face (the CLI, the job entrypoints,
 a Tune trial), so that the core (distcl.continual, distcl.distill) never imports the Ray shell."""
+
 from __future__ import annotations
 
 from functools import partial
@@ -15,8 +16,13 @@ from distcl.models import load_pipeline_parts
 from distcl.settings import from_dict
 
 
-def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
-        on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
+def run(
+    cfg: RunConfig,
+    out: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> Path:
     """Run ``cfg`` on its ``runtime.backend``: Ray (distcl.runtime.pipeline) or this process
     (distcl.continual.run_continual); the metrics table's path."""
     if cfg.runtime.backend == "ray":
@@ -26,9 +32,17 @@ def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], N
     return run_continual(cfg, out, progress=progress, log=log, on_task=on_task)
 
 
-def distill_teacher(method: str, teacher: Path, out: Path, overrides: list[str], inline: bool = False,
-                    device: str = "auto", runtime: Optional[RuntimeConfig] = None, data_dir: Optional[str] = None,
-                    progress: bool = True) -> list[Path]:
+def distill_teacher(
+    method: str,
+    teacher: Path,
+    out: Path,
+    overrides: list[str],
+    inline: bool = False,
+    device: str = "auto",
+    runtime: Optional[RuntimeConfig] = None,
+    data_dir: Optional[str] = None,
+    progress: bool = True,
+) -> list[Path]:
     """``distcl distill``: the ``method`` settings from ``key=value`` overrides, trained in this process on
     ``device`` (``inline``) or on Ray Train with ``runtime``'s layout; progressive with ``data=fmnist`` on the
     training images at the teacher's size. The outputs (PD: one per stage)."""

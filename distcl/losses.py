@@ -1,4 +1,5 @@
 """The continual diffusion loss: data term plus lambda-weighted replay (distillation) term."""
+
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,5 @@
 """The UNet of a preset (diffusers UNet2DModel), the DDIM scheduler factory, and checkpoints (DDIMPipeline folders)."""
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,9 @@ def load_unet(directory: Path, model_cfg, device: torch.device | str = "cpu") ->
     wrong = {k: (unet.config[k], v) for k, v in expected.items() if _plain(unet.config[k]) != _plain(v)}
     if wrong:
         detail = ", ".join(f"{k} {got} (run: {want})" for k, (got, want) in wrong.items())
-        raise ValueError(f"checkpoint {directory} is another architecture than model.preset "
-                         f"{model_cfg.preset!r}: {detail}")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {directory} is another architecture than model.preset {model_cfg.preset!r}: {detail}"
+        )
     return unet.to(device)
 
 
@@ -59,8 +61,11 @@ def load_pipeline_parts(directory: Path, device: torch.device | str = "cpu") -> 
 
     directory = Path(directory)
     if not (directory / "unet" / "config.json").is_file() or not (directory / "scheduler").is_dir():
-        raise ConfigError("--teacher", f"{directory} is not a distcl / diffusers DDIMPipeline checkpoint "
-                                       "(expected unet/config.json and scheduler/ in it)")  # fmt: skip
+        raise ConfigError(
+            "--teacher",
+            f"{directory} is not a distcl / diffusers DDIMPipeline checkpoint "
+            "(expected unet/config.json and scheduler/ in it)",
+        )
     unet = UNet2DModel.from_pretrained(directory / "unet").to(device)
     return unet, DDIMScheduler.from_pretrained(directory / "scheduler")
 

@@ -28,6 +28,7 @@ ODE residual vanish (gradients through both student calls):
 
 One-step sampling: x0 = x_theta(z, sigma_min) (y at sigma_min is x0 to within 0.01 noise), clipped to [-1, 1].
 """
+
 from __future__ import annotations
 
 import copy
@@ -91,8 +92,14 @@ def edm_time_grid(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) 
 StudentFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, t) -> x_theta(z, t)
 
 
-def pid_residual(student: StudentFn, teacher: SigmaTeacher, z: torch.Tensor, grid: torch.Tensor, i: torch.Tensor,
-                 difference: str = "first") -> torch.Tensor:  # fmt: skip
+def pid_residual(
+    student: StudentFn,
+    teacher: SigmaTeacher,
+    z: torch.Tensor,
+    grid: torch.Tensor,
+    i: torch.Tensor,
+    difference: str = "first",
+) -> torch.Tensor:
     """Per item: mean over pixels of (x_theta(z, t_i) - t_i dy/dt - stopgrad D(x_theta(z, t_i), t_i))^2, dy/dt by
     the first-order (t_i, t_{i+1}) or central (t_{i-1}, t_{i+1}) finite difference."""
     t_i, t_next = grid[i], grid[i + 1]
@@ -158,8 +165,11 @@ def pid_unit(teacher_dir: Path, out: Path, cfg: PIDConfig, device: torch.device 
         shutil.rmtree(out / "unet", ignore_errors=True)  # from an attempt that did not finish
         student.unet.save_pretrained(out / "unet")
         (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        record = {"T": schedule.sigma_max, "sigma_min": schedule.sigma_min,
-                  "alphas_cumprod": scheduler.alphas_cumprod.tolist()}  # fmt: skip
+        record = {
+            "T": schedule.sigma_max,
+            "sigma_min": schedule.sigma_min,
+            "alphas_cumprod": scheduler.alphas_cumprod.tolist(),
+        }
         (out / STUDENT_FILE).write_text(json.dumps(record))  # written last: marks the student complete
 
     return DistillUnit(student, loss, cfg.iterations, cfg.lr, save)
@@ -173,4 +183,3 @@ def load_pid_student(directory: Path, device: torch.device | str = "cpu") -> PID
     record = json.loads((directory / STUDENT_FILE).read_text())
     unet = UNet2DModel.from_pretrained(directory / "unet").to(device).eval()
     return PIDStudent(unet, SigmaSchedule(torch.tensor(record["alphas_cumprod"]))).eval()
-

@@ -17,6 +17,7 @@ so that one student DDIM step from z_t with xhat = x_target lands on z_t''. xhat
 distcl eps model trained on the plain linear schedule; it converts with its own alphas (non-zero at the top,
 within 1 % of the rescaled ones elsewhere), while z_t and the DDIM steps use the zero-SNR schedule.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,14 +49,17 @@ class TimeSchedule:
         return (t.double() * self.T).round().long().clamp(1, self.T) - 1
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) with alpha^2 + sigma^2 = 1; (1, 0) at t = 0. Shape [B, 1, 1, 1], float32, on t's device."""
+        """(alpha_t, sigma_t) with alpha^2 + sigma^2 = 1; (1, 0) at t = 0. Shape [B, 1, 1, 1], float32, on t's
+        device."""
         table = self.alphas_cumprod.to(t.device)
         abar = torch.where(t > 0, table[self.timestep(t)], torch.ones_like(t, dtype=torch.float64))
         shape = (-1, 1, 1, 1)
         return abar.sqrt().float().view(shape), (1 - abar).sqrt().float().view(shape)
 
 
-def to_x(output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
+def to_x(
+    output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction: str
+) -> torch.Tensor:
     """xhat from a model output under diffusers' ``prediction_type``."""
     if prediction == "epsilon":
         return (z - sigma * output) / alpha
@@ -66,8 +70,9 @@ def to_x(output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torc
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 
-def ddim_step(z_t: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-              schedule: TimeSchedule) -> torch.Tensor:  # fmt: skip
+def ddim_step(
+    z_t: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: TimeSchedule
+) -> torch.Tensor:
     """z_s = alpha_s xhat + (sigma_s / sigma_t) (z_t - alpha_t xhat), s < t (deterministic DDIM)."""
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     alpha_s, sigma_s = schedule.alpha_sigma(s)
@@ -77,8 +82,9 @@ def ddim_step(z_t: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor, s: torch.
 XPredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, t) -> xhat
 
 
-def pd_target(teacher_x: XPredictor, z_t: torch.Tensor, t: torch.Tensor, n: int,
-              schedule: TimeSchedule) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def pd_target(
+    teacher_x: XPredictor, z_t: torch.Tensor, t: torch.Tensor, n: int, schedule: TimeSchedule
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_target, z_t'') for an n-step student at times t: the teacher's two DDIM half steps t -> t' -> t''."""
     t1, t2 = t - 0.5 / n, t - 1.0 / n  # t' then t'': swapping them is the known bug
     z1 = ddim_step(z_t, teacher_x(z_t, t), t, t1, schedule)
@@ -95,8 +101,9 @@ def truncated_snr_weight(t: torch.Tensor, schedule: TimeSchedule) -> torch.Tenso
     return (alpha**2 / sigma**2).clamp_min(1.0).view(-1)
 
 
-def model_x(unet: UNet2DModel, prediction: str, schedule: TimeSchedule, own: Optional[TimeSchedule] = None,
-            clip: bool = False) -> XPredictor:  # fmt: skip
+def model_x(
+    unet: UNet2DModel, prediction: str, schedule: TimeSchedule, own: Optional[TimeSchedule] = None, clip: bool = False
+) -> XPredictor:
     """xhat(z, t) of a UNet; ``own``: the schedule the model converts with (the first, eps teacher's); ``clip``:
     xhat clipped to [-1, 1], as the teacher's own DDIM sampler does (``clip_sample``)."""
     convert = own or schedule
@@ -111,8 +118,13 @@ def model_x(unet: UNet2DModel, prediction: str, schedule: TimeSchedule, own: Opt
 
 def student_scheduler(teacher_scheduler: DDIMScheduler, parameterisation: str) -> DDIMScheduler:
     """The teacher's DDIM scheduler with SNR 0 at the top, trailing spacing, and the student's prediction type."""
-    return DDIMScheduler.from_config(teacher_scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                                     prediction_type=PARAMETERISATIONS[parameterisation], clip_sample=False)  # fmt: skip
+    return DDIMScheduler.from_config(
+        teacher_scheduler.config,
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        prediction_type=PARAMETERISATIONS[parameterisation],
+        clip_sample=False,
+    )
 
 
 def stage_dir(out: Path, n: int) -> Path:
@@ -120,8 +132,9 @@ def stage_dir(out: Path, n: int) -> Path:
     return Path(out) / f"steps_{n}"
 
 
-def teacher_samples(unet: UNet2DModel, scheduler: DDIMScheduler, steps: int, batch_size: int,
-                    seed: int) -> Callable[[int, slice], torch.Tensor]:  # fmt: skip
+def teacher_samples(
+    unet: UNet2DModel, scheduler: DDIMScheduler, steps: int, batch_size: int, seed: int
+) -> Callable[[int, slice], torch.Tensor]:
     """Data-free PD: batch k is the teacher's own ``steps``-step DDIM samples from x_T ~ generator (seed, "pd_data", k);
     a shard generates only its rows."""
     size = unet.config.sample_size
@@ -142,8 +155,14 @@ def image_batches(images: torch.Tensor, batch_size: int, seed: int) -> Callable[
     return batch
 
 
-def stage_unit(teacher_dir: Path, out: Path, n: int, cfg: ProgressiveConfig, device: torch.device | str,
-               images: Optional[torch.Tensor] = None) -> DistillUnit:  # fmt: skip
+def stage_unit(
+    teacher_dir: Path,
+    out: Path,
+    n: int,
+    cfg: ProgressiveConfig,
+    device: torch.device | str,
+    images: Optional[torch.Tensor] = None,
+) -> DistillUnit:
     """PD stage n: the 2n-step teacher is the checkpoint at ``teacher_dir`` for the
     first stage, else the previous stage's student OUT/steps_<2n>; the student starts as its copy and is saved
     to OUT/steps_<n>/, a DDIMPipeline that samples in n steps.
@@ -154,14 +173,21 @@ def stage_unit(teacher_dir: Path, out: Path, n: int, cfg: ProgressiveConfig, dev
     scheduler = student_scheduler(original_scheduler, cfg.parameterisation)
     schedule = TimeSchedule(scheduler.alphas_cumprod)
     first = 2 * n == cfg.start_steps
-    unet, unet_scheduler = (original, original_scheduler) if first else load_pipeline_parts(stage_dir(out, 2 * n), device)
+    unet, unet_scheduler = (
+        (original, original_scheduler) if first else load_pipeline_parts(stage_dir(out, 2 * n), device)
+    )
     student = copy.deepcopy(unet).requires_grad_(True)
-    teacher_x = model_x(unet.eval().requires_grad_(False), unet_scheduler.config.prediction_type, schedule,
-                        TimeSchedule(unet_scheduler.alphas_cumprod),
-                        clip=unet_scheduler.config.clip_sample)  # its DDIM, as it samples replay  # fmt: skip
+    teacher_x = model_x(
+        unet.eval().requires_grad_(False),
+        unet_scheduler.config.prediction_type,
+        schedule,
+        TimeSchedule(unet_scheduler.alphas_cumprod),
+        clip=unet_scheduler.config.clip_sample,
+    )  # its DDIM, as it samples replay
     if cfg.data == "teacher":
-        data = teacher_samples(original.eval().requires_grad_(False), original_scheduler, cfg.start_steps,
-                               cfg.batch_size, cfg.seed)  # fmt: skip
+        data = teacher_samples(
+            original.eval().requires_grad_(False), original_scheduler, cfg.start_steps, cfg.batch_size, cfg.seed
+        )
     else:
         data = image_batches(images, cfg.batch_size, cfg.seed)
     prediction = PARAMETERISATIONS[cfg.parameterisation]

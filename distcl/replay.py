@@ -12,6 +12,7 @@
 With a fast replay sampler (``replay_sampler.method`` progressive / pid), a student distilled from the teacher
 draws gr's and gd's x0_hat in place of DDIM_teacher; the targets stay the teacher's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ class ReplayBatch:
 
     def to(self, device) -> "ReplayBatch":
         device = torch.device(device)
-        return ReplayBatch(to_device(self.inputs, device), to_device(self.timesteps, device),
-                           to_device(self.targets, device))  # fmt: skip
+        return ReplayBatch(
+            to_device(self.inputs, device), to_device(self.timesteps, device), to_device(self.targets, device)
+        )
 
     def __len__(self) -> int:
         return self.inputs.shape[0]

@@ -1,4 +1,5 @@
 """Parquet results -> Markdown tables and PNG plots (no LaTeX needed)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@ lock that lets one driver hold it.
     OUT/metrics.parquet             long form: run, seed, strategy, task, metric, value
     OUT/train_log.parquet, classifier_log.parquet, evaluator.json, .lock
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -85,8 +86,9 @@ def out_lock(out: Path) -> Iterator[None]:
         lock.seek(0)
         holder = lock.read().strip() or "another process"
         lock.close()
-        raise ConfigError("--out", f"{out} is in use by another distcl run ({holder}); wait for it to end, "
-                                   "or use another --out") from None  # fmt: skip
+        raise ConfigError(
+            "--out", f"{out} is in use by another distcl run ({holder}); wait for it to end, or use another --out"
+        ) from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -113,8 +115,11 @@ def prepare_out(cfg: RunConfig, out: Path) -> None:
         previous = _results_config(from_dict(RunConfig, yaml.safe_load(config_path.read_text())).to_dict())
         if previous != _results_config(resolved):
             changed = sorted(_diff(previous, _results_config(resolved)))
-            raise ConfigError("--out", f"{out} holds a run with another config (differs in {', '.join(changed)}); "
-                                       "use another --out or the same config to resume")  # fmt: skip
+            raise ConfigError(
+                "--out",
+                f"{out} holds a run with another config (differs in {', '.join(changed)}); "
+                "use another --out or the same config to resume",
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -125,8 +130,11 @@ def _results_config(resolved: dict) -> dict:
     precision."""
     runtime = resolved.get("runtime", {})
     workers = runtime.get("num_workers", 1) if runtime.get("backend", "ray") == "ray" else 1
-    return {**{k: v for k, v in resolved.items() if k != "runtime"}, "runtime.num_workers": workers,
-            "runtime.precision": runtime.get("precision", "fp32")}  # fmt: skip
+    return {
+        **{k: v for k, v in resolved.items() if k != "runtime"},
+        "runtime.num_workers": workers,
+        "runtime.precision": runtime.get("precision", "fp32"),
+    }
 
 
 def _diff(a, b, prefix=""):

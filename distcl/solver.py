@@ -8,6 +8,7 @@ log-probabilities by the student's probabilities, the reverse):
 
 Strategies: ``replay`` (the above), ``finetune`` (task k's data only) and ``joint`` (the data of tasks 0..k).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,10 +30,18 @@ class SolverCNN(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, 96), nn.ReLU(), nn.Linear(96, num_classes),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 16, 96),
+            nn.ReLU(),
+            nn.Linear(96, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -72,9 +81,19 @@ def solver_steps(num_items: int, epochs: float, batch_size: int) -> int:
     return max(1, math.ceil(epochs * num_items / batch_size))
 
 
-def train_solver_task(model: SolverCNN, previous: Optional[SolverCNN], images: torch.Tensor, labels: torch.Tensor,
-                      replay: Optional[ImageReplay], task: int, steps: int, solver_cfg, seed: int,
-                      device: torch.device, progress: bool = True) -> list[dict]:  # fmt: skip
+def train_solver_task(
+    model: SolverCNN,
+    previous: Optional[SolverCNN],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    replay: Optional[ImageReplay],
+    task: int,
+    steps: int,
+    solver_cfg,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> list[dict]:
     """Train ``model`` in place for ``steps`` Adam steps; with ``replay`` (and ``previous``, the frozen classifier
     of task-1) the loss is the weighted sum above, else cross-entropy. Returns one row per step."""
     model.to(device)
@@ -93,8 +112,9 @@ def train_solver_task(model: SolverCNN, previous: Optional[SolverCNN], images: t
         loss_replay = distillation_loss(model(x_replay), teacher_logits, solver_cfg.temperature)
         return {"loss": (1 - w) * loss_data + w * loss_replay, "loss_data": loss_data, "loss_replay": loss_replay}
 
-    return optimise(model, optimizer, step_terms, steps, row={"task": task}, progress=progress,
-                    desc=f"classifier task {task}")
+    return optimise(
+        model, optimizer, step_terms, steps, row={"task": task}, progress=progress, desc=f"classifier task {task}"
+    )
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from the trials' run directories: one row per trial, mean and standard error ove
 
 Ray Tune runs it (distcl.runtime.tune); everything here is plain Python and pandas.
 """
+
 from __future__ import annotations
 
 import copy
@@ -75,16 +76,28 @@ class SweepConfig:
 
     def validate(self) -> None:
         check_name(self.name, "name")
-        check_field(self.metric in reported_metrics(), "metric",
-                    f"{self.metric!r} is not reported by any trial (allowed: {', '.join(reported_metrics())})")
-        check_field(self.search == "random" or self.num_samples == 1, "num_samples",
-                    f"{self.num_samples} (allowed with grid search: 1; repeat runs with a seed axis)")
-        check_field(bool(self.params), "params",
-                    "empty search space (allowed: a mapping of run-config fields, e.g. train.replay_lambda, to a list "
-                    f"of values or to one of {{{', '.join(DISTRIBUTIONS)}: ...}})")
+        check_field(
+            self.metric in reported_metrics(),
+            "metric",
+            f"{self.metric!r} is not reported by any trial (allowed: {', '.join(reported_metrics())})",
+        )
+        check_field(
+            self.search == "random" or self.num_samples == 1,
+            "num_samples",
+            f"{self.num_samples} (allowed with grid search: 1; repeat runs with a seed axis)",
+        )
+        check_field(
+            bool(self.params),
+            "params",
+            "empty search space (allowed: a mapping of run-config fields, e.g. train.replay_lambda, to a list "
+            f"of values or to one of {{{', '.join(DISTRIBUTIONS)}: ...}})",
+        )
         base = self.trial_config({})
-        check_field(self.scheduler != "asha" or self.grace_period <= base.data.num_tasks, "grace_period",
-              f"{self.grace_period} (allowed with asha: <= data.num_tasks = {base.data.num_tasks})")  # fmt: skip
+        check_field(
+            self.scheduler != "asha" or self.grace_period <= base.data.num_tasks,
+            "grace_period",
+            f"{self.grace_period} (allowed with asha: <= data.num_tasks = {base.data.num_tasks})",
+        )
         for key, spec in self.params.items():
             for value in self._values_to_check(key, spec):
                 try:
@@ -99,11 +112,12 @@ class SweepConfig:
                 raise ConfigError(name, "empty list of values (allowed: at least one value)")
             return spec
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
-            raise ConfigError(name, f"{spec!r} (allowed: a list of values, or one of {{{', '.join(DISTRIBUTIONS)}: "
-                                    "...})")  # fmt: skip
+            raise ConfigError(
+                name, f"{spec!r} (allowed: a list of values, or one of {{{', '.join(DISTRIBUTIONS)}: ...}})"
+            )
         if self.search == "grid":
             raise ConfigError(name, f"{spec!r}: distributions need search: random (allowed with grid: a list)")
-        (kind, args), = spec.items()
+        ((kind, args),) = spec.items()
         if kind == "choice":
             if not isinstance(args, list) or not args:
                 raise ConfigError(name, f"choice needs a non-empty list, got {args!r}")
@@ -161,6 +175,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def trial_slug(values: dict[str, Any]) -> str:
     """A directory name for a trial: ``replay_lambda=0.5_seed=42`` (sorted by field)."""
+
     def fmt(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value).replace("/", "-").replace(" ", "")
 
@@ -170,8 +185,12 @@ def trial_slug(values: dict[str, Any]) -> str:
 def trial_row(values: dict[str, Any], run_dir: Path, num_tasks: int, error: bool) -> dict[str, Any]:
     """One row of sweep.parquet: the trial's params, status (completed | stopped | error), per-task metrics
     ``<metric>_task<k>``, the final task's ``<metric>_final`` and ``fid_auc`` (only when every task finished)."""
-    row: dict[str, Any] = {**copy.deepcopy(values), "run_dir": str(run_dir), "status": "error" if error else "stopped",
-                           "tasks_done": 0}  # fmt: skip
+    row: dict[str, Any] = {
+        **copy.deepcopy(values),
+        "run_dir": str(run_dir),
+        "status": "error" if error else "stopped",
+        "tasks_done": 0,
+    }
     path = run_dir / "metrics.parquet"
     if not path.exists():
         return row
@@ -224,9 +243,13 @@ def best_configs(summary: pd.DataFrame, mode: str = "min") -> dict[str, dict[str
 def summary_markdown(sweep: SweepConfig, summary: pd.DataFrame, trials: pd.DataFrame) -> str:
     """The Markdown summary: one row per config (mean ± standard error over seeds), then the best ones."""
     group = [p for p in sweep.params if p != "seed"]
-    lines = [f"# Sweep {sweep.name}", "",
-             f"{len(trials)} trials ({(trials.status == 'completed').sum()} completed); "
-             "final-task metrics and FID area, mean ± standard error over seeds.", ""]  # fmt: skip
+    lines = [
+        f"# Sweep {sweep.name}",
+        "",
+        f"{len(trials)} trials ({(trials.status == 'completed').sum()} completed); "
+        "final-task metrics and FID area, mean ± standard error over seeds.",
+        "",
+    ]
     if summary.empty:
         return "\n".join(lines + ["No trial finished every task."])
     head = [*group, "seeds", "final FID", "final KLD", "final TV", "FID area"]
@@ -266,8 +289,9 @@ def plot_final_fid(sweep: SweepConfig, summary: pd.DataFrame, path: Path) -> Opt
         key = key if isinstance(key, tuple) else (key,)
         label = ", ".join(f"{o.rsplit('.', 1)[-1]}={v}" for o, v in zip(others, key)) or "final FID"
         sub = sub.sort_values(x)
-        ax.errorbar(sub[x], sub["fid_final_mean"], yerr=sub["fid_final_se"].fillna(0), marker="o", capsize=3,
-                    label=label)  # fmt: skip
+        ax.errorbar(
+            sub[x], sub["fid_final_mean"], yerr=sub["fid_final_se"].fillna(0), marker="o", capsize=3, label=label
+        )
     ax.set_xlabel(x)
     ax.set_ylabel("final FID (mean ± s.e. over seeds)")
     ax.grid(alpha=0.3)

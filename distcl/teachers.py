@@ -1,5 +1,6 @@
 """Teachers: the frozen model after task k-1 with its replay settings, its fast replay sampler (distilled from it
 when ``replay_sampler.method`` asks for one), and its files as bytes for the object store."""
+
 from __future__ import annotations
 
 import tempfile
@@ -22,8 +23,9 @@ def uses_fast_sampler(cfg: RunConfig) -> bool:
     return cfg.replay_sampler.method != "ddim" and cfg.train.strategy in FAST_SAMPLER_STRATEGIES
 
 
-def distill_replay_sampler(cfg: RunConfig, teacher_dir: Path, fit: Fit, progress: bool = True,
-                           log: Callable[[str], None] = print) -> Path:  # fmt: skip
+def distill_replay_sampler(
+    cfg: RunConfig, teacher_dir: Path, fit: Fit, progress: bool = True, log: Callable[[str], None] = print
+) -> Path:
     """Distil (or find, on resume) the fast replay sampler of the teacher at ``teacher_dir``; its draws are seeded
     by (run seed, teacher)."""
     rs = cfg.replay_sampler
@@ -31,10 +33,18 @@ def distill_replay_sampler(cfg: RunConfig, teacher_dir: Path, fit: Fit, progress
     if rs.method == "pid":
         settings = PIDConfig(iterations=rs.iterations, batch_size=rs.batch_size, lr=rs.lr, seed=seed)
     else:  # v students, data-free
-        settings = ProgressiveConfig(start_steps=rs.start_steps, target_steps=rs.steps, parameterisation="v",
-                                     iterations=rs.iterations, batch_size=rs.batch_size, lr=rs.lr, seed=seed)
-    return distill(rs.method, teacher_dir, replay_sampler_dir(teacher_dir), settings, fit,
-                   progress=progress, log=log)[-1]  # fmt: skip
+        settings = ProgressiveConfig(
+            start_steps=rs.start_steps,
+            target_steps=rs.steps,
+            parameterisation="v",
+            iterations=rs.iterations,
+            batch_size=rs.batch_size,
+            lr=rs.lr,
+            seed=seed,
+        )
+    return distill(rs.method, teacher_dir, replay_sampler_dir(teacher_dir), settings, fit, progress=progress, log=log)[
+        -1
+    ]
 
 
 def load_teacher(cfg: RunConfig, teacher_dir: Path, device: torch.device | str) -> Teacher:
@@ -45,8 +55,9 @@ def load_teacher(cfg: RunConfig, teacher_dir: Path, device: torch.device | str) 
     if uses_fast_sampler(cfg):
         rs = cfg.replay_sampler
         sampler = fast_sampler(rs.method, replay_sampler_dir(teacher_dir), device, rs.steps)
-    return Teacher(unet, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta, sampler,
-                   cfg.runtime.precision)  # fmt: skip
+    return Teacher(
+        unet, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta, sampler, cfg.runtime.precision
+    )
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,8 @@ def optimise(
 
     Steps that are multiples of ``log_every``, and the last, give a row {**row, step, **terms, step_s}, each tensor
     term mapped by ``reduce`` (data-parallel workers: the mean over workers). The host reads them at every logged
-    step (or every ``read_every`` steps) and at the last, in one sync, and raises NonFiniteLossError naming the first step
-    whose loss was NaN/inf since the last read (every step's loss is checked, on the device).
+    step (or every ``read_every`` steps) and at the last, in one sync, and raises NonFiniteLossError naming the
+    first step whose loss was NaN/inf since the last read (every step's loss is checked, on the device).
     ``on_step(step, rows)`` runs after each step with the rows read so far (complete at the read steps:
     checkpoint there)."""
     model.train()
@@ -158,8 +158,9 @@ def continual_terms(
             pred = student(x_t, t).sample.float()
             pred_data, pred_replay = pred, (pred if lwf_teacher is not None else None)
     targets = replay.targets if replay is not None else None
-    loss, tensors = continual_loss(pred_data, eps, pred_replay, targets, task, train_cfg.replay_lambda,
-                                   train_cfg.task_weighting)
+    loss, tensors = continual_loss(
+        pred_data, eps, pred_replay, targets, task, train_cfg.replay_lambda, train_cfg.task_weighting
+    )
     return {**tensors, "loss": loss}
 
 
@@ -195,15 +196,33 @@ def train_task(
         x0 = to_device(data.batch(step), device)
         replay_batch = replay.get(step).to(device) if replay is not None else None
         replay_wait = time.perf_counter() - began
-        terms = continual_terms(student, x0, replay_batch, task=task, train_cfg=train_cfg, scheduler=scheduler,
-                                generator=seeded_generator(*noise_seed, step), lwf_teacher=lwf_teacher,
-                                precision=precision)
+        terms = continual_terms(
+            student,
+            x0,
+            replay_batch,
+            task=task,
+            train_cfg=train_cfg,
+            scheduler=scheduler,
+            generator=seeded_generator(*noise_seed, step),
+            lwf_teacher=lwf_teacher,
+            precision=precision,
+        )
         return {**terms, "replay_wait_s": replay_wait}
 
-    rows = optimise(student, optimizer, step_terms, steps, start=start_step, grad_clip=train_cfg.grad_clip,
-                    after_step=(lambda: ema.step(student.parameters())) if ema is not None else None,
-                    log_every=train_cfg.log_every, row={"task": task}, on_step=on_step, progress=progress,
-                    desc=f"task {task}")
+    rows = optimise(
+        student,
+        optimizer,
+        step_terms,
+        steps,
+        start=start_step,
+        grad_clip=train_cfg.grad_clip,
+        after_step=(lambda: ema.step(student.parameters())) if ema is not None else None,
+        log_every=train_cfg.log_every,
+        row={"task": task},
+        on_step=on_step,
+        progress=progress,
+        desc=f"task {task}",
+    )
     if ema is not None:
         ema.copy_to(student.parameters())
     return rows

@@ -6,6 +6,7 @@
 
 Inside a job, RAY_ADDRESS points at the cluster, so the Train workers run there.
 """
+
 import sys
 
 from distcl.cli import main

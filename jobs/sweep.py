@@ -6,6 +6,7 @@
 
 Inside a job, RAY_ADDRESS points at the cluster, so the sweep's trials run on it.
 """
+
 import sys
 
 from distcl.cli import main

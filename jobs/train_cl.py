@@ -6,6 +6,7 @@
 
 Inside a job, RAY_ADDRESS points at the cluster, so the run joins it instead of starting a local one.
 """
+
 import sys
 
 from distcl.cli import main

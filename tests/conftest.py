@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny seeded UNet, the reference DDIM scheduler, the Fashion-MNIST files, the README's
 quickstart run."""
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,15 @@ def scheduler():
 @pytest.fixture(scope="session")
 def fmnist_dir() -> Path:
     """The Debian package's Fashion-MNIST files (`apt-get install dataset-fashion-mnist`; .ci/run installs it)."""
-    assert all((DEBIAN_DIR / f"{stem}.gz").is_file() for stem in (
-        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
-    )), f"Fashion-MNIST missing from {DEBIAN_DIR}: apt-get install -y dataset-fashion-mnist"  # fmt: skip
+    assert all(
+        (DEBIAN_DIR / f"{stem}.gz").is_file()
+        for stem in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+    ), f"Fashion-MNIST missing from {DEBIAN_DIR}: apt-get install -y dataset-fashion-mnist"
     return DEBIAN_DIR
 
 
@@ -60,7 +67,8 @@ def quickstart(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     cwd = tmp_path_factory.mktemp("quickstart")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(quickstart_command(), shell=True, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(
+        quickstart_command(), shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return cwd / "runs" / "smoke", done

@@ -1,4 +1,5 @@
 """README.md's bash blocks, as the README tests and the quickstart fixture read them."""
+
 from __future__ import annotations
 
 import re

@@ -50,12 +50,17 @@ def test_kuberay_rayjob_has_required_fields():
     assert "runtime.worker_resource=trainer_slot" in manifest["spec"]["entrypoint"]
 
 
-@pytest.mark.parametrize("breaks, message", [
-    (lambda m: m["spec"].pop("entrypoint"), "spec.entrypoint is missing"),
-    (lambda m: m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replicas=9), "minReplicas <= replicas"),
-    (lambda m: m["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("image"),
-     "need an image"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "breaks, message",
+    [
+        (lambda m: m["spec"].pop("entrypoint"), "spec.entrypoint is missing"),
+        (lambda m: m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replicas=9), "minReplicas <= replicas"),
+        (
+            lambda m: m["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("image"),
+            "need an image",
+        ),
+    ],
+)
 def test_kuberay_rayjob_missing_fields_are_named(tmp_path, breaks, message):
     manifest = yaml.safe_load(RAYJOB.read_text())
     breaks(manifest)
@@ -65,14 +70,17 @@ def test_kuberay_rayjob_missing_fields_are_named(tmp_path, breaks, message):
         validate_rayjob_manifest(bad)
 
 
-@pytest.mark.parametrize("gpus, rt, expected", [
-    (0, {}, False),
-    (1, {}, True),
-    (1, {"num_workers": 2}, False),
-    (1, {"num_workers": 2, "gpus_per_worker": 0.5}, True),
-    (1, {"use_gpu": False}, False),
-    (0, {"use_gpu": True}, True),  # explicit: the layout check refuses it on this cluster
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "gpus, rt, expected",
+    [
+        (0, {}, False),
+        (1, {}, True),
+        (1, {"num_workers": 2}, False),
+        (1, {"num_workers": 2, "gpus_per_worker": 0.5}, True),
+        (1, {"use_gpu": False}, False),
+        (0, {"use_gpu": True}, True),  # explicit: the layout check refuses it on this cluster
+    ],
+)
 def test_train_workers_use_the_gpus_left_by_the_samplers(gpus, rt, expected):
     assert resolve_use_gpu(RuntimeConfig(**rt), gpus) is expected
     assert resolve_use_gpu(RuntimeConfig(**rt), gpus + 0.5, sampler_gpus=0.5) is expected
@@ -87,12 +95,22 @@ def test_layout_counts_the_workers_and_the_samplers_gpus():
 
 
 def test_the_twin_of_cluster_yaml_has_its_node_types_shrunk_to_this_machine():
-    twin = twin_config(validate_cluster_config(CLUSTER), "10.0.0.1:6379", "/tmp/t", idle_timeout_s=12,
-                       max_node_cpus=1, max_nodes_per_type=2)  # fmt: skip
+    twin = twin_config(
+        validate_cluster_config(CLUSTER),
+        "10.0.0.1:6379",
+        "/tmp/t",
+        idle_timeout_s=12,
+        max_node_cpus=1,
+        max_nodes_per_type=2,
+    )
     types = twin["available_node_types"]
     assert twin["head_node_type"] == HEAD_TYPE and types[HEAD_TYPE]["resources"] == {"CPU": 0}
-    assert types["gpu_trainer"] == {"resources": {"CPU": 1, "trainer_slot": 1}, "min_workers": 0, "max_workers": 2,
-                                    "node_config": {}}  # GPUs mapped to none, CPUs and node count capped  # fmt: skip
+    assert types["gpu_trainer"] == {
+        "resources": {"CPU": 1, "trainer_slot": 1},
+        "min_workers": 0,
+        "max_workers": 2,
+        "node_config": {},
+    }  # GPUs mapped to none, CPUs and node count capped
     assert types["sampler"]["resources"] == {"CPU": 1, "sampler_slot": 4} and types["sampler"]["max_workers"] == 2
     assert twin["max_workers"] == 4 and twin["upscaling_speed"] == 1.0 and twin["idle_timeout_minutes"] == 12 / 60
     provider = twin["provider"]

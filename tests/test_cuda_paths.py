@@ -7,6 +7,7 @@ DDIM sampling: diffusers' DDIMScheduler keeps its timesteps and tables on the ho
 the host timestep, as in its own pipelines); ``set_timesteps`` builds them from numpy, which fake mode would turn
 into a fake tensor that no host code can read, so the ``host_timesteps`` fixture builds them as real tensors, as
 in a real run."""
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -93,9 +94,11 @@ def test_evaluation_samples_classifier_replay_and_distcl_sample(host_timesteps, 
     """Drawn on the GPU, handed back on the host: evaluation chunks, the classifier's replay images, and
     ``distcl sample``'s DDIM grid (distcl.evaluation.generate)."""
     unet = on_device(tiny_unet)
-    for images in (generate_indexed(unet, scheduler, 2, 1.0, seed=0, task=1, start=4, stop=7),
-                   replay_images(unet, scheduler, 3, 2, 0.0, seed=0, task=1, index=0),
-                   generate(unet, scheduler, 3, 2, 0.0, 2, seeded_generator(0), progress=False)):  # fmt: skip
+    for images in (
+        generate_indexed(unet, scheduler, 2, 1.0, seed=0, task=1, start=4, stop=7),
+        replay_images(unet, scheduler, 3, 2, 0.0, seed=0, task=1, index=0),
+        generate(unet, scheduler, 3, 2, 0.0, 2, seeded_generator(0), progress=False),
+    ):
         assert images.device.type == "cpu" and images.shape == (3, 1, 8, 8)
 
 
@@ -121,7 +124,10 @@ def test_progressive_target_and_stage_loss(fake_cuda, scheduler):
 @pytest.mark.parametrize("difference", ["first", "central"])
 def test_pid_residual_with_the_grid_on_either_device(sigma_schedule, fake_cuda, difference):
     schedule = sigma_schedule
-    student, teacher = PIDStudent(on_device(lambda: tiny_unet(1)), schedule), SigmaTeacher(on_device(lambda: tiny_unet(0)), schedule)
+    student, teacher = (
+        PIDStudent(on_device(lambda: tiny_unet(1)), schedule),
+        SigmaTeacher(on_device(lambda: tiny_unet(0)), schedule),
+    )
     z = torch.randn(3, 1, 8, 8, device=CUDA) * schedule.sigma_max
     for device in ("cpu", CUDA):  # one process keeps the grid on the CPU, several GPU workers on their device
         grid = edm_time_grid(schedule.sigma_max, schedule.sigma_min, 20).to(device)

@@ -1,6 +1,7 @@
 """Distillation on Ray Train: two DDP workers, each on half of every step's batch, and a worker fault with a
 restart from the last checkpoint, train the same students as one process; ``jobs/distill.py pid`` as the
 driver of a Ray job runs it (a job's submission: test_twin.py)."""
+
 import json
 import runpy
 import sys
@@ -77,8 +78,12 @@ def test_the_distill_job_entrypoint_trains_the_inline_pid_student(cluster, teach
     inside a job): with a relative --out, in its working dir, the losses of one process."""
     pid = ["--set", "iterations=3", "--set", "batch_size=4", "--set", "grid_points=20"]
     inline = tmp_path / "pid_inline"
-    assert main(["distill", "pid", "--teacher", str(teacher_dir), "--out", str(inline), "--inline", "--device",
-                 "cpu", *pid]) == 0  # fmt: skip
+    assert (
+        main(
+            ["distill", "pid", "--teacher", str(teacher_dir), "--out", str(inline), "--inline", "--device", "cpu", *pid]
+        )
+        == 0
+    )
     odd = ["distill", "pid", "--teacher", str(teacher_dir), "--out", str(tmp_path / "odd"), "--workers", "2"]
     assert main([*odd, *pid, "--set", "batch_size=3"]) == 2  # 3 into 2 workers: refused before Ray starts
     assert not (tmp_path / "odd").exists()

@@ -1,6 +1,7 @@
 """End-to-end runs through the CLI and the driver on the real Debian Fashion-MNIST files: the README's quickstart
 (on Ray, the session's ``quickstart`` fixture) resumed in one process, the continual classifier and every strategy
 ``--inline``."""
+
 import fcntl
 import shutil
 
@@ -33,9 +34,24 @@ def smoke(quickstart):
     return quickstart
 
 
-CLASSIFIER = ["--preset", "smoke", "--inline", "--no-progress", "--set", "classifier.enabled=true",
-              "--set", "data.num_tasks=2", "--set", "train.max_steps=10", "--set", "eval.num_samples=50",
-              "--set", "eval.steps=2", "--set", "classifier.replay_steps=2"]  # fmt: skip
+CLASSIFIER = [
+    "--preset",
+    "smoke",
+    "--inline",
+    "--no-progress",
+    "--set",
+    "classifier.enabled=true",
+    "--set",
+    "data.num_tasks=2",
+    "--set",
+    "train.max_steps=10",
+    "--set",
+    "eval.num_samples=50",
+    "--set",
+    "eval.steps=2",
+    "--set",
+    "classifier.replay_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +137,14 @@ def test_a_ray_run_resumed_inline_retrains_nothing_done_and_reproduces(smoke, tm
     # bitwise on the CPU; with a GPU (device auto) the Ray run trained there on the samplers' CPU replay and the
     # inline rerun on its own GPU replay: equal up to float rounding (README, Determinism)
     cpu = not torch.cuda.is_available()
-    assert all(torch.equal(before[k], after[k]) if cpu else torch.allclose(before[k], after[k], atol=1e-2)
-               for k in before)  # fmt: skip
+    assert all(
+        torch.equal(before[k], after[k]) if cpu else torch.allclose(before[k], after[k], atol=1e-2) for k in before
+    )
     again = pd.read_parquet(out / "metrics.parquet")
     assert sorted(again.task.unique()) == [0, 1, 2, 3, 4]
     assert again.set_index(["task", "metric"]).value.to_dict() == pytest.approx(
-        metrics.set_index(["task", "metric"]).value.to_dict(), rel=1e-4 if cpu else 5e-2)  # on Ray, then inline
+        metrics.set_index(["task", "metric"]).value.to_dict(), rel=1e-4 if cpu else 5e-2
+    )  # on Ray, then inline
 
 
 def test_other_config_on_same_out_is_refused(smoke, capsys):
@@ -135,8 +153,17 @@ def test_other_config_on_same_out_is_refused(smoke, capsys):
     assert "train.replay_lambda" in capsys.readouterr().err
 
 
-SHORT = ["data.num_tasks=2", "data.train_per_class=20", "data.test_per_class=20", "train.batch_size=8",
-         "train.epochs=1.0", "train.max_steps=null", "eval.num_samples=20", "eval.steps=2", "device=cpu"]  # fmt: skip
+SHORT = [
+    "data.num_tasks=2",
+    "data.train_per_class=20",
+    "data.test_per_class=20",
+    "train.batch_size=8",
+    "train.epochs=1.0",
+    "train.max_steps=null",
+    "eval.num_samples=20",
+    "eval.steps=2",
+    "device=cpu",
+]
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "joint", "gr", "partial_generation", "gaussian", "lwf"])
@@ -203,9 +230,17 @@ def test_diverged_task_is_never_saved(tmp_path):
 
 
 def test_fast_replay_sampler_is_distilled_from_each_teacher_and_kept_on_resume(tmp_path):
-    cfg = load_config(preset="smoke", overrides=SHORT + [
-        "replay_sampler.method=progressive", "replay_sampler.start_steps=4", "replay_sampler.steps=2",
-        "replay_sampler.iterations=3", "replay_sampler.batch_size=4"])  # fmt: skip
+    cfg = load_config(
+        preset="smoke",
+        overrides=SHORT
+        + [
+            "replay_sampler.method=progressive",
+            "replay_sampler.start_steps=4",
+            "replay_sampler.steps=2",
+            "replay_sampler.iterations=3",
+            "replay_sampler.batch_size=4",
+        ],
+    )
     logs = []
     run_continual(cfg, tmp_path, progress=False, log=logs.append)
     student = tmp_path / "replay_sampler" / "task_0" / "steps_2"
@@ -221,7 +256,6 @@ def test_fast_replay_sampler_is_distilled_from_each_teacher_and_kept_on_resume(t
     assert not any("progressive steps_" in line for line in logs) and (tmp_path / "task_1").is_dir()
 
 
-
 def test_a_second_driver_on_the_same_out_is_refused_and_a_failed_start_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -234,6 +268,20 @@ def test_a_second_driver_on_the_same_out_is_refused_and_a_failed_start_leaves_no
     assert len(err) == 1 and "in use by another distcl run (pid 1234 on elsewhere)" in err[0], err
     assert [p.name for p in out.iterdir()] == [".lock"]  # nothing written
     fresh = tmp_path / "fresh"
-    assert main(["run", "--preset", "smoke", "--inline", "--out", str(fresh), "--no-progress",
-                 "--data-dir", str(tmp_path / "no-data")]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                "--preset",
+                "smoke",
+                "--inline",
+                "--out",
+                str(fresh),
+                "--no-progress",
+                "--data-dir",
+                str(tmp_path / "no-data"),
+            ]
+        )
+        == 1
+    )
     assert "no-data" in capsys.readouterr().err and not fresh.exists()

@@ -41,8 +41,14 @@ def splits(fmnist_dir):
 @pytest.fixture(scope="module")
 def classifier(splits):
     """The cached evaluation classifier (trained once per machine, ~90 s on 2 cores)."""
-    return load_or_train_classifier(cache_dir(), splits["train"], splits["test"], EvalConfig().classifier_epochs,
-                                    torch.device("cpu"), progress=False)  # fmt: skip
+    return load_or_train_classifier(
+        cache_dir(),
+        splits["train"],
+        splits["test"],
+        EvalConfig().classifier_epochs,
+        torch.device("cpu"),
+        progress=False,
+    )
 
 
 def test_classifier_is_accurate_and_cached(classifier, splits):
@@ -50,8 +56,9 @@ def test_classifier_is_accurate_and_cached(classifier, splits):
     assert accuracy >= 0.90 and path.is_file()
     test = splits["test"]
     assert (classify(net, to_model_range(test.images[:2000], 28)) == test.labels[:2000]).float().mean() > 0.88
-    again = load_or_train_classifier(path.parent, splits["train"], splits["test"], EvalConfig().classifier_epochs,
-                                     torch.device("cpu"))  # fmt: skip
+    again = load_or_train_classifier(
+        path.parent, splits["train"], splits["test"], EvalConfig().classifier_epochs, torch.device("cpu")
+    )
     assert again[1] == accuracy  # loaded, not retrained
 
 
@@ -73,14 +80,21 @@ def test_fid_separates_classes(classifier, splits):
 def test_inception_requested_without_weights(splits, tmp_path, monkeypatch, classifier):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(FileNotFoundError, match="eval.feature_extractor: 'inception' needs"):
-        Evaluator(EvalConfig(feature_extractor="inception"), splits["train"], splits["test"], classifier[2].parent,
-                  torch.device("cpu"), progress=False)  # fmt: skip
+        Evaluator(
+            EvalConfig(feature_extractor="inception"),
+            splits["train"],
+            splits["test"],
+            classifier[2].parent,
+            torch.device("cpu"),
+            progress=False,
+        )
 
 
 def test_an_evaluation_sample_depends_only_on_seed_task_and_index(unet, scheduler):
     whole = generate_indexed(unet, scheduler, 3, 0.5, 42, 1, 0, 6)  # eta > 0: fresh noise at every step
-    parts = torch.cat([generate_indexed(unet, scheduler, 3, 0.5, 42, 1, 0, 2),
-                       generate_indexed(unet, scheduler, 3, 0.5, 42, 1, 2, 6)])  # fmt: skip
+    parts = torch.cat(
+        [generate_indexed(unet, scheduler, 3, 0.5, 42, 1, 0, 2), generate_indexed(unet, scheduler, 3, 0.5, 42, 1, 2, 6)]
+    )
     assert torch.allclose(whole, parts, atol=1e-5)
     assert not torch.allclose(whole, generate_indexed(unet, scheduler, 3, 0.5, 42, 2, 0, 6), atol=1e-2)  # task
     assert not torch.allclose(whole, generate_indexed(unet, scheduler, 3, 0.5, 69, 1, 0, 6), atol=1e-2)  # seed
@@ -96,8 +110,15 @@ def test_chunked_evaluation_gives_the_same_metrics_for_any_chunk_size(splits, cl
     worker = EvalWorker(torch.device("cpu"))
 
     def evaluate(batch_size):
-        job = EvalJob(1, 42, EvalConfig(num_samples=160, steps=2, batch_size=batch_size), model_cfg, state, nets,
-                      to_uint8(to_model_range(test.images, 16)))  # fmt: skip
+        job = EvalJob(
+            1,
+            42,
+            EvalConfig(num_samples=160, steps=2, batch_size=batch_size),
+            model_cfg,
+            state,
+            nets,
+            to_uint8(to_model_range(test.images, 16)),
+        )
         assert len(job.chunks()) == -(-160 // batch_size) + -(-200 // batch_size)
         return metrics_from_chunks(list(reversed([worker.run(job, c) for c in job.chunks()])), test.labels)
 
@@ -113,8 +134,15 @@ def test_a_worker_loads_each_new_job_s_model(splits, classifier):
 
     def job(seed):  # the model after another task: other weights, a new job object
         torch.manual_seed(seed)
-        return EvalJob(1, 42, EvalConfig(num_samples=4, steps=2, batch_size=4), ModelConfig(),
-                       build_unet(ModelConfig()).state_dict(), nets, real)  # fmt: skip
+        return EvalJob(
+            1,
+            42,
+            EvalConfig(num_samples=4, steps=2, batch_size=4),
+            ModelConfig(),
+            build_unet(ModelConfig()).state_dict(),
+            nets,
+            real,
+        )
 
     worker, chunk = EvalWorker(torch.device("cpu")), EvalChunk("generated", 0, 4)
     for seed in (0, 1):
@@ -129,8 +157,17 @@ def test_the_continual_classifier_predicts_the_test_images_in_chunks_as_in_one_b
     solver, state = SolverCNN().eval(), build_unet(ModelConfig()).state_dict()
     test = select(splits["test"], [0, 1, 2], 30)
     nets = EvalNets(net.state_dict(), FMNIST_EXTRACTOR, path.read_bytes())
-    job = EvalJob(1, 42, EvalConfig(num_samples=20, steps=1, batch_size=40), ModelConfig(), state, nets,
-                  to_uint8(to_model_range(test.images, 16)), solver.state_dict(), test.images)  # fmt: skip
+    job = EvalJob(
+        1,
+        42,
+        EvalConfig(num_samples=20, steps=1, batch_size=40),
+        ModelConfig(),
+        state,
+        nets,
+        to_uint8(to_model_range(test.images, 16)),
+        solver.state_dict(),
+        test.images,
+    )
     assert sorted(c.kind for c in job.chunks() if c.kind == "solver") == ["solver"] * 3  # 90 images, chunks of 40
     worker = EvalWorker(torch.device("cpu"))
     results = list(reversed([worker.run(job, c) for c in job.chunks()]))

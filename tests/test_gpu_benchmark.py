@@ -1,4 +1,5 @@
 """benchmarks/gpu.py: refuses to measure without CUDA; its CPU check mode runs every piece and writes its table."""
+
 import json
 
 import torch
@@ -15,7 +16,11 @@ def test_refuses_without_cuda_and_checks_on_the_cpu(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["preset"] == "smoke"
     assert {(r["work"], r["precision"]) for r in result["rows"]} == {
-        ("train step", "fp32"), ("train step", "bf16"), ("replay (one sampler)", "fp32"),
-        ("replay (one sampler)", "bf16"), ("evaluation samples", "fp32")}  # fmt: skip
+        ("train step", "fp32"),
+        ("train step", "bf16"),
+        ("replay (one sampler)", "fp32"),
+        ("replay (one sampler)", "bf16"),
+        ("evaluation samples", "fp32"),
+    }
     assert all(r["items_per_s"] > 0 for r in result["rows"])
     assert not torch.backends.cudnn.allow_tf32  # the process's numerics are set back to fp32

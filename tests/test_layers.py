@@ -12,8 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distcl"
 
 def import_graph() -> dict[str, set[str]]:
     """Module -> the distcl modules it imports anywhere in its body."""
-    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in PACKAGE.rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
     graph = {}
     for name, path in modules.items():
         found = set()
@@ -38,7 +40,20 @@ def test_no_import_circle_and_the_configuration_on_the_ground_floor():
 def test_the_core_never_imports_the_ray_shell():
     """distcl.runtime wraps the core; the backend is chosen at the face (distcl.launch): an inline run, a
     distillation in one process or a test of the algorithms imports no Ray."""
-    code = ("import sys, distcl.continual, distcl.distill, distcl.evaluation, distcl.launch, distcl.sweep; "
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('distcl.runtime')))")
+    code = (
+        "import sys, distcl.continual, distcl.distill, distcl.evaluation, distcl.launch, distcl.sweep; "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('distcl.runtime')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_code_agrees_with_its_formatter_and_linter():
+    """pyproject.toml's one ruff configuration, with no file or line opting out of it."""
+    root = PACKAGE.parent
+    for command in (["format", "--check"], ["check"]):
+        done = subprocess.run([sys.executable, "-m", "ruff", *command, "."], cwd=root, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    sources = [p for d in ("distcl", "tests", "benchmarks", "jobs") for p in (root / d).rglob("*.py")]
+    assert len(sources) > 40
+    assert not [p for p in sources if "fmt: " + "skip" in p.read_text() or "fmt: " + "off" in p.read_text()]

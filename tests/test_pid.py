@@ -1,5 +1,6 @@
 """Physics-informed distillation: the sigma-parameterised DDIM ODE, the residual along an accurate numerical
 solution of a tiny teacher's ODE (near zero) and off it (not), the boundary condition, the command."""
+
 from typing import Callable, Optional
 
 import pytest
@@ -20,8 +21,12 @@ from distcl.pid import (
 from distcl.settings import ConfigError
 
 
-def heun_solve(teacher: SigmaTeacher, y: torch.Tensor, sigmas: torch.Tensor,
-               on_point: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:  # fmt: skip
+def heun_solve(
+    teacher: SigmaTeacher,
+    y: torch.Tensor,
+    sigmas: torch.Tensor,
+    on_point: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> torch.Tensor:
     """Integrate dy/dsigma = (y - D(y, sigma)) / sigma along the decreasing ``sigmas`` (Heun's method)."""
     with torch.no_grad():
         for k in range(len(sigmas) - 1):
@@ -51,7 +56,10 @@ def test_ddim_is_the_euler_method_of_the_sigma_ode(unet, teacher):
         sigma_t, sigma_s = ((1 - abar[[499, 249]]) / abar[[499, 249]]).sqrt().double()
         assert teacher.schedule.timestep(sigma_t.view(1)).item() == pytest.approx(499, abs=1e-3)
         y_t = x_t / abar[499].sqrt()
-        y_s = y_t + (sigma_s - sigma_t).float() * (y_t - teacher.denoise(y_t, sigma_t.view(1).expand(2))) / sigma_t.float()
+        y_s = (
+            y_t
+            + (sigma_s - sigma_t).float() * (y_t - teacher.denoise(y_t, sigma_t.view(1).expand(2))) / sigma_t.float()
+        )
     assert torch.allclose(y_s * abar[249].sqrt(), expected, atol=1e-4)
 
 
@@ -97,8 +105,22 @@ def test_edm_grid():
 def test_pid_command_trains_a_one_step_student(unet, tmp_path, capsys):
     save_checkpoint(unet, build_scheduler(ModelConfig()), tmp_path / "teacher")
     out = tmp_path / "pid"
-    args = ["distill", "pid", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--no-progress", "--inline",
-            "--set", "iterations=4", "--set", "batch_size=4", "--set", "grid_points=20"]  # fmt: skip
+    args = [
+        "distill",
+        "pid",
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--inline",
+        "--set",
+        "iterations=4",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "grid_points=20",
+    ]
     assert main(args) == 0
     student = load_pid_student(out)
     images = student.sample(5, torch.Generator().manual_seed(0))
@@ -111,8 +133,25 @@ def test_pid_command_trains_a_one_step_student(unet, tmp_path, capsys):
 
 def test_sample_command_reads_pid_students_and_ddim_checkpoints(unet, tmp_path):
     save_checkpoint(unet, build_scheduler(ModelConfig()), tmp_path / "teacher")
-    assert main(["distill", "pid", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "pid"),
-                 "--no-progress", "--inline", "--set", "iterations=1", "--set", "batch_size=2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "distill",
+                "pid",
+                "--teacher",
+                str(tmp_path / "teacher"),
+                "--out",
+                str(tmp_path / "pid"),
+                "--no-progress",
+                "--inline",
+                "--set",
+                "iterations=1",
+                "--set",
+                "batch_size=2",
+            ]
+        )
+        == 0
+    )
     for model in ("pid", "teacher"):
         grid = tmp_path / f"{model}.png"
         assert main(["sample", "--model", str(tmp_path / model), "--out", str(grid), "--num", "4", "--steps", "2"]) == 0

@@ -1,5 +1,6 @@
 """Progressive distillation: the x target, the t' / t'' ordering, the time grid against diffusers' DDIM, and the
 command on a tiny teacher."""
+
 import json
 
 import pytest
@@ -86,12 +87,15 @@ def test_students_sample_with_diffusers_ddim(unet):
     assert torch.allclose(x, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("fields, field, message", [
-    ({"start_steps": 8, "target_steps": 3}, "target_steps", "not reachable by halving"),
-    ({"start_steps": 1}, "start_steps", "allowed: >= 2"),
-    ({"start_steps": 4, "target_steps": 4}, "target_steps", "not reachable"),
-    ({"parameterisation": "eps"}, "parameterisation", "allowed: x, v"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fields, field, message",
+    [
+        ({"start_steps": 8, "target_steps": 3}, "target_steps", "not reachable by halving"),
+        ({"start_steps": 1}, "start_steps", "allowed: >= 2"),
+        ({"start_steps": 4, "target_steps": 4}, "target_steps", "not reachable"),
+        ({"parameterisation": "eps"}, "parameterisation", "allowed: x, v"),
+    ],
+)
 def test_bad_settings_name_the_field(fields, field, message):
     with pytest.raises(ConfigError, match=message) as err:
         ProgressiveConfig(**fields)
@@ -111,16 +115,31 @@ def teacher_dir(tmp_path, unet):
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code = main(["distill", "progressive", "--teacher", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
-                 "--no-progress"])  # fmt: skip
+    code = main(
+        ["distill", "progressive", "--teacher", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--no-progress"]
+    )
     assert code == 2 and "is not a distcl / diffusers DDIMPipeline checkpoint" in capsys.readouterr().err
     assert main(["distill", "progressive", "--teacher", "x", "--out", "y", "--set", "target_steps=3"]) == 2
 
 
 def test_progressive_command_writes_loadable_students_and_resumes(teacher_dir, tmp_path, capsys):
     out = tmp_path / "pd"
-    args = ["distill", "progressive", "--teacher", str(teacher_dir), "--out", str(out), "--no-progress", "--inline",
-            "--set", "start_steps=4", "--set", "iterations=3", "--set", "batch_size=4"]  # fmt: skip
+    args = [
+        "distill",
+        "progressive",
+        "--teacher",
+        str(teacher_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--inline",
+        "--set",
+        "start_steps=4",
+        "--set",
+        "iterations=3",
+        "--set",
+        "batch_size=4",
+    ]
     assert main(args) == 0
     for n in (2, 1):
         pipe = DDIMPipeline.from_pretrained(out / f"steps_{n}")

@@ -1,5 +1,6 @@
 """README.md's commands as a user types them: every ``distcl`` line parses with the real CLI, and the quickstart
 runs verbatim (Ray backend, relative ``--out``) from a fresh working directory."""
+
 from __future__ import annotations
 
 import shlex
@@ -22,7 +23,7 @@ def commands(block: str) -> list[list[str]]:
         while words:
             cut = words.index("&&") if "&&" in words else len(words)
             found.append(words[:cut])
-            words = words[cut + 1:]
+            words = words[cut + 1 :]
     return found
 
 
@@ -30,7 +31,7 @@ def distcl_argv(words: list[str]) -> list[str] | None:
     """The ``distcl`` arguments of a command: ``distcl ...`` itself, or a job entrypoint ``python jobs/x.py ...``
     (after ``ray job submit ... --``)."""
     if "--" in words:
-        words = words[words.index("--") + 1:]
+        words = words[words.index("--") + 1 :]
     if words[:1] == ["distcl"]:
         return words[1:]
     if words[:1] == ["python"] and len(words) > 1 and words[1] in JOBS:
@@ -72,7 +73,11 @@ def test_quickstart_runs_as_written_on_ray(quickstart):
     lines = [line for line in console.splitlines() if line.strip()]
     repeated = [a for a, b in zip(lines, lines[1:]) if a == b]
     assert not repeated, f"lines printed twice in a row: {repeated[:3]}"
-    for internal in ("PreemptionWatcher", "Checkpoint successfully created", "Reporting training result",
-                     "Setting up process group"):  # fmt: skip
+    for internal in (
+        "PreemptionWatcher",
+        "Checkpoint successfully created",
+        "Reporting training result",
+        "Setting up process group",
+    ):
         assert internal not in console
     assert sum("[distcl] task 4 step" in line for line in lines) >= 1  # the Train worker's progress

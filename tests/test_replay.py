@@ -66,8 +66,10 @@ def test_partial_generation_targets(teacher):
     assert torch.equal(batch.timesteps, t)
     for i in range(N):  # item i = the teacher's DDIM state when reaching t'_i
         k = int((grid == t[i]).nonzero())
-        state = x_T[i : i + 1] if k == 0 else ddim_sample(
-            teacher.unet, teacher.scheduler, x_T[i : i + 1], 10, stop_at=t[i : i + 1]
+        state = (
+            x_T[i : i + 1]
+            if k == 0
+            else ddim_sample(teacher.unet, teacher.scheduler, x_T[i : i + 1], 10, stop_at=t[i : i + 1])
         )
         assert torch.allclose(batch.inputs[i : i + 1], state, atol=1e-4)  # batch-size rounding only
     assert torch.allclose(batch.targets, teacher.unet(batch.inputs, t).sample, atol=1e-5)
@@ -118,8 +120,9 @@ PINNED_GD_TARGET_SUM = -21.5309  # tiny_unet(seed 0), 6 items of generator seed 
 @pytest.mark.parametrize("strategy", ["gd", "partial_generation", "gaussian"])
 def test_a_bf16_teacher_makes_fp32_replay_close_to_the_fp32_one(unet, scheduler, strategy):
     full = make_replay(Teacher(unet, scheduler, steps=2), strategy, 4, torch.Generator().manual_seed(0))
-    half = make_replay(Teacher(unet, scheduler, steps=2, precision="bf16"), strategy, 4,
-                       torch.Generator().manual_seed(0))  # fmt: skip
+    half = make_replay(
+        Teacher(unet, scheduler, steps=2, precision="bf16"), strategy, 4, torch.Generator().manual_seed(0)
+    )
     assert half.inputs.dtype == half.targets.dtype == torch.float32  # the trainer's inputs stay fp32
     assert torch.equal(half.timesteps, full.timesteps)
     assert not torch.equal(half.targets, full.targets)  # the teacher really ran in bfloat16

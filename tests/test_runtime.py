@@ -1,6 +1,7 @@
 """The Ray runtime on a real local cluster: determinism over sampler counts, killed actors and drivers, resume
 (jobs on an autoscaling cluster, a lost sampler node with replay in flight, a PID replay sampler on the sampler
 actors: test_twin.py)."""
+
 import os
 import re
 import shutil
@@ -32,9 +33,19 @@ from distcl.teachers import TeacherFiles
 pytestmark = pytest.mark.slow
 
 # on the CPU, whatever the machine has: the bitwise claims are the CPU's (README, Determinism)
-SHORT = ["data.num_tasks=2", "data.train_per_class=40", "data.test_per_class=20", "train.batch_size=8",
-         "train.max_steps=12", "eval.num_samples=20", "eval.steps=2", "runtime.checkpoint_every=4",
-         "runtime.num_samplers=1", "device=cpu", "runtime.use_gpu=false"]  # fmt: skip
+SHORT = [
+    "data.num_tasks=2",
+    "data.train_per_class=40",
+    "data.test_per_class=20",
+    "train.batch_size=8",
+    "train.max_steps=12",
+    "eval.num_samples=20",
+    "eval.steps=2",
+    "runtime.checkpoint_every=4",
+    "runtime.num_samplers=1",
+    "device=cpu",
+    "runtime.use_gpu=false",
+]
 
 
 def config(*extra):
@@ -113,8 +124,9 @@ def test_evaluation_on_1_and_2_samplers_equals_inline_and_survives_a_killed_samp
 def test_a_raising_sampler_is_a_clear_error(cluster, inline_run, tmp_path):
     pool = SamplerPool(config(), batch_size=8)
     try:
-        stream = RemoteReplay(pool.actors, 1, [ray.put(TeacherFiles("task_0", {}))], 0, 1, steps=4, depth=2,
-                              timeout_s=60)  # fmt: skip
+        stream = RemoteReplay(
+            pool.actors, 1, [ray.put(TeacherFiles("task_0", {}))], 0, 1, steps=4, depth=2, timeout_s=60
+        )
         with pytest.raises(Exception, match="no diffusers checkpoint at .*task_0"):
             stream.get(0)
     finally:
@@ -136,8 +148,11 @@ def test_layout_larger_than_the_cluster_is_refused(cluster):
 def test_under_an_autoscaler_the_layout_is_checked_against_the_node_types(cluster, monkeypatch):
     """cluster.yaml's shape: a 0-CPU head, GPU trainer nodes, sampler nodes; none of them up yet. (Reading the node
     types from the autoscaler's own config, on the twin of cluster.yaml: test_twin.py.)"""
-    types = (({"CPU": 0}, 1), ({"CPU": 8, "GPU": 1, "trainer_slot": 1}, 4),
-             ({"CPU": 4, "GPU": 1, "sampler_slot": 4}, 2))  # fmt: skip
+    types = (
+        ({"CPU": 0}, 1),
+        ({"CPU": 8, "GPU": 1, "trainer_slot": 1}, 4),
+        ({"CPU": 4, "GPU": 1, "sampler_slot": 4}, 2),
+    )
     monkeypatch.setattr(cluster_module, "autoscaling_node_types", lambda gcs_address: (types, 5))
     on_types = ["runtime.worker_resource=trainer_slot", "runtime.sampler_resource=sampler_slot"]
     cfg = pipeline.connect(config(*on_types, "runtime.use_gpu=null", "runtime.num_samplers=8"))
@@ -145,8 +160,11 @@ def test_under_an_autoscaler_the_layout_is_checked_against_the_node_types(cluste
     pipeline.check_layout(cfg)  # 8 samplers: 2 sampler nodes of 4 slots, once the autoscaler starts them
     with pytest.raises(ConfigError, match=r"needs 9 sampler_slot but the cluster's node types can start at most 8"):
         pipeline.check_layout(pipeline.connect(config(*on_types, "runtime.num_samplers=9")))
-    with pytest.raises(ConfigError, match=r"a Train worker needs \{'CPU': 9.0, 'trainer_slot': 1\} on one node but no "
-                                          r"node type has that"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"a Train worker needs \{'CPU': 9.0, 'trainer_slot': 1\} on one node but no "
+        r"node type has that",
+    ):
         pipeline.check_layout(pipeline.connect(config(*on_types, "runtime.cpus_per_worker=9", "runtime.use_gpu=false")))
     monkeypatch.setattr(cluster_module, "autoscaling_node_types", lambda gcs_address: (types, 1))  # max_workers 1
     with pytest.raises(ConfigError, match=r"needs 9 CPU but the cluster's node types can start at most 8 "):
@@ -210,8 +228,9 @@ def test_a_ray_run_through_a_killed_driver_trains_the_inline_student_bitwise(clu
     driver.kill()
     driver.wait()
     assert not task_dir(out, 1).exists()
-    resumed = subprocess.run([*cmd, "--set", "runtime.num_samplers=2"], capture_output=True, text=True, timeout=300,
-                             env=env)  # fmt: skip
+    resumed = subprocess.run(
+        [*cmd, "--set", "runtime.num_samplers=2"], capture_output=True, text=True, timeout=300, env=env
+    )
     assert resumed.returncode == 0, resumed.stderr
     print(f"driver killed, resumed run finished {time.time() - killed_at:.1f}s later")
     assert "task 0" not in resumed.stdout.replace("task 0 (", "")  # task 0 not redone

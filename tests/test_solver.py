@@ -1,4 +1,5 @@
 """The continual classifier: its loss, replay images, training step and forgetting, against hand computations."""
+
 import pytest
 import torch
 import torch.nn.functional as F

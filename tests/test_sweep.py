@@ -1,4 +1,5 @@
 """Sweep files: validation before any trial starts, and the tables made from trials' run directories."""
+
 import math
 from pathlib import Path
 
@@ -46,20 +47,26 @@ def test_paper_sweep_is_the_reference_grid():
     assert sweep.preset == "paper"
 
 
-@pytest.mark.parametrize("fields, field, message", [
-    ({"params": {"train.replay_lamda": [1.0]}}, "params.train.replay_lamda", "unknown field"),
-    ({"params": {}}, "params", "empty search space"),
-    ({"params": {"seed": []}}, "params.seed", "empty list"),
-    ({"params": {"train.teacher_steps": [2, 0]}}, "params.train.teacher_steps", "value 0 is not valid"),
-    ({"metric": "accuracy"}, "metric", "not reported by any trial"),
-    ({"params": {"train.replay_lambda": {"uniform": [0, 3]}}}, "params.train.replay_lambda", "search: random"),
-    ({"search": "random", "params": {"train.replay_lambda": {"uniform": [3, 0]}}}, "params.train.replay_lambda",
-     "low < high"),
-    ({"search": "bayes"}, "search", "allowed: grid, random"),
-    ({"max_concurrent_trials": 0}, "max_concurrent_trials", ">= 1"),
-    ({"scheduler": "asha", "grace_period": 9}, "grace_period", "<= data.num_tasks"),
-    ({"trials": 3}, "trials", "unknown field"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fields, field, message",
+    [
+        ({"params": {"train.replay_lamda": [1.0]}}, "params.train.replay_lamda", "unknown field"),
+        ({"params": {}}, "params", "empty search space"),
+        ({"params": {"seed": []}}, "params.seed", "empty list"),
+        ({"params": {"train.teacher_steps": [2, 0]}}, "params.train.teacher_steps", "value 0 is not valid"),
+        ({"metric": "accuracy"}, "metric", "not reported by any trial"),
+        ({"params": {"train.replay_lambda": {"uniform": [0, 3]}}}, "params.train.replay_lambda", "search: random"),
+        (
+            {"search": "random", "params": {"train.replay_lambda": {"uniform": [3, 0]}}},
+            "params.train.replay_lambda",
+            "low < high",
+        ),
+        ({"search": "bayes"}, "search", "allowed: grid, random"),
+        ({"max_concurrent_trials": 0}, "max_concurrent_trials", ">= 1"),
+        ({"scheduler": "asha", "grace_period": 9}, "grace_period", "<= data.num_tasks"),
+        ({"trials": 3}, "trials", "unknown field"),
+    ],
+)
 def test_bad_sweep_names_the_field(tmp_path, fields, field, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_sweep(write(tmp_path, **fields))
@@ -76,8 +83,14 @@ def test_bad_sweep_on_the_command_line_exits_2_and_writes_nothing(tmp_path, caps
 
 
 def test_random_search_space_is_validated_at_its_ends(tmp_path):
-    sweep = load_sweep(write(tmp_path, search="random", num_samples=3,
-                             params={"train.replay_lambda": {"loguniform": [0.1, 3.0]}, "seed": [42, 69]}))  # fmt: skip
+    sweep = load_sweep(
+        write(
+            tmp_path,
+            search="random",
+            num_samples=3,
+            params={"train.replay_lambda": {"loguniform": [0.1, 3.0]}, "seed": [42, 69]},
+        )
+    )
     assert sweep.num_samples == 3
     with pytest.raises(ConfigError, match="value -1"):
         load_sweep(write(tmp_path, search="random", params={"train.replay_lambda": {"uniform": [-1, 3]}}))
@@ -91,8 +104,11 @@ def test_fid_auc_is_the_trapezoid_over_tasks():
 def fake_run(directory: Path, fids: list[float], seed: int) -> Path:
     """A run directory with metrics.parquet in distcl's long form."""
     directory.mkdir(parents=True)
-    rows = [{"run": directory.name, "seed": seed, "strategy": "gd", "task": k, "metric": m, "value": v}
-            for k, f in enumerate(fids) for m, v in (("fid", f), ("kld", f / 100), ("tv", 0.5))]  # fmt: skip
+    rows = [
+        {"run": directory.name, "seed": seed, "strategy": "gd", "task": k, "metric": m, "value": v}
+        for k, f in enumerate(fids)
+        for m, v in (("fid", f), ("kld", f / 100), ("tv", 0.5))
+    ]
     pd.DataFrame(rows).to_parquet(directory / "metrics.parquet")
     return directory
 
@@ -100,9 +116,11 @@ def fake_run(directory: Path, fids: list[float], seed: int) -> Path:
 def test_tables_aggregate_over_seeds_and_pick_the_best(tmp_path):
     sweep = SweepConfig(preset="smoke", params={"train.replay_lambda": [0.5, 3.0], "seed": [42, 69]})
     runs = {  # (lambda, seed): FID per task; lambda 3 ends better, lambda 0.5 has the smaller area
-        (0.5, 42): [10, 20, 60], (0.5, 69): [12, 22, 64],
-        (3.0, 42): [30, 40, 40], (3.0, 69): [34, 44, 44],
-    }  # fmt: skip
+        (0.5, 42): [10, 20, 60],
+        (0.5, 69): [12, 22, 64],
+        (3.0, 42): [30, 40, 40],
+        (3.0, 69): [34, 44, 44],
+    }
     rows = []
     for (lam, seed), fids in runs.items():
         values = {"train.replay_lambda": lam, "seed": seed}

@@ -22,10 +22,21 @@ def run(strategy, steps=4, seed=0, images=IMAGES, task=1, precision="fp32", **tr
     replay = InlineReplay(teacher, strategy, 4, seed, task) if strategy in ("gr", "gd") else None
     optimizer, ema = make_optimizer(student, cfg)
     rows = train_task(
-        student, optimizer, DataStream(images, 4, seed, task), replay, task=task, steps=steps, train_cfg=cfg,
-        scheduler=scheduler, noise_seed=(seed, "noise", task), device=torch.device("cpu"), ema=ema,
-        lwf_teacher=teacher if strategy == "lwf" else None, progress=False, precision=precision,
-    )  # fmt: skip
+        student,
+        optimizer,
+        DataStream(images, 4, seed, task),
+        replay,
+        task=task,
+        steps=steps,
+        train_cfg=cfg,
+        scheduler=scheduler,
+        noise_seed=(seed, "noise", task),
+        device=torch.device("cpu"),
+        ema=ema,
+        lwf_teacher=teacher if strategy == "lwf" else None,
+        progress=False,
+        precision=precision,
+    )
     return student, rows
 
 
@@ -100,8 +111,15 @@ def test_resumed_training_is_identical():
     teacher = Teacher(tiny_unet(1).requires_grad_(False), scheduler, steps=2)
     student = tiny_unet(0)
     optimizer, _ = make_optimizer(student, cfg)
-    kwargs = dict(task=1, steps=6, train_cfg=cfg, scheduler=scheduler, noise_seed=(0, "noise", 1),
-                  device=torch.device("cpu"), progress=False)  # fmt: skip
+    kwargs = dict(
+        task=1,
+        steps=6,
+        train_cfg=cfg,
+        scheduler=scheduler,
+        noise_seed=(0, "noise", 1),
+        device=torch.device("cpu"),
+        progress=False,
+    )
     data, replay = DataStream(IMAGES, 4, 0, 1), InlineReplay(teacher, "gd", 4, 0, 1)
     first = train_task(student, optimizer, data, replay, **{**kwargs, "steps": 3})
     state = optimizer.state_dict()

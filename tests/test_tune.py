@@ -1,5 +1,6 @@
 """Sweeps on Ray Tune, end to end: a sweep interrupted with Ctrl-C (SIGINT) and resumed reruns no trial that Tune
 saw finish, retrains no finished run, and writes both tables with two seeds per config."""
+
 import json
 import os
 import signal
@@ -83,8 +84,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert len(done_on_disk) < 4, "the sweep ended before it could be interrupted"
     assert f"continue with: distcl tune --resume {out}" in (tmp_path / "first.log").read_text()
     # the trials Tune recorded as finished (a run may end on disk just before the Ctrl-C, its trial not yet)
-    completed = {Path(t.last_result["run_dir"]).name for t in ExperimentAnalysis(str(out / "tune")).trials
-                 if t.status == "TERMINATED"}  # fmt: skip
+    completed = {
+        Path(t.last_result["run_dir"]).name
+        for t in ExperimentAnalysis(str(out / "tune")).trials
+        if t.status == "TERMINATED"
+    }
 
     resumed = subprocess.run([*cmd, "--resume", str(out)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

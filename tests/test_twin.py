@@ -2,6 +2,7 @@
 scales from zero for a smoke job (``ray job submit``, relative --out, a PID replay sampler distilled on the Train
 workers, the continual classifier), loses the sampler node mid-task (a spot reclaim), replaces it, and the run
 ends with the inline run's metrics; ``--down`` leaves no process of the twin behind."""
+
 import json
 import os
 import re
@@ -28,10 +29,22 @@ from tests.ray_jobs import ROOT, follow, status, submit
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["data.num_tasks=2", "data.train_per_class=40", "data.test_per_class=20", "train.batch_size=8",
-         "train.max_steps=40", "eval.num_samples=20", "eval.steps=2", "runtime.checkpoint_every=10",
-         "runtime.num_samplers=1", "classifier.enabled=true", "classifier.epochs=0.2", "replay_sampler.method=pid",
-         "replay_sampler.iterations=3", "replay_sampler.batch_size=8"]  # fmt: skip
+SHORT = [
+    "data.num_tasks=2",
+    "data.train_per_class=40",
+    "data.test_per_class=20",
+    "train.batch_size=8",
+    "train.max_steps=40",
+    "eval.num_samples=20",
+    "eval.steps=2",
+    "runtime.checkpoint_every=10",
+    "runtime.num_samplers=1",
+    "classifier.enabled=true",
+    "classifier.epochs=0.2",
+    "replay_sampler.method=pid",
+    "replay_sampler.iterations=3",
+    "replay_sampler.batch_size=8",
+]
 ON_NODE_TYPES = ["runtime.worker_resource=trainer_slot", "runtime.sampler_resource=sampler_slot"]
 
 
@@ -44,16 +57,31 @@ def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_i
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            run_continual(load_config(preset="smoke", overrides=SHORT + ["runtime.backend=inline", "device=cpu"]),
-                          reference, progress=False, log=lambda _: None)  # fmt: skip
+            run_continual(
+                load_config(preset="smoke", overrides=SHORT + ["runtime.backend=inline", "device=cpu"]),
+                reference,
+                progress=False,
+                log=lambda _: None,
+            )
         finally:
             torch.set_num_threads(threads)
 
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the jobs' python: the project's
         env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
         # relative --out: the job's driver runs in its own copy of the working dir, and writes there
-        job = submit(twin.address, env, ["python", "jobs/train_cl.py", "--preset", "smoke", "--out", "runs/twin",
-                                         *[a for o in SHORT + ON_NODE_TYPES for a in ("--set", o)]])  # fmt: skip
+        job = submit(
+            twin.address,
+            env,
+            [
+                "python",
+                "jobs/train_cl.py",
+                "--preset",
+                "smoke",
+                "--out",
+                "runs/twin",
+                *[a for o in SHORT + ON_NODE_TYPES for a in ("--set", o)],
+            ],
+        )
         logs, reclaimed = [], None
         with follow(twin.address, env, job) as console:
             for line in console.stdout:
@@ -82,12 +110,15 @@ def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_i
         replacement = next(n for n, t in types.items() if t == "sampler" and n != reclaimed)
         assert placement["task_0"] == {"train_workers": [trainer], "samplers": [reclaimed]}
         assert placement["task_1"] == {"train_workers": [trainer], "samplers": [replacement]}
-        started = {name: len(ray_state(twin.address, "actors", f"class_name={name}"))
-                   for name in ("TeacherSampler", "RayTrainWorker")}  # fmt: skip
+        started = {
+            name: len(ray_state(twin.address, "actors", f"class_name={name}"))
+            for name in ("TeacherSampler", "RayTrainWorker")
+        }
         assert started == {"TeacherSampler": 1, "RayTrainWorker": 1}  # once per run: the sampler restarted
 
-        ours, inline = (pd.read_parquet(d / "metrics.parquet").sort_values(["task", "metric"])
-                        for d in (out, reference))  # fmt: skip
+        ours, inline = (
+            pd.read_parquet(d / "metrics.parquet").sort_values(["task", "metric"]) for d in (out, reference)
+        )
         assert {"accuracy", "fid"} <= set(ours.metric)
         assert ours[["task", "metric"]].values.tolist() == inline[["task", "metric"]].values.tolist()
         assert ours.value.tolist() == pytest.approx(inline.value.tolist(), rel=1e-4, abs=1e-6)

@@ -2,6 +2,7 @@
 nodes its node types can start), and the offline check of a Ray cluster launcher config (cluster.yaml): Ray 2.60
 has no dry run, so this wraps its private ``prepare_config`` + ``validate_config`` (the schema check ``ray up``
 runs) in one place."""
+
 from __future__ import annotations
 
 import copy

@@ -5,6 +5,7 @@ every ``runtime.checkpoint_every`` steps, and rerunning resumes an unfinished un
     distill(method, teacher, out, cfg, fit=RayDistillFit(runtime))    # its own worker group, under OUT/ray_train
     RayDistillFit(runtime, group)                                     # a continual run's group (fast replay samplers)
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -43,12 +44,24 @@ def distill_unit_item(config: dict, item: WorkItem) -> dict:
         return loss / world
 
     shard = slice(item.rank, None, world)
-    work = OptimisationItem(item, f"{spec.method} {spec.name}", unit.model, {"optimizer": optimizer},
-                            unit.iterations, every, describe)
-    return work.run(lambda model, start, on_step: optimise(
-        model, optimizer, lambda step: {"loss": unit.loss(model, step, shard)}, unit.iterations, start=start,
-        grad_clip=1.0, read_every=every, reduce=mean_over_workers, on_step=on_step, progress=False,
-        desc=f"{spec.method} {spec.name}"))
+    work = OptimisationItem(
+        item, f"{spec.method} {spec.name}", unit.model, {"optimizer": optimizer}, unit.iterations, every, describe
+    )
+    return work.run(
+        lambda model, start, on_step: optimise(
+            model,
+            optimizer,
+            lambda step: {"loss": unit.loss(model, step, shard)},
+            unit.iterations,
+            start=start,
+            grad_clip=1.0,
+            read_every=every,
+            reduce=mean_over_workers,
+            on_step=on_step,
+            progress=False,
+            desc=f"{spec.method} {spec.name}",
+        )
+    )
 
 
 class RayDistillFit:
@@ -62,7 +75,9 @@ class RayDistillFit:
     def check(self, batch_size: int) -> None:
         check_worker_split(batch_size, self.runtime.num_workers, "batch_size")
 
-    def __call__(self, spec: UnitSpec, images: Optional[torch.Tensor], progress: bool) -> tuple[DistillUnit, list[dict]]:
+    def __call__(
+        self, spec: UnitSpec, images: Optional[torch.Tensor], progress: bool
+    ) -> tuple[DistillUnit, list[dict]]:
         rt = self.runtime
         self.check(spec.cfg.batch_size)
         if self.group is None:

@@ -2,6 +2,7 @@
 ``$RAY_ADDRESS`` cluster when set. One Ray Train worker group and one sampler pool serve every task of the run:
 sampler actors host teacher k-1 and evaluate model k, the Train workers update the student, the driver
 orchestrates (distcl.continual does the rest: resume, outputs)."""
+
 from __future__ import annotations
 
 import json
@@ -63,20 +64,27 @@ def check_layout(cfg: RunConfig) -> None:
     as :func:`connect` returns it."""
     capacity = cluster_capacity()
     rt = cfg.runtime
-    fields = (f"(num_workers={rt.num_workers}, cpus_per_worker={rt.cpus_per_worker}, use_gpu={rt.use_gpu}, "
-              f"gpus_per_worker={rt.gpus_per_worker}, num_samplers={rt.num_samplers}, sampler_cpus={rt.sampler_cpus}, "
-              f"sampler_gpus={rt.sampler_gpus}, sampler_resource={rt.sampler_resource}, "
-              f"worker_resource={rt.worker_resource}, num_cpus={rt.num_cpus})")  # fmt: skip
+    fields = (
+        f"(num_workers={rt.num_workers}, cpus_per_worker={rt.cpus_per_worker}, use_gpu={rt.use_gpu}, "
+        f"gpus_per_worker={rt.gpus_per_worker}, num_samplers={rt.num_samplers}, sampler_cpus={rt.sampler_cpus}, "
+        f"sampler_gpus={rt.sampler_gpus}, sampler_resource={rt.sampler_resource}, "
+        f"worker_resource={rt.worker_resource}, num_cpus={rt.num_cpus})"
+    )
     has = "the cluster's node types can start at most" if capacity.autoscaling else "the cluster has"
     for resource, need in layout_needs(cfg, bool(rt.use_gpu)).items():
         if capacity.total.get(resource, 0) + 1e-9 < need:
-            raise ConfigError("runtime", f"the layout needs {need:g} {resource} but {has} "
-                                         f"{capacity.total.get(resource, 0):g} {fields}")  # fmt: skip
+            raise ConfigError(
+                "runtime",
+                f"the layout needs {need:g} {resource} but {has} {capacity.total.get(resource, 0):g} {fields}",
+            )
     for role, bundle in layout_bundles(cfg, bool(rt.use_gpu)).items():
         if not capacity.fits_one_node(bundle):
             wanted = {k: v for k, v in bundle.items() if v}
-            raise ConfigError("runtime", f"a {role} needs {wanted} on one node but no "
-                                         f"{'node type' if capacity.autoscaling else 'node'} has that {fields}")  # fmt: skip
+            raise ConfigError(
+                "runtime",
+                f"a {role} needs {wanted} on one node but no "
+                f"{'node type' if capacity.autoscaling else 'node'} has that {fields}",
+            )
 
 
 def role_devices(cfg: RunConfig) -> str:
@@ -84,8 +92,10 @@ def role_devices(cfg: RunConfig) -> str:
     rt = cfg.runtime
     workers = f"cuda ({rt.gpus_per_worker:g} GPU each)" if rt.use_gpu else "cpu"
     samplers = f"cuda ({rt.sampler_gpus:g} GPU each)" if rt.sampler_gpus else "cpu"
-    return (f"driver cpu (orchestrates), {rt.num_workers} Train worker(s) {workers}, {rt.num_samplers} sampler "
-            f"actor(s) {samplers} (replay and evaluation)")  # fmt: skip
+    return (
+        f"driver cpu (orchestrates), {rt.num_workers} Train worker(s) {workers}, {rt.num_samplers} sampler "
+        f"actor(s) {samplers} (replay and evaluation)"
+    )
 
 
 class RayBackend:
@@ -112,8 +122,10 @@ class RayBackend:
         state = self.group.run(f"task_{k}", train_task_item, config)
         del init, images
         for event in state["recoveries"]:
-            self.log(f"[distcl] task {k}: recovered at step {event['resumed_at_step']} "
-                     f"({event['recovery_s']:.1f}s after the checkpoint)")  # fmt: skip
+            self.log(
+                f"[distcl] task {k}: recovered at step {event['resumed_at_step']} "
+                f"({event['recovery_s']:.1f}s after the checkpoint)"
+            )
         spec.student.load_state_dict(state["model"])
         self.record_placement(k, state["worker_nodes"])
         return state["rows"]
@@ -137,8 +149,9 @@ class RayBackend:
     def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
         """On the sampler actors (SamplerPool.evaluate)."""
         chunks = self.pool.evaluate(job)
-        return list(tqdm(chunks, total=len(job.chunks()), desc=f"evaluating task {job.task}", disable=not progress,
-                         leave=False))  # fmt: skip
+        return list(
+            tqdm(chunks, total=len(job.chunks()), desc=f"evaluating task {job.task}", disable=not progress, leave=False)
+        )
 
     def record_placement(self, k: int, worker_nodes: list[str]) -> None:
         """OUT/placement.json: the node ids of task k's Train workers (by rank) and sampler actors."""
@@ -157,8 +170,13 @@ class RayBackend:
             self.group = None
 
 
-def run(cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print,
-        on_task: Optional[Callable[[int, dict[str, float]], None]] = None) -> Path:  # fmt: skip
+def run(
+    cfg: RunConfig,
+    out: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> Path:
     """``distcl run`` on Ray (arguments as distcl.continual.run_continual)."""
     cfg = connect(cfg)
     check_layout(cfg)

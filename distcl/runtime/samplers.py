@@ -8,6 +8,7 @@ that dies is restarted by Ray (``max_restarts`` times) and its in-flight calls a
 (``max_task_retries=-1``: a lost node is noticed only after missed heartbeats, and every failed connection
 meanwhile would spend a bounded retry); a replay batch is waited for at most ``runtime.replay_timeout_s``.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,9 @@ class TeacherSampler:
 
     def make(self, task: int, teacher: list, index: int) -> ReplayBatch:
         """Replay batch ``index`` of task ``task`` from ``teacher`` (CPU tensors)."""
-        batch = indexed_replay(self._teacher(teacher), self.cfg.train.strategy, self.batch_size, self.cfg.seed, task,
-                               index)  # fmt: skip
+        batch = indexed_replay(
+            self._teacher(teacher), self.cfg.train.strategy, self.batch_size, self.cfg.seed, task, index
+        )
         return batch.to("cpu")
 
     def images(self, task: int, teacher: list, index: int, n: int, steps: int, eta: float) -> torch.Tensor:
@@ -84,8 +86,12 @@ class SamplerPool:
         rt = cfg.runtime
         custom = sampler_resources(rt)
         # outside any placement group of the caller (a Tune trial's): the samplers ask the cluster themselves
-        options = dict(num_cpus=custom.pop("CPU"), num_gpus=custom.pop("GPU"), resources=custom or None,
-                       scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))  # fmt: skip
+        options = dict(
+            num_cpus=custom.pop("CPU"),
+            num_gpus=custom.pop("GPU"),
+            resources=custom or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+        )
         self.actors = [
             TeacherSampler.options(**options).remote(cfg, batch_size, max(1, int(rt.sampler_cpus)))
             for _ in range(rt.num_samplers)
@@ -112,8 +118,19 @@ class RemoteReplay:
     ``extra`` = (n, steps, eta) for the classifier's images).
     At most ``depth`` requests are in flight (Ray's "limit pending tasks" pattern); ``get`` waits for its own."""
 
-    def __init__(self, actors: list, task: int, teacher: list, rank: int, world: int, steps: int, depth: int,
-                 timeout_s: float, method: str = "make", extra: tuple = ()):  # fmt: skip
+    def __init__(
+        self,
+        actors: list,
+        task: int,
+        teacher: list,
+        rank: int,
+        world: int,
+        steps: int,
+        depth: int,
+        timeout_s: float,
+        method: str = "make",
+        extra: tuple = (),
+    ):
         self.method, self.extra = method, extra
         self.actors, self.task, self.teacher = actors, task, teacher
         self.rank, self.world, self.steps = rank, world, steps
@@ -145,5 +162,15 @@ class RemoteReplay:
 def classifier_replay(actors: list, cfg, task: int, teacher: list, steps: int) -> RemoteReplay:
     """The continual classifier's replay images of task ``task`` from ``teacher``, made by ``actors``."""
     c, rt = cfg.classifier, cfg.runtime
-    return RemoteReplay(actors, task, teacher, 0, 1, steps, rt.replay_depth, rt.replay_timeout_s, method="images",
-                        extra=(c.batch_size, c.replay_steps, c.replay_eta))  # fmt: skip
+    return RemoteReplay(
+        actors,
+        task,
+        teacher,
+        0,
+        1,
+        steps,
+        rt.replay_depth,
+        rt.replay_timeout_s,
+        method="images",
+        extra=(c.batch_size, c.replay_steps, c.replay_eta),
+    )

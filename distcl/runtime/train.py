@@ -3,6 +3,7 @@
 actors, DDP through ``prepare_model``; a checkpoint every ``runtime.checkpoint_every`` steps. The student's
 starting weights come through the object store.
 """
+
 from __future__ import annotations
 
 import ray
@@ -42,21 +43,36 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
     replay = None
     if config["samplers"]:
         rt = cfg.runtime
-        replay = RemoteReplay(config["samplers"], k, config["teacher"], rank, world, steps, rt.replay_depth,
-                              rt.replay_timeout_s)
+        replay = RemoteReplay(
+            config["samplers"], k, config["teacher"], rank, world, steps, rt.replay_depth, rt.replay_timeout_s
+        )
 
     def describe(row: dict, seconds: float, done: int) -> str:
         items = done * 2 * per_worker * world  # data and replay items of all workers
-        return (f"loss {row['loss']:.4f}, {items / seconds:.0f} items/s, "
-                f"replay wait {row['replay_wait_s']:.3f}s")
+        return f"loss {row['loss']:.4f}, {items / seconds:.0f} items/s, replay wait {row['replay_wait_s']:.3f}s"
 
     stateful = {"optimizer": optimizer, **({"ema": ema} if ema is not None else {})}
     task = OptimisationItem(item, f"task {k}", student, stateful, steps, cfg.runtime.checkpoint_every, describe)
-    return task.run(lambda model, start, on_step: train_task(
-        model, optimizer, DataStream(images, per_worker, cfg.seed, k, rank, world), replay, task=k, steps=steps,
-        train_cfg=cfg.train, scheduler=build_scheduler(cfg.model), noise_seed=noise_seed(cfg.seed, k, rank),
-        device=device, ema=ema, lwf_teacher=lwf_teacher, start_step=start, on_step=on_step, progress=False,
-        precision=cfg.runtime.precision))
+    return task.run(
+        lambda model, start, on_step: train_task(
+            model,
+            optimizer,
+            DataStream(images, per_worker, cfg.seed, k, rank, world),
+            replay,
+            task=k,
+            steps=steps,
+            train_cfg=cfg.train,
+            scheduler=build_scheduler(cfg.model),
+            noise_seed=noise_seed(cfg.seed, k, rank),
+            device=device,
+            ema=ema,
+            lwf_teacher=lwf_teacher,
+            start_step=start,
+            on_step=on_step,
+            progress=False,
+            precision=cfg.runtime.precision,
+        )
+    )
 
 
 def classifier_task_item(config: dict, item: WorkItem) -> dict:

@@ -9,6 +9,7 @@ DIR/tune/            Tune's experiment state (Tuner.restore resumes it; finished
 DIR/runs/<slug>/     each trial's run directory (a resumed trial resumes its run: finished tasks are kept)
 DIR/sweep.parquet, summary.parquet, summary.md, final_fid.png   the results
 """
+
 from __future__ import annotations
 
 import os
@@ -121,7 +122,7 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
         if isinstance(spec, list):
             space[key] = tune.grid_search(spec) if sweep.search == "grid" else tune.choice(spec)
         else:
-            (kind, args), = spec.items()
+            ((kind, args),) = spec.items()
             space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
     return space
 
@@ -135,19 +136,25 @@ def build_tuner(sweep: SweepConfig, out: Path) -> tune.Tuner:
     scheduler = None
     if sweep.scheduler == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration", max_t=sweep.trial_config({}).data.num_tasks,
-            grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
-        )  # fmt: skip
+            time_attr="training_iteration",
+            max_t=sweep.trial_config({}).data.num_tasks,
+            grace_period=sweep.grace_period,
+            reduction_factor=sweep.reduction_factor,
+        )
     return tune.Tuner(
         trainable(sweep, out),
         param_space=search_space(sweep),
         tune_config=tune.TuneConfig(
-            metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, num_samples=sweep.num_samples,
+            metric=sweep.metric,
+            mode=sweep.mode,
+            scheduler=scheduler,
+            num_samples=sweep.num_samples,
             max_concurrent_trials=sweep.max_concurrent_trials,
             reuse_actors=True,  # a trial's process runs the next trial: its imports (torch, diffusers) paid once
-            search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed,
-                                                         max_concurrent=sweep.max_concurrent_trials),
-        ),  # fmt: skip
+            search_alg=tune.search.BasicVariantGenerator(
+                random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials
+            ),
+        ),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(out.resolve())),
     )
 
@@ -163,8 +170,9 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
         sweep.validate()
     else:
         if saved.exists():
-            raise ConfigError("--out", f"{out} already holds a sweep (allowed: distcl tune --resume {out}, or "
-                                       "another --out)")  # fmt: skip
+            raise ConfigError(
+                "--out", f"{out} already holds a sweep (allowed: distcl tune --resume {out}, or another --out)"
+            )
     if connect(sweep) or cluster_capacity().autoscaling:  # a cluster whose size is known: now, or at its most
         check_capacity(sweep)
     if not resume:
@@ -195,8 +203,10 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
     else:
         unfinished = len(grid) - grid.num_terminated - grid.num_errors
     if unfinished:  # Ctrl-C: Tune saved its state and returned early
-        raise RuntimeError(f"interrupted with {unfinished} of {len(grid)} trials unfinished (tables written for "
-                           f"the others); continue with: distcl tune --resume {out}")  # fmt: skip
+        raise RuntimeError(
+            f"interrupted with {unfinished} of {len(grid)} trials unfinished (tables written for "
+            f"the others); continue with: distcl tune --resume {out}"
+        )
     return summary
 
 

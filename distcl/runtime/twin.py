@@ -12,6 +12,7 @@ autoscaler and the nodes it starts, their workers), so ``stop_twin`` stops those
 would stop every Ray on the machine); every process of a fake node carries its node id
 (``RAY_OVERRIDE_NODE_ID_FOR_TESTING``), so a node can be killed alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,25 @@ TWIN_ENV = "DISTCL_TWIN"
 NODE_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"  # the fake provider gives each node's processes its node id
 HEAD_TYPE = "ray.head.default"  # the fake provider's name for the head's type
 RAY_CLI = Path(sys.executable).parent / "ray"  # the project environment's
-LAUNCHER_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                  "head_start_ray_commands", "worker_start_ray_commands")  # fmt: skip
+LAUNCHER_LISTS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
 
 
-def twin_config(cluster: dict, gcs_address: str, temp_dir: str, idle_timeout_s: float,
-                max_node_cpus: Optional[float] = None, max_nodes_per_type: Optional[int] = None,
-                keep_gpus: bool = False) -> dict:  # fmt: skip
+def twin_config(
+    cluster: dict,
+    gcs_address: str,
+    temp_dir: str,
+    idle_timeout_s: float,
+    max_node_cpus: Optional[float] = None,
+    max_nodes_per_type: Optional[int] = None,
+    keep_gpus: bool = False,
+) -> dict:
     """The fake_multinode config of a cluster launcher config (as ``validate_cluster_config`` prepares it): its
     worker node types with their resources (custom ones too), ``min_workers`` and ``max_workers``, the cluster's
     ``max_workers`` and ``upscaling_speed``; the head type's resources on the twin's head; the idle timeout
@@ -64,8 +77,12 @@ def twin_config(cluster: dict, gcs_address: str, temp_dir: str, idle_timeout_s: 
         return count if max_nodes_per_type is None else min(count, max_nodes_per_type)
 
     workers = {
-        name: {"resources": resources(t), "min_workers": most(t.get("min_workers", 0)),
-               "max_workers": most(t["max_workers"]), "node_config": {}}  # fmt: skip
+        name: {
+            "resources": resources(t),
+            "min_workers": most(t.get("min_workers", 0)),
+            "max_workers": most(t["max_workers"]),
+            "node_config": {},
+        }
         for name, t in types.items()
         if name != head
     }
@@ -75,9 +92,15 @@ def twin_config(cluster: dict, gcs_address: str, temp_dir: str, idle_timeout_s: 
         "max_workers": min(cluster.get("max_workers", total), total),
         "upscaling_speed": cluster.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": idle_timeout_s / 60,
-        "provider": {"type": "external", "module": "distcl.runtime.twin_provider.TwinNodeProvider",
-                     "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True,
-                     "gcs_address": gcs_address, "node_temp_dir": temp_dir},  # fmt: skip
+        "provider": {
+            "type": "external",
+            "module": "distcl.runtime.twin_provider.TwinNodeProvider",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+            "node_temp_dir": temp_dir,
+        },
         "auth": {"ssh_user": "ubuntu"},
         "docker": {},
         "available_node_types": {
@@ -165,14 +188,22 @@ def twin_temp_dir(name: str) -> str:
     return f"/tmp/distcl-twin-{os.getuid()}-{name}"
 
 
-def start_twin(cluster_file: str | Path, idle_timeout_s: float = 15.0, max_node_cpus: Optional[float] = None,
-               max_nodes_per_type: Optional[int] = None, keep_gpus: Optional[bool] = None,
-               timeout_s: float = 120.0) -> Twin:  # fmt: skip
+def start_twin(
+    cluster_file: str | Path,
+    idle_timeout_s: float = 15.0,
+    max_node_cpus: Optional[float] = None,
+    max_nodes_per_type: Optional[int] = None,
+    keep_gpus: Optional[bool] = None,
+    timeout_s: float = 120.0,
+) -> Twin:
     """Start the twin of ``cluster_file`` (refused, naming it, when its twin runs already): its head with the head
     type's resources (cluster.yaml's: 0 CPUs) and the autoscaler. GPUs are kept when torch sees one here
     (``keep_gpus`` None) or when asked. A failed start leaves nothing behind."""
-    for flag, value in (("--idle-timeout-s", idle_timeout_s), ("--max-node-cpus", max_node_cpus),
-                        ("--max-nodes-per-type", max_nodes_per_type)):
+    for flag, value in (
+        ("--idle-timeout-s", idle_timeout_s),
+        ("--max-node-cpus", max_node_cpus),
+        ("--max-nodes-per-type", max_nodes_per_type),
+    ):
         check_field(value is None or value > 0, flag, f"{value} (allowed: > 0)")
     cluster_file = Path(cluster_file).resolve()
     cluster = read_cluster_file(cluster_file)
@@ -187,20 +218,46 @@ def start_twin(cluster_file: str | Path, idle_timeout_s: float = 15.0, max_node_
     ip, temp_dir = node_ip_address(), twin_temp_dir(name)
     state = Twin.state_file(name).parent
     state.mkdir(parents=True, exist_ok=True)
-    config = twin_config(cluster, f"{ip}:{gcs}", temp_dir, idle_timeout_s, max_node_cpus, max_nodes_per_type,
-                         keep_gpus)  # fmt: skip
+    config = twin_config(cluster, f"{ip}:{gcs}", temp_dir, idle_timeout_s, max_node_cpus, max_nodes_per_type, keep_gpus)
     config_file = state / "twin.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     head = dict(config["available_node_types"][HEAD_TYPE]["resources"])
     # the project's environment first on PATH: a job's ``python`` is the one distcl is installed in;
     # the autoscaler's loop every second (Ray's default: 5 s), as ray.cluster_utils.AutoscalingCluster runs it
-    env = {**os.environ, TWIN_ENV: name, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token",
-           "AUTOSCALER_UPDATE_INTERVAL_S": "1", "PATH": f"{RAY_CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env = {
+        **os.environ,
+        TWIN_ENV: name,
+        "RAY_FAKE_CLUSTER": "1",
+        "RAY_AUTH_MODE": "token",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "PATH": f"{RAY_CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(RAY_CLI), "start", "--head", "--num-cpus", str(head.pop("CPU", 0)), "--num-gpus",
-           str(head.pop("GPU", 0)), "--resources", json.dumps(head), "--port", str(gcs), "--dashboard-host",
-           "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
-           "--ray-client-server-port", str(client), "--temp-dir", temp_dir, "--autoscaling-config", str(config_file)]  # fmt: skip
+    cmd = [
+        str(RAY_CLI),
+        "start",
+        "--head",
+        "--num-cpus",
+        str(head.pop("CPU", 0)),
+        "--num-gpus",
+        str(head.pop("GPU", 0)),
+        "--resources",
+        json.dumps(head),
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--ray-client-server-port",
+        str(client),
+        "--temp-dir",
+        temp_dir,
+        "--autoscaling-config",
+        str(config_file),
+    ]
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         failure = None if started.returncode == 0 else (started.stdout + started.stderr).strip().splitlines()[-3:]
@@ -210,8 +267,12 @@ def start_twin(cluster_file: str | Path, idle_timeout_s: float = 15.0, max_node_
         stop_twin(name)
         shutil.rmtree(state, ignore_errors=True)
         raise RuntimeError(f"ray start failed: {' / '.join(failure)}")
-    twin = Twin(name=name, gcs_address=f"{ip}:{gcs}", address=f"http://127.0.0.1:{dashboard}",
-                worker_types={k: v for k, v in config["available_node_types"].items() if k != HEAD_TYPE})  # fmt: skip
+    twin = Twin(
+        name=name,
+        gcs_address=f"{ip}:{gcs}",
+        address=f"http://127.0.0.1:{dashboard}",
+        worker_types={k: v for k, v in config["available_node_types"].items() if k != HEAD_TYPE},
+    )
     Twin.state_file(name).write_text(json.dumps(asdict(twin), indent=2))
     return twin
 
@@ -244,8 +305,9 @@ def node_type_of(resources: dict, worker_types: dict) -> Optional[str]:
     head; None for a node of no type."""
     if HEAD_RESOURCE in resources:
         return HEAD_TYPE
-    own = {k: v for k, v in resources.items()
-           if k not in ("memory", "object_store_memory") and not k.startswith("node:")}  # fmt: skip
+    own = {
+        k: v for k, v in resources.items() if k not in ("memory", "object_store_memory") and not k.startswith("node:")
+    }
     return next((name for name, t in worker_types.items() if t["resources"] == own), None)
 
 
@@ -253,10 +315,22 @@ def ray_state(address: str, kind: str, *filters: str) -> list[dict]:
     """Ray's state API (``ray list <kind> --detail``, every entry, alive or dead) of the cluster at ``address``,
     in a process of its own: a twin authenticates by token, and a process reads its auth mode when it imports
     Ray."""
-    cmd = [str(RAY_CLI), "list", kind, "--address", address, "--detail", "--format",
-           "json", "--limit", "10000", *[arg for f in filters for arg in ("--filter", f)]]  # fmt: skip
-    done = subprocess.run(cmd, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    cmd = [
+        str(RAY_CLI),
+        "list",
+        kind,
+        "--address",
+        address,
+        "--detail",
+        "--format",
+        "json",
+        "--limit",
+        "10000",
+        *[arg for f in filters for arg in ("--filter", f)],
+    ]
+    done = subprocess.run(
+        cmd, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120
+    )
     if done.returncode:
         raise RuntimeError(f"ray list {kind} failed: {done.stderr.strip()[-500:]}")
     return json.loads(done.stdout) if done.stdout.strip() else []
@@ -298,15 +372,19 @@ def read_cluster_file(cluster_file: str | Path) -> dict:
 
 def describe(twin: Twin, cluster_file: str) -> str:
     """What a user needs next: the node types, where to submit, how to stop."""
-    types = ", ".join(f"{name} ({t['min_workers']}-{t['max_workers']} x {t['resources']})"
-                      for name, t in twin.worker_types.items())  # fmt: skip
+    types = ", ".join(
+        f"{name} ({t['min_workers']}-{t['max_workers']} x {t['resources']})" for name, t in twin.worker_types.items()
+    )
     gpus = any("GPU" in t["resources"] for t in twin.worker_types.values())
-    lines = [f"[distcl] twin of {twin.name!r} up: node types {types}",
-             "[distcl] GPUs kept" if gpus else "[distcl] GPUs mapped to none: runs train on CPU "
-             "(runtime.use_gpu=auto decides from the node types)",
-             f"[distcl] submit: RAY_AUTH_MODE=token ray job submit --address {twin.address} --working-dir . -- "
-             "python jobs/train_cl.py ...",
-             f"[distcl] join:   RAY_AUTH_MODE=token RAY_ADDRESS={twin.gcs_address} distcl run ...",
-             f"[distcl] spot reclaim: distcl cluster local --preempt <node type> {cluster_file}",
-             f"[distcl] stop:   distcl cluster local --down {cluster_file}"]  # fmt: skip
+    lines = [
+        f"[distcl] twin of {twin.name!r} up: node types {types}",
+        "[distcl] GPUs kept"
+        if gpus
+        else "[distcl] GPUs mapped to none: runs train on CPU (runtime.use_gpu=auto decides from the node types)",
+        f"[distcl] submit: RAY_AUTH_MODE=token ray job submit --address {twin.address} --working-dir . -- "
+        "python jobs/train_cl.py ...",
+        f"[distcl] join:   RAY_AUTH_MODE=token RAY_ADDRESS={twin.gcs_address} distcl run ...",
+        f"[distcl] spot reclaim: distcl cluster local --preempt <node type> {cluster_file}",
+        f"[distcl] stop:   distcl cluster local --down {cluster_file}",
+    ]
     return "\n".join(lines)

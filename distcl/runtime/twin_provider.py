@@ -7,6 +7,7 @@ its working directory when the trainer node started). Real nodes have a disk eac
 
 Loaded by Ray's autoscaler as ``provider: {type: external, module: distcl.runtime.twin_provider.TwinNodeProvider,
 node_temp_dir: ...}``; imports only Ray (the autoscaler's process imports it)."""
+
 from __future__ import annotations
 
 import functools

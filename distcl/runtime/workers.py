@@ -11,6 +11,7 @@ the channel. Mid-item checkpoints (``item.checkpoint``) carry the item's name, s
 (``FailureConfig``) or a rerun driver (the same Train run name and storage path) resumes the item where its last
 checkpoint left it, and an item whose final checkpoint was written is not run again.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -118,16 +119,24 @@ class WorkItem:
 
 class OptimisationItem:
     """The skeleton of a work item that optimises a model on every Train worker (a continual task, a distillation
-    unit, named ``label`` in its lines). ``run(fit)`` resumes the model, ``stateful`` (optimizer, EMA: ``state_dict`` / ``load_state_dict``),
-    the step and the rows from the item's last checkpoint, wraps the model for DDP (``prepare_model``) and calls
-    ``fit(model, start, on_step)`` (a distcl.training loop). After each step: the planned fault; on rank 0, for a
-    row just read, the line ``describe(row, seconds, steps)`` (since the last line; None: no line); a checkpoint
-    of all workers every ``checkpoint_every`` steps. The final state (rank 0's; {} elsewhere) holds the model,
-    the stateful objects, step, rows, recoveries (resumed step, seconds after the checkpoint) and the workers'
-    node ids in rank order."""
+    unit, named ``label`` in its lines). ``run(fit)`` resumes the model, ``stateful`` (optimizer, EMA: objects
+    with ``state_dict`` / ``load_state_dict``), the step and the rows from the item's last checkpoint, wraps the
+    model for DDP (``prepare_model``) and calls ``fit(model, start, on_step)`` (a distcl.training loop). After
+    each step: the planned fault; on rank 0, for a row just read, the line ``describe(row, seconds, steps)``
+    (since the last line; None: no line); a checkpoint of all workers every ``checkpoint_every`` steps. The
+    final state (rank 0's; {} elsewhere) holds the model, the stateful objects, step, rows, recoveries (resumed
+    step, seconds after the checkpoint) and the workers' node ids in rank order."""
 
-    def __init__(self, item: WorkItem, label: str, model: torch.nn.Module, stateful: dict, steps: int,
-                 checkpoint_every: int, describe: Callable[[dict, float, int], Optional[str]]):
+    def __init__(
+        self,
+        item: WorkItem,
+        label: str,
+        model: torch.nn.Module,
+        stateful: dict,
+        steps: int,
+        checkpoint_every: int,
+        describe: Callable[[dict, float, int], Optional[str]],
+    ):
         self.item, self.label, self.model, self.stateful, self.steps = item, label, model, stateful, steps
         self.checkpoint_every, self.describe = checkpoint_every, describe
         self.start, self.rows, self.recoveries = 0, [], []
@@ -137,10 +146,13 @@ class OptimisationItem:
                 obj.load_state_dict(item.resume[name])
             self.start, self.rows = item.resume["step"] + 1, item.resume["rows"]
             self.recoveries = item.resume["recoveries"] + [
-                {"resumed_at_step": self.start, "recovery_s": time.time() - item.resume["time"]}]
+                {"resumed_at_step": self.start, "recovery_s": time.time() - item.resume["time"]}
+            ]
             if item.rank == 0:
-                WORKER_LOG.info(f"[distcl] {label}: resumed at step {self.start} from checkpoint, "
-                                f"{self.recoveries[-1]['recovery_s']:.1f}s after it was written")
+                WORKER_LOG.info(
+                    f"[distcl] {label}: resumed at step {self.start} from checkpoint, "
+                    f"{self.recoveries[-1]['recovery_s']:.1f}s after it was written"
+                )
         self.worker_nodes = [ray.get_runtime_context().get_node_id()]
         if item.world > 1:
             self.worker_nodes = [None] * item.world
@@ -165,9 +177,15 @@ class OptimisationItem:
     def state(self, step: int, logged: list[dict]) -> dict:
         if self.item.rank != 0:
             return {}
-        return {"model": self.model.state_dict(), **{n: o.state_dict() for n, o in self.stateful.items()},
-                "step": step, "rows": self.rows + logged, "recoveries": self.recoveries, "time": time.time(),
-                "worker_nodes": self.worker_nodes}
+        return {
+            "model": self.model.state_dict(),
+            **{n: o.state_dict() for n, o in self.stateful.items()},
+            "step": step,
+            "rows": self.rows + logged,
+            "recoveries": self.recoveries,
+            "time": time.time(),
+            "worker_nodes": self.worker_nodes,
+        }
 
 
 def load_state(checkpoint: Checkpoint, device: torch.device | str = "cpu") -> dict:
@@ -230,8 +248,11 @@ def resolve_use_gpu(rt: RuntimeConfig, cluster_gpus: float, sampler_gpus: float 
 def worker_resources(rt: RuntimeConfig, use_gpu: bool) -> dict[str, float]:
     """What one Train worker asks Ray for: ``cpus_per_worker``, with ``use_gpu`` ``gpus_per_worker``, and one unit
     of ``worker_resource``."""
-    return {"CPU": rt.cpus_per_worker, **({"GPU": rt.gpus_per_worker} if use_gpu else {}),
-            **({rt.worker_resource: 1} if rt.worker_resource else {})}  # fmt: skip
+    return {
+        "CPU": rt.cpus_per_worker,
+        **({"GPU": rt.gpus_per_worker} if use_gpu else {}),
+        **({rt.worker_resource: 1} if rt.worker_resource else {}),
+    }
 
 
 class WorkerGroup:
@@ -243,16 +264,21 @@ class WorkerGroup:
         self.storage = Path(storage).resolve()
         # outside any placement group of the caller (a Tune trial's), like the samplers; on the head, which no
         # autoscaler removes (a node that holds only 0-CPU actors is idle to it)
-        self.channel = WorkChannel.options(resources={HEAD_RESOURCE: 0.001},
-                                           scheduling_strategy=PlacementGroupSchedulingStrategy(None)).remote()  # fmt: skip
+        self.channel = WorkChannel.options(
+            resources={HEAD_RESOURCE: 0.001}, scheduling_strategy=PlacementGroupSchedulingStrategy(None)
+        ).remote()
         use_gpu = resolve_use_gpu(rt, cluster_capacity().total.get("GPU", 0))  # a continual run decided it already
         self.trainer = TorchTrainer(
             worker_loop,
-            train_loop_config={"channel": self.channel, "threads": rt.cpus_per_worker,
-                               "numerics": (rt.precision, rt.deterministic),
-                               "fault": os.environ.get(FAULT_ENV)},  # fmt: skip
-            scaling_config=ScalingConfig(num_workers=rt.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker=worker_resources(rt, use_gpu)),
+            train_loop_config={
+                "channel": self.channel,
+                "threads": rt.cpus_per_worker,
+                "numerics": (rt.precision, rt.deterministic),
+                "fault": os.environ.get(FAULT_ENV),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=rt.num_workers, use_gpu=use_gpu, resources_per_worker=worker_resources(rt, use_gpu)
+            ),
             run_config=RunConfig(
                 name=TRAIN_RUN,
                 storage_path=str(self.storage),
