@@ -22,7 +22,7 @@ import torch
 from benchmarks.common import RESULTS, machine
 from benchmarks.quality import strategy_run
 from distcl.config import PIDConfig, ProgressiveConfig, load_config
-from distcl.data import build_scenario, cache_dir, load_fashion_mnist, locate
+from distcl.data import build_scenario, cache_dir, load_dataset
 from distcl.devices import resolve_device
 from distcl.distill import distill, fit_inline
 from distcl.evaluation import Evaluator, generate
@@ -53,12 +53,12 @@ def main() -> None:
     teacher_dir, work = Path(args.teacher), Path(args.work)
     cfg = load_config(teacher_dir.parent / "config.yaml")  # the teacher's run: its data, model, evaluation
     device = resolve_device(cfg.device)
-    splits = load_fashion_mnist(locate(cfg.data.data_dir, cfg.cache_dir))
     unet, scheduler = load_pipeline_parts(teacher_dir, device)
     size = unet.config.sample_size
-    scenario = build_scenario(splits, cfg.data, cfg.seed, size)
+    dataset = load_dataset(cfg.data, cfg.cache_dir, size)
+    scenario = build_scenario(dataset, cfg.data, cfg.seed, size)
     test = scenario.test_split(cfg.data.num_tasks - 1)
-    evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache_dir(cfg.cache_dir), device, False)
+    evaluator = Evaluator(cfg.eval, dataset, cache_dir(cfg.cache_dir), device, False)
     n = cfg.eval.num_samples
     rows = []
 

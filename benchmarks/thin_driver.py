@@ -34,7 +34,7 @@ from ray.cluster_utils import Cluster
 from benchmarks.common import RESULTS, machine
 from benchmarks.readme_results import thin_driver_table
 from distcl.config import load_config
-from distcl.data import cache_dir, load_fashion_mnist, locate, select
+from distcl.data import cache_dir, load_dataset, select
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.launch import run
 from distcl.models import build_unet
@@ -91,7 +91,7 @@ def eval_seconds(job, test_labels: torch.Tensor, samplers: int) -> tuple[float, 
         seconds = time.perf_counter() - start
     finally:
         pool.stop()
-    return seconds, metrics_from_chunks(results, test_labels)[0]
+    return seconds, metrics_from_chunks(results, test_labels, 10)[0]
 
 
 def main() -> None:
@@ -104,11 +104,9 @@ def main() -> None:
         "three_nodes": on_three_nodes(P3 + ON_NODES, work / "three-nodes"),
     }
     cfg = load_config(preset="paper", overrides=["eval.num_samples=200", "eval.batch_size=50"])
-    splits = load_fashion_mnist(locate(cfg.data.data_dir, cfg.cache_dir))
-    test = select(splits["test"], list(range(10)), 50)
-    evaluator = Evaluator(
-        cfg.eval, splits["train"], splits["test"], cache_dir(cfg.cache_dir), torch.device("cpu"), progress=False
-    )
+    dataset = load_dataset(cfg.data, cfg.cache_dir, 32)
+    test = select(dataset.test, list(range(10)), 50)
+    evaluator = Evaluator(cfg.eval, dataset, cache_dir(cfg.cache_dir), torch.device("cpu"), progress=False)
     torch.manual_seed(0)
     job = evaluator.job(4, cfg.seed, cfg.model, build_unet(cfg.model).state_dict(), test, 32)
     ray.init(address="local", num_cpus=2, include_dashboard=False)

@@ -113,8 +113,7 @@ def train_classifier(
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Classifier task k on ``device`` (distcl.solver.train_solver_task); with ``replay``, the frozen starting
     weights label the replay images. Returns the trained weights (CPU) and the log rows."""
-    model = SolverCNN()
-    model.load_state_dict(spec.init)
+    model = SolverCNN.from_state(spec.init)
     previous = copy.deepcopy(model).to(device).eval().requires_grad_(False) if replay is not None else None
     rows = train_solver_task(
         model,

@@ -210,14 +210,14 @@ def _sample(args) -> int:
 
 
 def _report(args) -> int:
-    from distcl.report import load_metrics, metrics_table, plot_metrics
+    from distcl.report import load_metrics, metrics_table, plot_metrics, task_classes
 
     try:
         df = load_metrics(Path(args.out))
     except FileNotFoundError as err:
         print(f"distcl: {err}", file=sys.stderr)
         return 2
-    print(metrics_table(df))
+    print(metrics_table(df, task_classes(Path(args.out))))
     for path in plot_metrics(df, Path(args.out)):
         print(f"wrote {path}")
     return 0

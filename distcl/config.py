@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from annotated_types import Ge, Interval
+from annotated_types import Ge, Interval, Len
 
 from distcl.settings import (
     ConfigError,
@@ -89,27 +89,49 @@ def check_worker_split(batch_size: int, num_workers: int, name: str) -> None:
     )
 
 
+Source = Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder"]
+SOURCE_CHANNELS = {"fashion_mnist": 1, "mnist": 1, "cifar10": 3, "cifar100": 3, "image_folder": 3}
+ClassRef = Annotated[Int, Ge(0)] | Text  # a class by index or by name
+
+
 @settings
 class DataConfig:
-    data_dir: Optional[Text] = None  # searched first; then $DISTCL_DATA, the Debian package, the cache dir
-    num_tasks: Count = 5
+    """The images and their split into tasks (distcl.data). ``tasks`` lists each task's classes (by index or
+    name, groups of any size); else ``num_tasks`` tasks of ``classes_per_task`` classes in the seeded order
+    (``class_order`` when given). Rules that need the data's classes are checked when it is read."""
+
+    source: Source = "fashion_mnist"
+    data_dir: Optional[Text] = None  # searched first (image_folder: required); then $DISTCL_DATA, Debian, the cache
+    channels: Optional[Literal[1, 3]] = None  # None: the source's (1: Fashion-MNIST, MNIST; 3: CIFAR, folders)
+    tasks: Optional[list[Annotated[list[ClassRef], Len(min_length=1)]]] = None
+    num_tasks: Optional[Count] = None  # None: len(tasks), else 5
     classes_per_task: Count = 2
-    class_order: Optional[list[Annotated[Int, Interval(ge=0, le=9)]]] = None  # None: seeded randperm(10)
-    train_per_class: Optional[Count] = None  # cap on training images per class (None: all 6000)
-    test_per_class: Optional[Count] = None  # cap on test images per class (None: all 1000)
+    class_order: Optional[list[Annotated[Int, Ge(0)]]] = None  # None: seeded randperm(number of classes)
+    train_per_class: Optional[Count] = None  # cap on training images per class (None: all)
+    test_per_class: Optional[Count] = None  # cap on test images per class (None: all)
+    test_fraction: Annotated[Real, Interval(gt=0, lt=1)] = 0.1  # image_folder without test/: held out per class
 
     def __post_init__(self) -> None:
-        needed = self.num_tasks * self.classes_per_task
-        check_field(
-            needed <= 10,
-            "data.num_tasks",
-            f"{self.num_tasks} tasks x {self.classes_per_task} classes exceeds the 10 Fashion-MNIST classes",
-        )
+        if self.channels is None:
+            self.channels = SOURCE_CHANNELS[self.source]
+        if self.tasks is not None:
+            check_field(
+                self.num_tasks in (None, len(self.tasks)),
+                "data.num_tasks",
+                f"{self.num_tasks} but data.tasks lists {len(self.tasks)} tasks (allowed: null or {len(self.tasks)})",
+            )
+            refs = [c for group in self.tasks for c in group]
+            check_field(
+                len(set(refs)) == len(refs),
+                "data.tasks",
+                f"{self.tasks}: a class is in more than one task (allowed: disjoint groups)",
+            )
+        self.num_tasks = self.num_tasks or (len(self.tasks) if self.tasks is not None else 5)
         order = self.class_order
         check_field(
-            order is None or (len(set(order)) == len(order) and len(order) >= needed),
+            order is None or len(set(order)) == len(order),
             "data.class_order",
-            f"{order} (allowed: distinct labels in 0..9, at least num_tasks x classes_per_task of them)",
+            f"{order} (allowed: distinct labels, at least num_tasks x classes_per_task of them)",
         )
 
 
@@ -117,6 +139,7 @@ class DataConfig:
 class ModelConfig:
     preset: UNetPreset = "tiny"
     sample_size: Optional[Count] = None  # None: the preset's own size
+    channels: Optional[Literal[1, 3]] = None  # the UNet's image channels; in a run: data.channels (None: 1)
     num_train_timesteps: Annotated[Int, Ge(2)] = 1000
     beta_start: Annotated[Real, Interval(gt=0, lt=1)] = 1e-4
     beta_end: Annotated[Real, Interval(gt=0, lt=1)] = 0.02
@@ -143,6 +166,10 @@ class TrainConfig:
     task_weighting: Flag = True  # L = (1-w) L_data + w L_replay with w = 1 - 1/(k+1); off: L_data + L_replay
     teacher_steps: Count = 2  # DDIM steps of the teacher's replay generation
     teacher_eta: Eta = 0.0
+    # partial_generation's t': "grid", one of the teacher_steps DDIM timesteps (with 2: 999 or 499), the state
+    # where the teacher's DDIM reaches it; "uniform", any of 0..T-1 with teacher_steps DDIM steps spaced down to
+    # it (the reference's)
+    partial_t: Literal["grid", "uniform"] = "grid"
     epochs: Positive = 100.0  # per task, over that task's training data (all data seen so far for joint)
     max_steps: Optional[Count] = None  # cap on optimizer steps per task
     batch_size: Count = 128  # B real images; replay adds B items
@@ -238,6 +265,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
+        check_field(
+            self.model.channels in (None, self.data.channels),
+            "model.channels",
+            f"{self.model.channels} but data.channels is {self.data.channels} (the UNet's channels follow the "
+            f"data; allowed: null, {self.data.channels})",
+        )
+        self.model.channels = self.data.channels
         check_field(
             self.replay_sampler.method == "ddim" or self.train.strategy in FAST_SAMPLER_STRATEGIES,
             "replay_sampler.method",

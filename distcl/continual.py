@@ -14,7 +14,7 @@ import torch
 
 from distcl.backend import Backend, ClassifierSpec, InlineBackend, TaskSpec
 from distcl.config import RunConfig
-from distcl.data import Scenario, build_scenario, cache_dir, load_fashion_mnist, locate
+from distcl.data import Scenario, build_scenario, cache_dir, load_dataset
 from distcl.devices import configure_numerics, resolve_device
 from distcl.evaluation import (
     Evaluator,
@@ -71,16 +71,19 @@ def _run_tasks(
     device = resolve_device(cfg.device)
     configure_numerics(cfg.runtime.precision, cfg.runtime.deterministic)
     fresh = build_unet(cfg.model)  # validates the architecture before anything is written
-    splits = load_fashion_mnist(locate(cfg.data.data_dir, cfg.cache_dir))
-    scenario = build_scenario(splits, cfg.data, cfg.seed, fresh.config.sample_size)
+    dataset = load_dataset(cfg.data, cfg.cache_dir, fresh.config.sample_size)
+    scenario = build_scenario(dataset, cfg.data, cfg.seed, fresh.config.sample_size)
     prepare_out(cfg, out)
-    evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache_dir(cfg.cache_dir), device, progress)
+    names = [scenario.task_names(k) for k in range(len(scenario.tasks))]
+    (out / "tasks.json").write_text(json.dumps({"tasks": scenario.tasks, "classes": names}, indent=2))
+    evaluator = Evaluator(cfg.eval, dataset, cache_dir(cfg.cache_dir), device, progress)
     (out / "evaluator.json").write_text(json.dumps(evaluator.describe(), indent=2))
     run = ContinualRun(cfg, out, scenario, backend or InlineBackend(device), evaluator, device, progress, log)
     log(
         f"[distcl] {cfg.name}: tasks {scenario.tasks}, strategy {cfg.train.strategy}, "
         f"evaluation classifier test accuracy {evaluator.classifier_accuracy:.4f}"
     )
+    log(f"[distcl] classes per task: {scenario.describe()}")
     log(f"[distcl] devices: {run.backend.devices()}, precision {cfg.runtime.precision}")
     evaluated = evaluated_tasks(out)
     for k in range(cfg.data.num_tasks):
@@ -137,7 +140,10 @@ class ContinualRun:
         cfg, c, start = self.cfg, self.cfg.classifier, time.perf_counter()
         strategy = c.resolved_strategy(cfg.train.strategy)
         torch.manual_seed(derive_seed(cfg.seed, "classifier_init"))
-        init = SolverCNN().state_dict() if k == 0 else load_classifier(self.out, k - 1)
+        if k == 0:
+            init = SolverCNN(cfg.data.channels, self.scenario.num_classes).state_dict()
+        else:
+            init = load_classifier(self.out, k - 1)
         joint = strategy == "joint"
         images, labels = self.scenario.train_images(k, joint), self.scenario.train_labels(k, joint)
         replay_from = task_dir(self.out, k - 1) if strategy == "replay" and k > 0 else None
@@ -160,7 +166,7 @@ class ContinualRun:
         solver = load_classifier(out, k) if cfg.classifier.enabled else None
         job = self.evaluator.job(k, cfg.seed, cfg.model, state, test, self.scenario.sample_size, solver)
         results = self.backend.evaluate(job, self.progress)
-        metrics, grid = metrics_from_chunks(results, test.labels)
+        metrics, grid = metrics_from_chunks(results, test.labels, self.scenario.num_classes)
         save_grid(grid, out / "samples" / f"task_{k}.png")
         if cfg.classifier.enabled:
             metrics.update(classifier_metrics(self.scenario, k, out, test.labels, solver_predictions(results)))

@@ -1,4 +1,5 @@
-"""Forward noising and DDIM sampling (full, or stopped per item at a timestep t' for partial generation)."""
+"""Forward noising and DDIM sampling: full, stopped per item at a grid timestep, or per item down to any timestep
+(the two ways of partial generation)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,41 @@ def ddim_sample(
         eps = unet(x, t).sample.float()  # the trajectory stays fp32 under bf16 autocast
         x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
     return x if stop_at is None else stopped
+
+
+@torch.no_grad()
+def ddim_to(
+    unet: UNet2DModel,
+    scheduler: DDIMScheduler,
+    x_T: torch.Tensor,
+    steps: int,
+    t_stop: torch.Tensor,
+    eta: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Item i's DDIM state at timestep t_stop[i] after ``steps`` steps from T spaced over [T, t_stop[i]] (the
+    reference's partial generation): tau_j = t_stop + round(j (T - t_stop) / steps) - 1 for j = steps..1, then
+    tau_0 = t_stop. Each step, per item: x0_hat = (x - sqrt(1 - abar) eps) / sqrt(abar), clipped to [-1, 1] as
+    the scheduler says; x <- sqrt(abar') x0_hat + sqrt(1 - abar' - s^2) eps + s z, s = eta sigma_DDIM (z drawn
+    from ``generator`` when eta > 0)."""
+    T = scheduler.config.num_train_timesteps
+    table = scheduler.alphas_cumprod.to(x_T.device)
+    stop = t_stop.to(x_T.device).long()
+    shape = (-1, *([1] * (x_T.dim() - 1)))
+
+    def tau(j: int) -> torch.Tensor:
+        return stop + torch.round(j * (T - stop) / steps).long() - 1 if j > 0 else stop
+
+    x = x_T
+    for j in range(steps, 0, -1):
+        t, prev = tau(j), tau(j - 1)
+        abar, abar_prev = table[t].view(shape), table[prev].view(shape)
+        eps = unet(x, t).sample.float()
+        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        if scheduler.config.clip_sample:
+            x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+        s = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).clamp_min(0).sqrt()
+        x = abar_prev.sqrt() * x0 + (1 - abar_prev - s**2).clamp_min(0).sqrt() * eps
+        if eta > 0:
+            x = x + s * torch.randn(x.shape, generator=generator).to(x.device)
+    return x

@@ -103,7 +103,7 @@ def distill(
         raise ConfigError("data", "fmnist needs the training images (--data-dir)")
     teacher, out = Path(teacher).resolve(), Path(out).resolve()  # both travel to Ray Train workers
     unet, scheduler = load_pipeline_parts(teacher)
-    if unet.config.out_channels != 1 or scheduler.config.prediction_type != "epsilon":
+    if unet.config.out_channels != unet.config.in_channels or scheduler.config.prediction_type != "epsilon":
         raise ConfigError("--teacher", f"{teacher} is not a distcl eps-prediction checkpoint")
     settings = {"method": method, "teacher": str(teacher), **asdict(cfg)}
     record = out / SETTINGS_FILE

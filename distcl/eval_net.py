@@ -1,6 +1,6 @@
-"""The evaluation network: a small CNN trained once on the Fashion-MNIST training set and cached (no weights can be
-downloaded here); its 128-d features are FID's (a torch-fidelity feature extractor), its labels KLD's and TV's.
-Inception replaces it for FID when its weights are on disk."""
+"""The evaluation network: a small CNN trained once per dataset on its training set and cached by the data's
+fingerprint (no weights can be downloaded here); its 128-d features are FID's (a torch-fidelity feature
+extractor), its labels KLD's and TV's. Inception replaces it for FID when its weights are on disk."""
 
 from __future__ import annotations
 
@@ -17,23 +17,26 @@ import torch_fidelity
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from distcl.data import Split, to_model_range
+from distcl.data import Dataset, Split, to_model_range
 from distcl.training import optimise
 
-FMNIST_EXTRACTOR = "distcl-fmnist"
+CNN_EXTRACTOR = "distcl-cnn"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 
 
-class FashionClassifier(nn.Module):
-    """A small CNN on 28x28 Fashion-MNIST images in [-1, 1]; ``features`` is its 128-d penultimate layer."""
+class EvalClassifier(nn.Module):
+    """A small CNN on ``size`` x ``size`` images of ``channels`` channels in [-1, 1] (other sizes are resized to
+    it), ``num_classes`` logits; ``features`` is its 128-d penultimate layer. At 1 x 28 x 28 and 10 classes: the
+    Fashion-MNIST network of earlier runs, weight for weight."""
 
     feature_dim = 128
 
-    def __init__(self):
+    def __init__(self, channels: int = 1, num_classes: int = 10, size: int = 28):
         super().__init__()
+        self.arch = {"channels": channels, "num_classes": num_classes, "size": size}
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2),
+            nn.Conv2d(channels, 32, 5, padding=2),
             nn.BatchNorm2d(32),
             nn.ReLU(),
             nn.MaxPool2d(2),
@@ -43,28 +46,34 @@ class FashionClassifier(nn.Module):
             nn.MaxPool2d(2),
             nn.Flatten(),
             nn.Dropout(0.25),
-            nn.Linear(64 * 7 * 7, self.feature_dim),
+            nn.Linear(64 * (size // 4) ** 2, self.feature_dim),
             nn.ReLU(),
         )
-        self.head = nn.Linear(self.feature_dim, 10)
+        self.head = nn.Linear(self.feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != 28:
-            x = nn.functional.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+        size = self.arch["size"]
+        if x.shape[-1] != size:
+            x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
-class FashionFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity wrapper of FashionClassifier: uint8 [B, 1, H, W] -> (128-d features, 10 logits)."""
+def load_eval_classifier(saved: dict) -> EvalClassifier:
+    """The network of a saved {"state_dict", "arch", ...} (a file from before "arch": the Fashion-MNIST one)."""
+    net = EvalClassifier(**saved.get("arch", {}))
+    net.load_state_dict(saved["state_dict"])
+    return net.eval()
+
+
+class CNNFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity wrapper of an EvalClassifier: uint8 [B, C, H, W] -> (128-d features, logits)."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
-        self.net = FashionClassifier()
-        self.net.load_state_dict(torch.load(feature_extractor_weights_path, map_location="cpu")["state_dict"])
-        self.net.eval()
+        self.net = load_eval_classifier(torch.load(feature_extractor_weights_path, map_location="cpu"))
 
     @staticmethod
     def get_provided_features_list():
@@ -88,8 +97,8 @@ class FashionFeatureExtractor(FeatureExtractorBase):
         return tuple(out[name] for name in self.features_list)
 
 
-if FMNIST_EXTRACTOR not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
-    torch_fidelity.register_feature_extractor(FMNIST_EXTRACTOR, FashionFeatureExtractor)
+if CNN_EXTRACTOR not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(CNN_EXTRACTOR, CNNFeatureExtractor)
 
 
 def inception_weights(cache: Optional[Path] = None) -> Optional[Path]:
@@ -101,14 +110,15 @@ def inception_weights(cache: Optional[Path] = None) -> Optional[Path]:
 
 
 def train_classifier(
-    train: Split, test: Split, epochs: int, device: torch.device, seed: int = 0, progress: bool = True
-) -> tuple[FashionClassifier, float]:
-    """Adam (lr 2e-3, cosine decay to 0), batch 128, cross-entropy on 28x28 images in [-1, 1];
+    train: Split, test: Split, num_classes: int, epochs: int, device: torch.device, seed: int = 0, progress: bool = True
+) -> tuple[EvalClassifier, float]:
+    """Adam (lr 2e-3, cosine decay to 0), batch 128, cross-entropy on the images (their own size) in [-1, 1];
     returns the net and its test accuracy."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = FashionClassifier().to(device)
-    x, y = to_model_range(train.images, 28), train.labels
+    size = train.images.shape[-1]
+    net = EvalClassifier(train.images.shape[1], num_classes, size).to(device)
+    x, y = to_model_range(train.images, size), train.labels
     per_epoch = math.ceil(len(y) / 128)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * per_epoch)
@@ -133,12 +143,12 @@ def train_classifier(
         desc="evaluation classifier",
     )
     net.eval()
-    predictions = classify(net, to_model_range(test.images, 28))
+    predictions = classify(net, to_model_range(test.images, size))
     return net, float((predictions == test.labels).float().mean())
 
 
 @torch.no_grad()
-def classify(net: FashionClassifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def classify(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     device = next(net.parameters()).device
     return torch.cat(
         [net(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
@@ -146,24 +156,22 @@ def classify(net: FashionClassifier, images: torch.Tensor, batch_size: int = 100
 
 
 def load_or_train_classifier(
-    cache: Path, train: Split, test: Split, epochs: int, device: torch.device, progress: bool = True
-) -> tuple[FashionClassifier, float, Path]:
-    """The cached evaluation classifier (trained on all 60k training images once per ``epochs``; runs that start
-    together on a machine wait for the one that trains it)."""
-    path = cache / f"fmnist_classifier_e{epochs}.pt"
+    cache: Path, dataset: Dataset, epochs: int, device: torch.device, progress: bool = True
+) -> tuple[EvalClassifier, float, Path]:
+    """The evaluation classifier of ``dataset`` (all its training images), cached by the data's fingerprint and
+    ``epochs``; runs that start together on a machine wait for the one that trains it."""
+    path = cache / f"eval_net_{dataset.source}_{dataset.fingerprint()}_e{epochs}.pt"
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / f"{path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
             if not path.is_file():
-                net, accuracy = train_classifier(train, test, epochs, device, progress=progress)
+                net, accuracy = train_classifier(
+                    dataset.train, dataset.test, len(dataset.class_names), epochs, device, progress=progress
+                )
+                state = {k: v.cpu() for k, v in net.state_dict().items()}
                 with tempfile.NamedTemporaryFile(dir=cache, delete=False, suffix=".tmp") as tmp:
-                    torch.save(
-                        {"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "test_accuracy": accuracy},
-                        tmp,
-                    )
+                    torch.save({"state_dict": state, "arch": net.arch, "test_accuracy": accuracy}, tmp)
                 os.replace(tmp.name, path)
     saved = torch.load(path, map_location="cpu")
-    net = FashionClassifier()
-    net.load_state_dict(saved["state_dict"])
-    return net.to(device).eval(), saved["test_accuracy"], path
+    return load_eval_classifier(saved).to(device), saved["test_accuracy"], path

@@ -19,15 +19,15 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from distcl.config import EvalConfig, ModelConfig
-from distcl.data import Split, to_model_range
+from distcl.data import Dataset, Split, to_model_range
 from distcl.diffusion import ddim_sample
 from distcl.eval_net import (
-    FMNIST_EXTRACTOR,
+    CNN_EXTRACTOR,
     INCEPTION_EXTRACTOR,
     INCEPTION_WEIGHTS,
-    FashionClassifier,
     classify,
     inception_weights,
+    load_eval_classifier,
     load_or_train_classifier,
 )
 from distcl.models import build_scheduler, build_unet, load_pipeline_parts
@@ -46,14 +46,16 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def histogram(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+def histogram(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.bincount(labels, minlength=num_classes).double() / max(len(labels), 1)
 
 
-def class_histogram_metrics(true_labels: torch.Tensor, generated_labels: torch.Tensor) -> dict[str, float]:
+def class_histogram_metrics(
+    true_labels: torch.Tensor, generated_labels: torch.Tensor, num_classes: int
+) -> dict[str, float]:
     """KLD = sum_c p_true log(p_true / max(p_gen, 1e-6)) over classes with p_true > 0;
     TV = 0.5 sum_c |p_true - p_gen|; gen_in_seen = share of samples labelled as a class with p_true > 0."""
-    p_true, p_gen = histogram(true_labels), histogram(generated_labels)
+    p_true, p_gen = histogram(true_labels, num_classes), histogram(generated_labels, num_classes)
     seen = p_true > 0
     kld = float((p_true[seen] * (p_true[seen] / p_gen[seen].clamp_min(KLD_EPS)).log()).sum())
     tv = float(0.5 * (p_true - p_gen).abs().sum())
@@ -117,19 +119,21 @@ class EvalNets:
     """The labelling classifier's weights and the FID feature network (torch-fidelity name and its weights file):
     plain data, sent to evaluation workers on any node through the object store."""
 
-    classifier: dict[str, torch.Tensor]
+    classifier: dict  # {"state_dict", "arch"} of distcl.eval_net.EvalClassifier
     extractor: str
     extractor_weights: bytes
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier["arch"]["num_classes"]
 
 
 class LoadedNets:
     """:class:`EvalNets` ready on ``device``: class labels and FID features of uint8 images."""
 
     def __init__(self, nets: EvalNets, device: torch.device):
-        self.classifier = FashionClassifier()
-        self.classifier.load_state_dict(nets.classifier)
-        self.classifier.to(device).eval()
-        self.channels = 3 if nets.extractor == INCEPTION_EXTRACTOR else 1
+        self.classifier = load_eval_classifier(nets.classifier).to(device)
+        self.channels = 3 if nets.extractor == INCEPTION_EXTRACTOR else nets.classifier["arch"]["channels"]
         cls = torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY[nets.extractor]
         with tempfile.TemporaryDirectory() as tmp:  # torch-fidelity extractors load their weights from a file
             weights = Path(tmp) / "weights.pth"
@@ -220,9 +224,7 @@ class EvalWorker:
             self.scheduler = build_scheduler(job.model_cfg)
             self.solver = None
             if job.solver is not None:
-                self.solver = SolverCNN()
-                self.solver.load_state_dict(job.solver)
-                self.solver.to(self.device).eval()
+                self.solver = SolverCNN.from_state(job.solver).to(self.device).eval()
             self.job = job
 
     def run(self, job: EvalJob, chunk: EvalChunk) -> ChunkResult:
@@ -253,7 +255,9 @@ def fid_from_features(generated: torch.Tensor, real: torch.Tensor) -> float:
     return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
 
 
-def metrics_from_chunks(results: list[ChunkResult], test_labels: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+def metrics_from_chunks(
+    results: list[ChunkResult], test_labels: torch.Tensor, num_classes: int
+) -> tuple[dict[str, float], torch.Tensor]:
     """FID, KLD, TV and gen_in_seen of a task from its chunks (any order), and the grid's uint8 samples."""
 
     def cat(kind: str, part: str) -> torch.Tensor:
@@ -262,7 +266,7 @@ def metrics_from_chunks(results: list[ChunkResult], test_labels: torch.Tensor) -
 
     metrics = {
         "fid": fid_from_features(cat("generated", "features"), cat("real", "features")),
-        **class_histogram_metrics(test_labels, cat("generated", "labels")),
+        **class_histogram_metrics(test_labels, cat("generated", "labels"), num_classes),
     }
     if not all(math.isfinite(v) for v in metrics.values()):
         raise RuntimeError(f"non-finite evaluation metrics {metrics}")
@@ -279,12 +283,13 @@ class Evaluator:
     """FID / KLD / TV of a generator against the test images of the classes seen so far. The driver's side:
     it chooses the nets and makes each task's :class:`EvalJob`; any backend runs the job's chunks."""
 
-    def __init__(self, eval_cfg, train: Split, test: Split, cache: Path, device: torch.device, progress: bool = True):
+    def __init__(self, eval_cfg, dataset: Dataset, cache: Path, device: torch.device, progress: bool = True):
         self.cfg = eval_cfg
         self.device = device
         self.progress = progress
+        self.dataset = {"source": dataset.source, "fingerprint": dataset.fingerprint(), "classes": dataset.class_names}
         classifier, self.classifier_accuracy, classifier_path = load_or_train_classifier(
-            cache, train, test, eval_cfg.classifier_epochs, device, progress
+            cache, dataset, eval_cfg.classifier_epochs, device, progress
         )
         inception = inception_weights(cache)
         if eval_cfg.feature_extractor == "inception" and inception is None:
@@ -295,9 +300,9 @@ class Evaluator:
         use_inception = eval_cfg.feature_extractor == "inception" or (
             eval_cfg.feature_extractor == "auto" and inception is not None
         )
-        extractor, weights = (INCEPTION_EXTRACTOR, inception) if use_inception else (FMNIST_EXTRACTOR, classifier_path)
+        extractor, weights = (INCEPTION_EXTRACTOR, inception) if use_inception else (CNN_EXTRACTOR, classifier_path)
         state = {k: v.cpu() for k, v in classifier.state_dict().items()}
-        self.nets = EvalNets(state, extractor, Path(weights).read_bytes())
+        self.nets = EvalNets({"state_dict": state, "arch": classifier.arch}, extractor, Path(weights).read_bytes())
 
     def job(
         self,
@@ -326,10 +331,15 @@ class Evaluator:
             ChunkResult(EvalChunk("generated", 0, len(samples)), nets.features(images), nets.labels(samples), images),
             ChunkResult(EvalChunk("real", 0, len(real)), nets.features(real)),
         ]
-        metrics, grid = metrics_from_chunks(results, test.labels)
+        metrics, grid = metrics_from_chunks(results, test.labels, self.nets.num_classes)
         if grid_path is not None:
             save_grid(grid, grid_path)
         return metrics
 
     def describe(self) -> dict:
-        return {"feature_extractor": self.nets.extractor, "classifier_test_accuracy": self.classifier_accuracy}
+        return {
+            "feature_extractor": self.nets.extractor,
+            "classifier_test_accuracy": self.classifier_accuracy,
+            "classifier": self.nets.classifier["arch"],
+            "dataset": self.dataset,
+        }

@@ -7,9 +7,9 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from distcl.config import RunConfig, RuntimeConfig, apply_overrides
+from distcl.config import DataConfig, RunConfig, RuntimeConfig, apply_overrides
 from distcl.continual import run_continual
-from distcl.data import load_fashion_mnist, locate, to_model_range
+from distcl.data import load_dataset, to_model_range
 from distcl.devices import resolve_device
 from distcl.distill import METHODS, distill, fit_inline
 from distcl.models import load_pipeline_parts
@@ -56,8 +56,9 @@ def distill_teacher(
         fit.check(cfg.batch_size)
     images = None
     if method == "progressive" and cfg.data == "fmnist":
-        size = load_pipeline_parts(Path(teacher))[0].config.sample_size
-        images = to_model_range(load_fashion_mnist(locate(data_dir, None))["train"].images, size)
+        unet = load_pipeline_parts(Path(teacher))[0]
+        data = DataConfig(data_dir=data_dir, channels=unet.config.in_channels)
+        images = to_model_range(load_dataset(data, None, unet.config.sample_size).train.images, unet.config.sample_size)
     try:
         return distill(method, Path(teacher), Path(out), cfg, fit, images, progress=progress)
     finally:

@@ -14,13 +14,15 @@ from distcl.settings import ConfigError
 
 
 def build_unet(model_cfg) -> UNet2DModel:
-    """A freshly initialised UNet2DModel (1 channel in and out) of the configured preset; seed the global RNG first."""
+    """A freshly initialised UNet2DModel of the configured preset (``model.channels`` in and out); seed the global
+    RNG first."""
     return UNet2DModel(**unet_spec(model_cfg))
 
 
 def unet_spec(model_cfg) -> dict:
     """The UNet2DModel arguments of the configured preset and sample size."""
-    kwargs = dict(UNET_PRESETS[model_cfg.preset], in_channels=1, out_channels=1)
+    channels = model_cfg.channels or 1
+    kwargs = dict(UNET_PRESETS[model_cfg.preset], in_channels=channels, out_channels=channels)
     if model_cfg.sample_size is not None:
         kwargs["sample_size"] = model_cfg.sample_size
     return kwargs

@@ -154,7 +154,8 @@ def pid_unit(teacher_dir: Path, out: Path, cfg: PIDConfig, device: torch.device 
 
     def loss(model: torch.nn.Module, step: int, shard: slice) -> torch.Tensor:
         generator = seeded_generator(cfg.seed, "pid", step)
-        z = torch.randn((cfg.batch_size, 1, size, size), generator=generator)[shard] * schedule.sigma_max
+        z = torch.randn((cfg.batch_size, unet.config.in_channels, size, size), generator=generator)[shard]
+        z = z * schedule.sigma_max
         i = torch.randint(low, cfg.grid_points - 1, (cfg.batch_size,), generator=generator)[shard]
         return pid_residual(model, teacher, z.to(device), grid, i, cfg.difference).mean()
 

@@ -141,7 +141,7 @@ def teacher_samples(
 
     def batch(k: int, shard: slice) -> torch.Tensor:
         generator = seeded_generator(seed, "pd_data", k)
-        x_T = torch.randn((batch_size, 1, size, size), generator=generator)[shard]
+        x_T = torch.randn((batch_size, unet.config.in_channels, size, size), generator=generator)[shard]
         return ddim_sample(unet, scheduler, x_T.to(unet.device), steps, 0.0, generator).clamp(-1, 1)
 
     return batch

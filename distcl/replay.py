@@ -5,7 +5,7 @@
 | finetune, joint    | none                                                | -                    |
 | gr                 | noise(DDIM_teacher(x_T; n, eta), eps', t')          | eps' (the true noise)|
 | gd                 | same as gr                                          | eps_teacher(inp', t')|
-| partial_generation | teacher DDIM from T stopped at t' (on its n-grid)   | eps_teacher(inp', t')|
+| partial_generation | teacher DDIM from T to t' (t' on its n-grid, or any: train.partial_t) | eps_teacher(inp', t')|
 | gaussian           | N(0, I)                                             | eps_teacher(inp', t')|
 | lwf                | the current data's x_t (no extra items)             | eps_teacher(x_t, t)  |
 
@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from distcl.devices import autocast, to_device
-from distcl.diffusion import add_noise, ddim_sample, sampling_timesteps
+from distcl.diffusion import add_noise, ddim_sample, ddim_to, sampling_timesteps
 from distcl.seeding import seeded_generator
 
 REPLAY_ITEM_STRATEGIES = ("gr", "gd", "partial_generation", "gaussian")  # add B teacher-made items per step
@@ -38,6 +38,7 @@ class Teacher:
     eta: float = 0.0
     sampler: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # a fast student's x_T -> x0_hat (distcl.distill)
     precision: str = "fp32"  # bf16: its forwards under bfloat16 autocast (results in fp32)
+    partial_t: str = "grid"  # partial generation's t': on the steps-grid, or "uniform" over 0..T-1 (the reference)
 
     def sample(self, x_T: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """x0_hat from x_T: the fast ``sampler`` when there is one, else the teacher's ``steps``-step DDIM."""
@@ -89,9 +90,13 @@ def make_replay(teacher: Teacher, strategy: str, n: int, generator: torch.Genera
         targets = eps if strategy == "gr" else teacher.eps(inputs, t)
     elif strategy == "partial_generation":
         x_T = randn()
-        grid = sampling_timesteps(teacher.scheduler, teacher.steps)
-        t = grid[torch.randint(0, len(grid), (n,), generator=generator)].to(device)
-        inputs = ddim_sample(teacher.unet, teacher.scheduler, x_T, teacher.steps, teacher.eta, generator, stop_at=t)
+        if teacher.partial_t == "uniform":
+            t = torch.randint(0, T, (n,), generator=generator).to(device)
+            inputs = ddim_to(teacher.unet, teacher.scheduler, x_T, teacher.steps, t, teacher.eta, generator)
+        else:
+            grid = sampling_timesteps(teacher.scheduler, teacher.steps)
+            t = grid[torch.randint(0, len(grid), (n,), generator=generator)].to(device)
+            inputs = ddim_sample(teacher.unet, teacher.scheduler, x_T, teacher.steps, teacher.eta, generator, stop_at=t)
         targets = teacher.eps(inputs, t)
     else:  # gaussian
         inputs = randn()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -20,12 +22,20 @@ def load_metrics(out: Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def metrics_table(df: pd.DataFrame) -> str:
+def task_classes(out: Path) -> Optional[list[list[str]]]:
+    """Each task's class names (OUT/tasks.json; None for a run from before it was written)."""
+    path = Path(out) / "tasks.json"
+    return json.loads(path.read_text())["classes"] if path.is_file() else None
+
+
+def metrics_table(df: pd.DataFrame, classes: Optional[list[list[str]]] = None) -> str:
     """One row per (run, strategy, task), one column per metric (not the per-task accuracies behind
-    ``forgetting``), as a Markdown table."""
+    ``forgetting``), and each task's new classes when known, as a Markdown table."""
     df = df[~df.metric.str.startswith("accuracy_task")]
     wide = df.pivot_table(index=["run", "strategy", "task"], columns="metric", values="value").reset_index()
     wide.columns.name = None
+    if classes is not None:
+        wide.insert(3, "classes", [", ".join(classes[k]) for k in wide.task])
     return wide.to_markdown(index=False, floatfmt=".4f")
 
 

@@ -135,16 +135,18 @@ def _bare(hint: Any) -> Any:
 def _allowed(hint: Any) -> str:
     """What a field type allows, in words: its choices or bounds, ``null or ...`` when optional."""
     args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        return f"null or {_allowed(inner)}"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        others = " or ".join(_allowed(a) for a in args if a is not type(None))
+        return f"null or {others}" if type(None) in args else others
     if typing.get_origin(hint) is Literal:
         return ", ".join(map(str, args))
-    if typing.get_origin(hint) is list:
-        return f"a list of {_allowed(args[0])}"
+    meta = args[1:] if typing.get_origin(hint) is Annotated else ()
+    if typing.get_origin(_bare(hint)) is list:
+        non_empty = "non-empty " if any(getattr(m, "min_length", 0) for m in meta) else ""
+        return f"a {non_empty}list of {_allowed(typing.get_args(_bare(hint))[0])}"
     bounds = {}  # e.g. {"ge": 0, "le": 1}
-    for meta in args[1:] if typing.get_origin(hint) is Annotated else ():
-        bounds.update({op: getattr(meta, op) for op in _OPS if getattr(meta, op, None) is not None})
+    for m in meta:
+        bounds.update({op: getattr(m, op) for op in _OPS if getattr(m, op, None) is not None})
     lower = [(op, bounds[op]) for op in ("gt", "ge") if op in bounds]
     upper = [(op, bounds[op]) for op in ("lt", "le") if op in bounds]
     if lower and upper:  # e.g. 0 <= value <= 1
@@ -153,7 +155,8 @@ def _allowed(hint: Any) -> str:
     if lower or upper:  # e.g. >= 1
         ((op, bound),) = lower or upper
         return f"{_OPS[op]} {bound:g}"
-    return getattr(_bare(hint), "__name__", str(hint))
+    return _NAMES.get(_bare(hint), getattr(_bare(hint), "__name__", str(hint)))
 
 
+_NAMES = {int: "integers", float: "numbers", str: "names", bool: "true or false"}
 _OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}

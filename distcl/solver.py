@@ -27,10 +27,10 @@ from distcl.training import optimise
 class SolverCNN(nn.Module):
     """The reference's scale of classifier (about 118 k parameters); any input size (adaptive pooling)."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, channels: int = 1, num_classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
+            nn.Conv2d(channels, 32, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1),
@@ -42,6 +42,13 @@ class SolverCNN(nn.Module):
             nn.ReLU(),
             nn.Linear(96, num_classes),
         )
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> SolverCNN:
+        """The classifier of saved weights (its channels and classes read from their shapes)."""
+        model = cls(state["net.0.weight"].shape[1], state["net.10.weight"].shape[0])
+        model.load_state_dict(state)
+        return model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

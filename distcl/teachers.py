@@ -55,8 +55,9 @@ def load_teacher(cfg: RunConfig, teacher_dir: Path, device: torch.device | str) 
     if uses_fast_sampler(cfg):
         rs = cfg.replay_sampler
         sampler = fast_sampler(rs.method, replay_sampler_dir(teacher_dir), device, rs.steps)
+    t = cfg.train
     return Teacher(
-        unet, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta, sampler, cfg.runtime.precision
+        unet, build_scheduler(cfg.model), t.teacher_steps, t.teacher_eta, sampler, cfg.runtime.precision, t.partial_t
     )
 
 

@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from distcl.config import ModelConfig
 from distcl.diffusion import add_noise, ddim_sample
-from distcl.eval_net import FashionClassifier, FashionFeatureExtractor, classify
+from distcl.eval_net import CNNFeatureExtractor, EvalClassifier, classify
 from distcl.evaluation import generate, generate_indexed
 from distcl.losses import continual_loss
 from distcl.models import build_scheduler
@@ -137,11 +137,11 @@ def test_pid_residual_with_the_grid_on_either_device(sigma_schedule, fake_cuda, 
 
 
 def test_evaluation_features_labels_and_the_classifier_loss(fake_cuda):
-    net = on_device(FashionClassifier).eval()
+    net = on_device(EvalClassifier).eval()
     images = torch.rand(5, 1, 16, 16, device=CUDA) * 2 - 1  # the cpu preset's size: upsampled to 28 inside
     assert on_cuda(net.features(images), net(images))
     assert classify(net, images, batch_size=2).device.type == "cpu"  # labels come back to the host
-    extractor = FashionFeatureExtractor.__new__(FashionFeatureExtractor)
+    extractor = CNNFeatureExtractor.__new__(CNNFeatureExtractor)
     torch.nn.Module.__init__(extractor)
     extractor.net, extractor.features_list = net, ("features",)
     assert on_cuda(*extractor(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, device=CUDA)))

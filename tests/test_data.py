@@ -13,9 +13,9 @@ from distcl.data import (
     build_scenario,
     class_order,
     download_file,
-    load_fashion_mnist,
     locate,
     read_idx,
+    read_idx_source,
     task_classes,
     to_model_range,
 )
@@ -42,13 +42,13 @@ def test_explicit_class_order():
 
 @pytest.fixture(scope="module")
 def splits(fmnist_dir):
-    return load_fashion_mnist(fmnist_dir)
+    return read_idx_source(fmnist_dir)
 
 
 def test_reads_the_debian_files(splits):
-    train, test = splits["train"], splits["test"]
-    assert train.images.shape == (60000, 28, 28) and train.images.dtype == torch.uint8
-    assert test.images.shape == (10000, 28, 28)
+    train, test = splits.train, splits.test
+    assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert test.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(train.labels).tolist() == [6000] * 10
     assert torch.bincount(test.labels).tolist() == [1000] * 10
     assert test.labels[:5].tolist() == [9, 2, 1, 1, 6]  # the published first test labels
@@ -65,9 +65,9 @@ def test_scenario_splits_and_ranges(splits):
 
 
 def test_resize_is_antialiased_and_exact_at_native_size():
-    img = torch.zeros(1, 28, 28, dtype=torch.uint8)
-    img[0, :, ::2] = 255  # one-pixel stripes average out when shrunk with antialiasing
-    assert torch.allclose(to_model_range(img, 28), img.float().unsqueeze(1) / 127.5 - 1)
+    img = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    img[0, 0, :, ::2] = 255  # one-pixel stripes average out when shrunk with antialiasing
+    assert torch.allclose(to_model_range(img, 28), img.float() / 127.5 - 1)
     small = to_model_range(img, 14)
     assert small.shape == (1, 1, 14, 14) and small.std() < 0.1
 
@@ -108,7 +108,7 @@ def test_out_of_range_label_is_an_error(tmp_path, fmnist_dir):
     raw[8] = 10
     _gz(tmp_path / "t10k-labels-idx1-ubyte.gz", bytes(raw))
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: label 10 out of range"):
-        load_fashion_mnist(tmp_path)
+        read_idx_source(tmp_path)
 
 
 def test_locate_order(tmp_path, monkeypatch, fmnist_dir):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from distcl.config import ModelConfig
-from distcl.diffusion import add_noise, ddim_sample, sampling_timesteps
+from distcl.diffusion import add_noise, ddim_sample, ddim_to, sampling_timesteps
 from distcl.models import build_scheduler
 
 
@@ -79,3 +79,22 @@ def test_stop_at_returns_per_item_state(unet, scheduler):
     assert torch.allclose(got[1:], expected[1:], atol=1e-5)
     with pytest.raises(RuntimeError, match="must lie on the 2-step grid"):
         ddim_sample(unet, scheduler, x_T, 2, stop_at=torch.tensor([999, 500, 499]))
+
+
+@torch.no_grad()
+def test_ddim_to_takes_each_item_down_to_its_own_timestep(unet, scheduler):
+    """The reference's partial generation: n DDIM steps spaced over [T, t'] per item, recomputed here in float64
+    for one item (t' = 250, 2 steps: 999 -> 624 -> 250) and the same for every item alone as in the batch."""
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    stop = torch.tensor([0, 250, 700, 998])
+    batch = ddim_to(unet, scheduler, x_T, 2, stop)
+    for i in range(4):
+        assert torch.allclose(ddim_to(unet, scheduler, x_T[i : i + 1], 2, stop[i : i + 1]), batch[i : i + 1], atol=1e-5)
+    abar = scheduler.alphas_cumprod.double()
+    x = x_T[1:2].double()
+    for t, prev in ((999, 624), (624, 250)):
+        eps = unet(x.float(), torch.tensor([t])).sample.double()
+        x0 = ((x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1, 1)
+        x = abar[prev].sqrt() * x0 + (1 - abar[prev]).sqrt() * eps
+    assert torch.allclose(batch[1:2].double(), x, atol=1e-5)
+    assert not torch.allclose(batch[0], batch[2], atol=1e-2)  # other stops, other states

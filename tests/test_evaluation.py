@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from distcl.config import EvalConfig, ModelConfig
-from distcl.data import cache_dir, load_fashion_mnist, select, to_model_range
-from distcl.eval_net import FMNIST_EXTRACTOR, classify, load_or_train_classifier
+from distcl.data import cache_dir, read_idx_source, select, to_model_range
+from distcl.eval_net import CNN_EXTRACTOR, classify, load_or_train_classifier
 from distcl.evaluation import (
     EvalChunk,
     EvalJob,
@@ -26,16 +26,16 @@ from distcl.solver import SolverCNN
 
 def test_class_histogram_metrics():
     true = torch.tensor([0, 0, 1, 1])
-    assert class_histogram_metrics(true, true) == pytest.approx({"kld": 0.0, "tv": 0.0, "gen_in_seen": 1.0})
+    assert class_histogram_metrics(true, true, 10) == pytest.approx({"kld": 0.0, "tv": 0.0, "gen_in_seen": 1.0})
     gen = torch.tensor([0, 0, 0, 2])  # p_gen = (3/4, 0, 1/4)
-    m = class_histogram_metrics(true, gen)
+    m = class_histogram_metrics(true, gen, 10)
     assert m["kld"] == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 1e-6))
     assert m["tv"] == pytest.approx(0.5 * (0.25 + 0.5 + 0.25)) and m["gen_in_seen"] == pytest.approx(0.75)
 
 
 @pytest.fixture(scope="module")
 def splits(fmnist_dir):
-    return load_fashion_mnist(fmnist_dir)
+    return read_idx_source(fmnist_dir)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,7 @@ def classifier(splits):
     """The cached evaluation classifier (trained once per machine, ~90 s on 2 cores)."""
     return load_or_train_classifier(
         cache_dir(),
-        splits["train"],
-        splits["test"],
+        splits,
         EvalConfig().classifier_epochs,
         torch.device("cpu"),
         progress=False,
@@ -54,22 +53,23 @@ def classifier(splits):
 def test_classifier_is_accurate_and_cached(classifier, splits):
     net, accuracy, path = classifier
     assert accuracy >= 0.90 and path.is_file()
-    test = splits["test"]
+    test = splits.test
     assert (classify(net, to_model_range(test.images[:2000], 28)) == test.labels[:2000]).float().mean() > 0.88
-    again = load_or_train_classifier(
-        path.parent, splits["train"], splits["test"], EvalConfig().classifier_epochs, torch.device("cpu")
-    )
+    again = load_or_train_classifier(path.parent, splits, EvalConfig().classifier_epochs, torch.device("cpu"))
     assert again[1] == accuracy  # loaded, not retrained
 
 
 def test_fid_separates_classes(classifier, splits):
     net, _, path = classifier
-    nets = LoadedNets(EvalNets(net.state_dict(), FMNIST_EXTRACTOR, path.read_bytes()), torch.device("cpu"))
+    nets = LoadedNets(
+        EvalNets({"state_dict": net.state_dict(), "arch": net.arch}, CNN_EXTRACTOR, path.read_bytes()),
+        torch.device("cpu"),
+    )
 
     def fid(a, b):
         return fid_from_features(nets.features(a), nets.features(b))
 
-    test = splits["test"]
+    test = splits.test
     shirts = to_uint8(to_model_range(select(test, [0], 400).images, 16))
     shirts_b = to_uint8(to_model_range(select(test, [0], 800).images[400:], 16))
     bags = to_uint8(to_model_range(select(test, [8], 400).images, 16))
@@ -82,8 +82,7 @@ def test_inception_requested_without_weights(splits, tmp_path, monkeypatch, clas
     with pytest.raises(FileNotFoundError, match="eval.feature_extractor: 'inception' needs"):
         Evaluator(
             EvalConfig(feature_extractor="inception"),
-            splits["train"],
-            splits["test"],
+            splits,
             classifier[2].parent,
             torch.device("cpu"),
             progress=False,
@@ -105,8 +104,8 @@ def test_chunked_evaluation_gives_the_same_metrics_for_any_chunk_size(splits, cl
     model_cfg = ModelConfig()
     torch.manual_seed(0)
     state = build_unet(model_cfg).state_dict()
-    nets = EvalNets(net.state_dict(), FMNIST_EXTRACTOR, path.read_bytes())
-    test = select(splits["test"], [0, 1], 100)  # more images than features (128): a full-rank covariance
+    nets = EvalNets({"state_dict": net.state_dict(), "arch": net.arch}, CNN_EXTRACTOR, path.read_bytes())
+    test = select(splits.test, [0, 1], 100)  # more images than features (128): a full-rank covariance
     worker = EvalWorker(torch.device("cpu"))
 
     def evaluate(batch_size):
@@ -120,7 +119,7 @@ def test_chunked_evaluation_gives_the_same_metrics_for_any_chunk_size(splits, cl
             to_uint8(to_model_range(test.images, 16)),
         )
         assert len(job.chunks()) == -(-160 // batch_size) + -(-200 // batch_size)
-        return metrics_from_chunks(list(reversed([worker.run(job, c) for c in job.chunks()])), test.labels)
+        return metrics_from_chunks(list(reversed([worker.run(job, c) for c in job.chunks()])), test.labels, 10)
 
     (one, grid_one), (many, grid_many) = evaluate(200), evaluate(30)
     assert one == pytest.approx(many, rel=1e-5, abs=1e-6) and one["fid"] > 0
@@ -129,8 +128,8 @@ def test_chunked_evaluation_gives_the_same_metrics_for_any_chunk_size(splits, cl
 
 def test_a_worker_loads_each_new_job_s_model(splits, classifier):
     net, _, path = classifier
-    nets = EvalNets(net.state_dict(), FMNIST_EXTRACTOR, path.read_bytes())
-    real = to_uint8(to_model_range(select(splits["test"], [0], 8).images, 16))
+    nets = EvalNets({"state_dict": net.state_dict(), "arch": net.arch}, CNN_EXTRACTOR, path.read_bytes())
+    real = to_uint8(to_model_range(select(splits.test, [0], 8).images, 16))
 
     def job(seed):  # the model after another task: other weights, a new job object
         torch.manual_seed(seed)
@@ -155,8 +154,8 @@ def test_the_continual_classifier_predicts_the_test_images_in_chunks_as_in_one_b
     net, _, path = classifier
     torch.manual_seed(0)
     solver, state = SolverCNN().eval(), build_unet(ModelConfig()).state_dict()
-    test = select(splits["test"], [0, 1, 2], 30)
-    nets = EvalNets(net.state_dict(), FMNIST_EXTRACTOR, path.read_bytes())
+    test = select(splits.test, [0, 1, 2], 30)
+    nets = EvalNets({"state_dict": net.state_dict(), "arch": net.arch}, CNN_EXTRACTOR, path.read_bytes())
     job = EvalJob(
         1,
         42,

@@ -98,6 +98,8 @@ def test_student_meets_the_boundary_condition(unet, teacher):
 def test_edm_grid():
     grid = edm_time_grid(80.0, 0.002, 5)
     assert grid[0] == pytest.approx(80) and grid[-1] == pytest.approx(0.002) and (grid[1:] < grid[:-1]).all()
+    # interior points pinned: (80^(1/7) + i/4 (0.002^(1/7) - 80^(1/7)))^7 (Karras et al. 2022, eq. 5)
+    assert grid[1:4].tolist() == pytest.approx([17.527832, 2.515219, 0.1697528], rel=1e-6)
     with pytest.raises(ConfigError, match=r"grid_points: 2 \(allowed: >= 3\)"):
         PIDConfig(grid_points=2)
 

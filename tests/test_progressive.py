@@ -17,8 +17,11 @@ from distcl.progressive import (
     ddim_step,
     model_x,
     pd_target,
+    stage_unit,
     student_scheduler,
+    truncated_snr_weight,
 )
+from distcl.seeding import seeded_generator
 from distcl.settings import ConfigError
 
 
@@ -162,3 +165,53 @@ def test_distillation_lowers_the_stage_loss(teacher_dir):
     distill("progressive", teacher_dir, out, cfg, fit_inline, progress=False, log=lambda _: None)
     losses = [json.loads(line)["loss"] for line in (out / "steps_1" / "log.jsonl").read_text().splitlines()]
     assert sum(losses[-10:]) < 0.7 * sum(losses[:10])  # seeded: the same draws every run
+
+
+def test_the_truncated_snr_weight_against_the_linear_schedule():
+    """max(SNR_t, 1) at t = i/8 from alphas_cumprod = prod(1 - beta), beta linear 1e-4..0.02, computed here."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    t = torch.tensor([1 / 8, 2 / 8, 4 / 8, 1.0], dtype=torch.float64)
+    expected = [max(float(abar[round(v * 1000) - 1] / (1 - abar[round(v * 1000) - 1])), 1.0) for v in t.tolist()]
+    got = truncated_snr_weight(t, TimeSchedule(abar.float()))
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    assert expected[0] > 3 and expected[-1] == 1.0  # the weight matters near the data, is 1 near the noise
+
+
+def test_the_stage_loss_on_fixed_tensors_against_its_formula(teacher_dir):
+    """The first stage (n = 8 of 16) on one constant image: x_target from the eps teacher's two DDIM half steps on
+    the zero-SNR schedule, the v student's xhat = alpha z - sigma v, weighted by max(SNR, 1): recomputed here."""
+    cfg = ProgressiveConfig(start_steps=16, target_steps=8, batch_size=6, data="fmnist", seed=3)
+    image = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
+    unit = stage_unit(teacher_dir, teacher_dir.parent / "pd", 8, cfg, "cpu", image.repeat(5, 1, 1, 1))
+    with torch.no_grad():
+        got = float(unit.loss(unit.model, 0, slice(None)))
+        generator = seeded_generator(3, "pd", 8, 0)
+        t = torch.randint(1, 9, (6,), generator=generator).double() / 8
+        eps = torch.randn((6, 1, 8, 8), generator=generator)
+        linear = build_scheduler(ModelConfig()).alphas_cumprod.double()  # the eps teacher converts with its own
+        rescaled = student_scheduler(build_scheduler(ModelConfig()), "v").alphas_cumprod.double()
+
+        def alpha_sigma(table, s):
+            a = torch.where(s > 0, table[(s * 1000).round().long().clamp(1, 1000) - 1], torch.ones_like(s))
+            return a.sqrt().view(-1, 1, 1, 1), (1 - a).sqrt().view(-1, 1, 1, 1)
+
+        def teacher_x(z, s):
+            out = unit.model(z.float(), (s * 1000).round().long().clamp(1, 1000) - 1).sample.double()
+            alpha, sigma = alpha_sigma(linear, s)
+            return ((z - sigma * out) / alpha).clamp(-1, 1)
+
+        def step(z, x, s_from, s_to):
+            (a0, s0), (a1, s1) = alpha_sigma(rescaled, s_from), alpha_sigma(rescaled, s_to)
+            return a1 * x + s1 / s0 * (z - a0 * x)
+
+        alpha, sigma = alpha_sigma(rescaled, t)
+        z_t = alpha * image.double() + sigma * eps.double()
+        z1 = step(z_t, teacher_x(z_t, t), t, t - 1 / 16)
+        z2 = step(z1, teacher_x(z1, t - 1 / 16), t - 1 / 16, t - 1 / 8)
+        a2, s2 = alpha_sigma(rescaled, t - 1 / 8)
+        x_target = (z2 - s2 / sigma * z_t) / (a2 - s2 / sigma * alpha)
+        v = unit.model(z_t.float(), (t * 1000).round().long() - 1).sample.double()
+        weight = (alpha**2 / sigma**2).clamp_min(1).view(-1)
+        expected = float((weight * ((x_target - (alpha * z_t - sigma * v)) ** 2).mean((1, 2, 3))).mean())
+    assert got == pytest.approx(expected, rel=1e-4)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distcl.diffusion import add_noise, ddim_sample, sampling_timesteps
+from distcl.diffusion import add_noise, ddim_sample, ddim_to, sampling_timesteps
 from distcl.replay import Teacher, make_replay, replay_on_data
 
 N = 6
@@ -73,6 +73,19 @@ def test_partial_generation_targets(teacher):
         )
         assert torch.allclose(batch.inputs[i : i + 1], state, atol=1e-4)  # batch-size rounding only
     assert torch.allclose(batch.targets, teacher.unet(batch.inputs, t).sample, atol=1e-5)
+
+
+@torch.no_grad()
+def test_partial_generation_as_the_reference_stops_anywhere(unet, scheduler):
+    """train.partial_t uniform: t' ~ U{0..T-1} after x_T, the state of n DDIM steps spaced down to t'."""
+    teacher = Teacher(unet, scheduler, steps=2, partial_t="uniform")
+    batch = make_replay(teacher, "partial_generation", N, gen(4))
+    g = gen(4)
+    x_T = torch.randn(N, 1, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (N,), generator=g)
+    assert torch.equal(batch.timesteps, t) and len(set(t.tolist())) == N  # not only the grid's 999 and 499
+    assert torch.allclose(batch.inputs, ddim_to(unet, scheduler, x_T, 2, t), atol=1e-6)
+    assert torch.allclose(batch.targets, unet(batch.inputs, t).sample, atol=1e-5)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from distcl.backend import InlineBackend, inline_image_replay
 from distcl.config import load_config
 from distcl.continual import run_continual
-from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, load_fashion_mnist
+from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, read_idx_source
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.models import load_unet
 from distcl.rundir import task_dir
@@ -99,11 +99,11 @@ def test_classifier_replay_images_come_from_the_samplers(cluster, inline_run, tm
 
 def test_evaluation_on_1_and_2_samplers_equals_inline_and_survives_a_killed_sampler(cluster, inline_run):
     cfg = config("data.test_per_class=50", "eval.num_samples=160", "eval.batch_size=40")  # 4 + 5 chunks
-    splits = load_fashion_mnist(DEBIAN_DIR)
+    splits = read_idx_source(DEBIAN_DIR)
     test = build_scenario(splits, cfg.data, cfg.seed, 16).test_split(1)
-    evaluator = Evaluator(cfg.eval, splits["train"], splits["test"], cache_dir(), torch.device("cpu"), progress=False)
+    evaluator = Evaluator(cfg.eval, splits, cache_dir(), torch.device("cpu"), progress=False)
     job = evaluator.job(1, cfg.seed, cfg.model, load_unet(task_dir(inline_run, 1), cfg.model).state_dict(), test, 16)
-    inline, inline_grid = metrics_from_chunks(InlineBackend(torch.device("cpu")).evaluate(job, False), test.labels)
+    inline, inline_grid = metrics_from_chunks(InlineBackend(torch.device("cpu")).evaluate(job, False), test.labels, 10)
     for n in (1, 2):
         pool = SamplerPool(config(f"runtime.num_samplers={n}"), batch_size=8)
         try:
@@ -117,7 +117,7 @@ def test_evaluation_on_1_and_2_samplers_equals_inline_and_survives_a_killed_samp
         finally:
             pool.stop()
         assert sorted((r.chunk.kind, r.chunk.start) for r in got) == sorted((c.kind, c.start) for c in job.chunks())
-        metrics, grid = metrics_from_chunks(got, test.labels)
+        metrics, grid = metrics_from_chunks(got, test.labels, 10)
         assert metrics == pytest.approx(inline, rel=1e-4) and (grid.int() - inline_grid.int()).abs().max() <= 1
 
 

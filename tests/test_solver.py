@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from distcl.config import ClassifierConfig, load_config
-from distcl.data import load_fashion_mnist, select, to_model_range
+from distcl.data import read_idx_source, select, to_model_range
 from distcl.diffusion import ddim_sample
 from distcl.eval_net import classify
 from distcl.seeding import seeded_generator
@@ -58,8 +58,8 @@ def test_forgetting_by_hand():
 
 @pytest.fixture(scope="module")
 def two_classes(fmnist_dir):
-    splits = load_fashion_mnist(fmnist_dir)
-    train, test = select(splits["train"], (1, 8), 300), select(splits["test"], (1, 8), 200)  # trouser, bag
+    splits = read_idx_source(fmnist_dir)
+    train, test = select(splits.train, (1, 8), 300), select(splits.test, (1, 8), 200)  # trouser, bag
     return (to_model_range(train.images, 16), train.labels), (to_model_range(test.images, 16), test.labels)
 
 

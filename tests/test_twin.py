@@ -1,7 +1,7 @@
 """cluster.yaml rehearsed on this machine: its local twin (Ray's autoscaler, fake nodes of the file's node types)
-scales from zero for a smoke job (``ray job submit``, relative --out, a PID replay sampler distilled on the Train
-workers, the continual classifier), loses the sampler node mid-task (a spot reclaim), replaces it, and the run
-ends with the inline run's metrics; ``--down`` leaves no process of the twin behind."""
+scales from zero for a smoke job on an RGB image folder (``ray job submit``, relative --out, a PID replay sampler
+distilled on the Train workers, the continual classifier), loses the sampler node mid-task (a spot reclaim),
+replaces it, and the run ends with the inline run's metrics; ``--down`` leaves no process of the twin behind."""
 
 import json
 import os
@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from diffusers import DDIMPipeline
 
 from distcl.cli import main
 from distcl.config import load_config
@@ -25,14 +26,14 @@ from distcl.runtime.twin import (
     stop_twin,
     twin_nodes,
 )
+from tests.image_data import write_folder
 from tests.ray_jobs import ROOT, follow, status, submit
 
 pytestmark = pytest.mark.slow
 
 SHORT = [
-    "data.num_tasks=2",
-    "data.train_per_class=40",
-    "data.test_per_class=20",
+    "data.source=image_folder",  # RGB: the user's own images, on Ray (a folder written by the test)
+    "data.tasks=[[red, blue], [green]]",
     "train.batch_size=8",
     "train.max_steps=40",
     "eval.num_samples=20",
@@ -49,6 +50,8 @@ ON_NODE_TYPES = ["runtime.worker_resource=trainer_slot", "runtime.sampler_resour
 
 
 def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_inline_run(tmp_path):
+    folder = write_folder(tmp_path / "colours", per_class=10)
+    short = [*SHORT, f"data.data_dir={folder}"]
     twin = start_twin(ROOT / "cluster.yaml", idle_timeout_s=10, max_node_cpus=1)
     try:
         assert twin_nodes(twin.name) == {}  # min_workers: 0
@@ -58,7 +61,7 @@ def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_i
         torch.set_num_threads(1)
         try:
             run_continual(
-                load_config(preset="smoke", overrides=SHORT + ["runtime.backend=inline", "device=cpu"]),
+                load_config(preset="smoke", overrides=short + ["runtime.backend=inline", "device=cpu"]),
                 reference,
                 progress=False,
                 log=lambda _: None,
@@ -79,7 +82,7 @@ def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_i
                 "smoke",
                 "--out",
                 "runs/twin",
-                *[a for o in SHORT + ON_NODE_TYPES for a in ("--set", o)],
+                *[a for o in short + ON_NODE_TYPES for a in ("--set", o)],
             ],
         )
         logs, reclaimed = [], None
@@ -122,6 +125,10 @@ def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_i
         assert {"accuracy", "fid"} <= set(ours.metric)
         assert ours[["task", "metric"]].values.tolist() == inline[["task", "metric"]].values.tolist()
         assert ours.value.tolist() == pytest.approx(inline.value.tolist(), rel=1e-4, abs=1e-6)
+        images = DDIMPipeline.from_pretrained(out / "task_1")(
+            batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
+        assert images.shape == (2, 16, 16, 3)  # an RGB checkpoint diffusers samples
         trained_s = float(re.search(r"task 1 \(.*\): trained 40 steps in ([\d.]+)s", console).group(1))
         assert trained_s > 10  # it waited for the replacement node (about 5 s without a reclaim)
     finally:
