@@ -58,7 +58,7 @@ def main() -> None:
     dataset = load_dataset(cfg.data, cfg.cache_dir, size)
     scenario = build_scenario(dataset, cfg.data, cfg.seed, size)
     test = scenario.test_split(cfg.data.num_tasks - 1)
-    evaluator = Evaluator(cfg.eval, dataset, cache_dir(cfg.cache_dir), device, False)
+    evaluator = Evaluator(cfg.eval, dataset, size, cache_dir(cfg.cache_dir), device, False)
     n = cfg.eval.num_samples
     rows = []
 

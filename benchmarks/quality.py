@@ -25,8 +25,10 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.common import RESULTS, machine
-from distcl.config import RunConfig, load_config
+from distcl.config import RunConfig, Strategy, load_config
 from distcl.launch import run
+from distcl.rundir import REAL_DATA
+from distcl.settings import choices
 
 STRATEGIES = ("finetune", "joint", "gr", "gd")
 TEACHER = {"gr": ["train.teacher_steps=2"], "gd": ["train.teacher_steps=2", "train.replay_lambda=3.0"]}
@@ -114,7 +116,7 @@ def table(results: pd.DataFrame) -> str:
         forgetting=("forgetting", "mean"),
         wall_min=("wall_s", lambda s: s.mean() / 60),
     )
-    order = {s: i for i, s in enumerate(STRATEGIES)}
+    order = {s: i for i, s in enumerate((*choices(Strategy), REAL_DATA))}
     agg = agg.reset_index().sort_values(["tag", "strategy"], key=lambda c: c.map(order) if c.name == "strategy" else c)
     return agg.to_markdown(index=False, floatfmt=".3f")
 

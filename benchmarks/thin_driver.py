@@ -106,7 +106,7 @@ def main() -> None:
     cfg = load_config(preset="paper", overrides=["eval.num_samples=200", "eval.batch_size=50"])
     dataset = load_dataset(cfg.data, cfg.cache_dir, 32)
     test = select(dataset.test, list(range(10)), 50)
-    evaluator = Evaluator(cfg.eval, dataset, cache_dir(cfg.cache_dir), torch.device("cpu"), progress=False)
+    evaluator = Evaluator(cfg.eval, dataset, 32, cache_dir(cfg.cache_dir), torch.device("cpu"), progress=False)
     torch.manual_seed(0)
     job = evaluator.job(4, cfg.seed, cfg.model, build_unet(cfg.model).state_dict(), test, 32)
     ray.init(address="local", num_cpus=2, include_dashboard=False)

@@ -14,7 +14,7 @@ import torch
 
 from distcl.backend import Backend, ClassifierSpec, InlineBackend, TaskSpec
 from distcl.config import RunConfig
-from distcl.data import Scenario, build_scenario, cache_dir, load_dataset
+from distcl.data import Scenario, build_scenario, cache_dir, load_dataset, select
 from distcl.devices import configure_numerics, resolve_device
 from distcl.evaluation import (
     Evaluator,
@@ -24,6 +24,7 @@ from distcl.evaluation import (
 )
 from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
 from distcl.rundir import (
+    REAL_DATA,
     append_rows,
     classifier_path,
     evaluated_tasks,
@@ -76,7 +77,7 @@ def _run_tasks(
     prepare_out(cfg, out)
     names = [scenario.task_names(k) for k in range(len(scenario.tasks))]
     (out / "tasks.json").write_text(json.dumps({"tasks": scenario.tasks, "classes": names}, indent=2))
-    evaluator = Evaluator(cfg.eval, dataset, cache_dir(cfg.cache_dir), device, progress)
+    evaluator = Evaluator(cfg.eval, dataset, scenario.sample_size, cache_dir(cfg.cache_dir), device, progress)
     (out / "evaluator.json").write_text(json.dumps(evaluator.describe(), indent=2))
     run = ContinualRun(cfg, out, scenario, backend or InlineBackend(device), evaluator, device, progress, log)
     log(
@@ -174,6 +175,10 @@ class ContinualRun:
             {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k, "metric": m, "value": v}
             for m, v in metrics.items()
         ]
+        seen = select(self.scenario.train, self.scenario.seen_classes(k), None)
+        floor = self.evaluator.real_data(seen, test, self.scenario.sample_size, cfg.seed, k)
+        floor_rows = [{**r, "strategy": REAL_DATA, "value": floor[r["metric"]]} for r in rows if r["metric"] in floor]
+        append_rows(out / "real_metrics.parquet", floor_rows, k)
         append_rows(out / "metrics.parquet", rows, k)
         self.log(
             f"[distcl] task {k} evaluated in {time.perf_counter() - start:.1f}s: "

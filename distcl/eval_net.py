@@ -110,13 +110,20 @@ def inception_weights(cache: Optional[Path] = None) -> Optional[Path]:
 
 
 def train_classifier(
-    train: Split, test: Split, num_classes: int, epochs: int, device: torch.device, seed: int = 0, progress: bool = True
+    train: Split,
+    test: Split,
+    num_classes: int,
+    epochs: int,
+    device: torch.device,
+    size: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = True,
 ) -> tuple[EvalClassifier, float]:
-    """Adam (lr 2e-3, cosine decay to 0), batch 128, cross-entropy on the images (their own size) in [-1, 1];
-    returns the net and its test accuracy."""
+    """Adam (lr 2e-3, cosine decay to 0), batch 128, cross-entropy on the images in [-1, 1] taken to ``size``
+    (None: their own) as the model's samples are; returns the net and its test accuracy at that size."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    size = train.images.shape[-1]
+    size = size or train.images.shape[-1]
     net = EvalClassifier(train.images.shape[1], num_classes, size).to(device)
     x, y = to_model_range(train.images, size), train.labels
     per_epoch = math.ceil(len(y) / 128)
@@ -156,18 +163,21 @@ def classify(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000)
 
 
 def load_or_train_classifier(
-    cache: Path, dataset: Dataset, epochs: int, device: torch.device, progress: bool = True
+    cache: Path, dataset: Dataset, epochs: int, device: torch.device, size: Optional[int] = None, progress: bool = True
 ) -> tuple[EvalClassifier, float, Path]:
-    """The evaluation classifier of ``dataset`` (all its training images), cached by the data's fingerprint and
-    ``epochs``; runs that start together on a machine wait for the one that trains it."""
-    path = cache / f"eval_net_{dataset.source}_{dataset.fingerprint()}_e{epochs}.pt"
+    """The evaluation classifier of ``dataset`` (all its training images) at the model's sample ``size`` (the
+    resolution its samples have: a 16x16 model's samples are labelled by a network that learnt 16x16 images),
+    cached by the data's fingerprint, the size and ``epochs``; runs that start together on a machine wait for the
+    one that trains it."""
+    size = size or dataset.train.images.shape[-1]
+    path = cache / f"eval_net_{dataset.source}_{dataset.fingerprint()}_s{size}_e{epochs}.pt"
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / f"{path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
             if not path.is_file():
                 net, accuracy = train_classifier(
-                    dataset.train, dataset.test, len(dataset.class_names), epochs, device, progress=progress
+                    dataset.train, dataset.test, len(dataset.class_names), epochs, device, size, progress=progress
                 )
                 state = {k: v.cpu() for k, v in net.state_dict().items()}
                 with tempfile.NamedTemporaryFile(dir=cache, delete=False, suffix=".tmp") as tmp:

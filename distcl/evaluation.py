@@ -283,13 +283,13 @@ class Evaluator:
     """FID / KLD / TV of a generator against the test images of the classes seen so far. The driver's side:
     it chooses the nets and makes each task's :class:`EvalJob`; any backend runs the job's chunks."""
 
-    def __init__(self, eval_cfg, dataset: Dataset, cache: Path, device: torch.device, progress: bool = True):
+    def __init__(self, eval_cfg, dataset: Dataset, size: int, cache: Path, device: torch.device, progress: bool = True):
         self.cfg = eval_cfg
         self.device = device
         self.progress = progress
         self.dataset = {"source": dataset.source, "fingerprint": dataset.fingerprint(), "classes": dataset.class_names}
         classifier, self.classifier_accuracy, classifier_path = load_or_train_classifier(
-            cache, dataset, eval_cfg.classifier_epochs, device, progress
+            cache, dataset, eval_cfg.classifier_epochs, device, size, progress
         )
         inception = inception_weights(cache)
         if eval_cfg.feature_extractor == "inception" and inception is None:
@@ -336,10 +336,17 @@ class Evaluator:
             save_grid(grid, grid_path)
         return metrics
 
+    def real_data(self, reference: Split, test: Split, size: int, seed: int, task: int) -> dict[str, float]:
+        """The metrics' floor: up to ``eval.num_samples`` real training images of the seen classes (a draw seeded
+        by (seed, "real_data", task)), taken to the model's ``size`` and scored as if they were samples."""
+        n = min(self.cfg.num_samples, len(reference.labels))
+        pick = torch.randperm(len(reference.labels), generator=seeded_generator(seed, "real_data", task))[:n]
+        return self.score(to_model_range(reference.images[pick], size), test)
+
     def describe(self) -> dict:
         return {
             "feature_extractor": self.nets.extractor,
-            "classifier_test_accuracy": self.classifier_accuracy,
+            "classifier_test_accuracy": self.classifier_accuracy,  # at the model's size (classifier.size)
             "classifier": self.nets.classifier["arch"],
             "dataset": self.dataset,
         }

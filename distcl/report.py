@@ -16,10 +16,12 @@ PLOTTED_METRICS = ("fid", "kld", "accuracy")
 
 
 def load_metrics(out: Path) -> pd.DataFrame:
+    """A run's metrics and, when written, the "real data" rows of their floor (real images scored as samples)."""
     path = Path(out) / "metrics.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {out} a distcl run directory?")
-    return pd.read_parquet(path)
+    real = Path(out) / "real_metrics.parquet"
+    return pd.concat([pd.read_parquet(p) for p in (path, real) if p.is_file()], ignore_index=True)
 
 
 def task_classes(out: Path) -> Optional[list[list[str]]]:

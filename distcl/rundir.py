@@ -7,6 +7,7 @@ lock that lets one driver hold it.
     OUT/classifier/task_<k>.pt      the continual classifier after task k
     OUT/samples/task_<k>.png        evaluation samples
     OUT/metrics.parquet             long form: run, seed, strategy, task, metric, value
+    OUT/real_metrics.parquet        the same metrics of real images of the seen classes (strategy "real data")
     OUT/train_log.parquet, classifier_log.parquet, evaluator.json, .lock
 """
 
@@ -26,6 +27,8 @@ import yaml
 
 from distcl.config import RunConfig
 from distcl.settings import ConfigError, from_dict
+
+REAL_DATA = "real data"  # the strategy name of the metrics' floor: real images scored as samples
 
 
 def task_dir(out: Path, k: int) -> Path:

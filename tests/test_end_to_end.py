@@ -110,7 +110,8 @@ def test_report(smoke, capsys):
     out, _ = smoke
     assert main(["report", str(out)]) == 0
     report = capsys.readouterr().out
-    assert "| run" in report and "fid" in report and report.count("| smoke") == 5
+    assert "| run" in report and "fid" in report and report.count("| smoke") == 10
+    assert report.count("| real data ") == 5 and "| Pullover, Shirt " in report  # each task's floor and classes
     assert (out / "fid.png").stat().st_size > 1000 and (out / "kld.png").is_file()
 
 

@@ -101,7 +101,7 @@ def test_evaluation_on_1_and_2_samplers_equals_inline_and_survives_a_killed_samp
     cfg = config("data.test_per_class=50", "eval.num_samples=160", "eval.batch_size=40")  # 4 + 5 chunks
     splits = read_idx_source(DEBIAN_DIR)
     test = build_scenario(splits, cfg.data, cfg.seed, 16).test_split(1)
-    evaluator = Evaluator(cfg.eval, splits, cache_dir(), torch.device("cpu"), progress=False)
+    evaluator = Evaluator(cfg.eval, splits, 16, cache_dir(), torch.device("cpu"), progress=False)
     job = evaluator.job(1, cfg.seed, cfg.model, load_unet(task_dir(inline_run, 1), cfg.model).state_dict(), test, 16)
     inline, inline_grid = metrics_from_chunks(InlineBackend(torch.device("cpu")).evaluate(job, False), test.labels, 10)
     for n in (1, 2):

@@ -1,0 +1,71 @@
+"""A sweep's finished trials as rows of the quality benchmark: every task's metrics of every completed trial of
+``distcl tune`` (``DIR/sweep.parquet``, the trials' run directories) into benchmarks/results/quality.parquet,
+tagged by the sweep's name and the trial's params other than strategy and seed, with each run's ``real data``
+rows (the metrics' floor); trials already there are replaced, so a sweep can be folded in as it progresses.
+
+    python -m benchmarks.sweep_results runs/sweeps/benchmark      # then: python -m benchmarks.readme_results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.common import RESULTS, machine
+from benchmarks.quality import table
+from distcl.sweep import load_sweep
+
+KEYS = ("tag", "strategy", "seed")  # a run in quality.parquet
+
+
+def trial_tag(sweep_name: str, trial: pd.Series, params: list[str]) -> str:
+    """The sweep's name, then each other param as name=value (e.g. gd_lambda-replay_lambda=0.3-teacher_steps=2)."""
+    extra = [f"{p.split('.')[-1]}={trial[p]}" for p in params if p not in ("train.strategy", "seed")]
+    return "-".join([sweep_name, *extra])
+
+
+def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
+    """A completed trial's metrics (and their real-data floor) in quality.parquet's long form; ``wall_s`` from
+    the trial's first start to its last metrics."""
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    real = run_dir / "real_metrics.parquet"
+    rows = pd.concat([metrics, pd.read_parquet(real)] if real.is_file() else [metrics], ignore_index=True)
+    first = (run_dir / "trial_starts.log").read_text().split()[1]
+    started = datetime.datetime.fromisoformat(first).timestamp()
+    wall = (run_dir / "metrics.parquet").stat().st_mtime - started
+    rows = rows[["strategy", "seed", "task", "metric", "value"]]
+    return rows.assign(wall_s=wall, machine=machine(), tag=tag, preset=preset)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--results", type=Path, default=RESULTS / "quality.parquet")
+    args = parser.parse_args()
+    sweep = load_sweep(args.sweep_dir / "sweep.yaml")
+    trials = pd.read_parquet(args.sweep_dir / "sweep.parquet")
+    done = trials[trials.status == "completed"]
+    new = [
+        trial_rows(Path(t.run_dir), trial_tag(sweep.name, t, list(sweep.params)), sweep.preset)
+        for _, t in done.iterrows()
+    ]
+    path = args.results
+    results = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    if new:
+        new = pd.concat(new, ignore_index=True).drop_duplicates(list(KEYS) + ["task", "metric"])  # real data: per seed
+        if not results.empty:  # trials folded in before (or a strategy's real-data rows) are replaced
+            runs = new[list(KEYS)].drop_duplicates()
+            stale = results.merge(runs, on=list(KEYS), how="left", indicator=True)["_merge"] == "both"
+            results = results[~stale.values]
+        results = pd.concat([results, new], ignore_index=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        results.to_parquet(path)
+    print(f"{len(done)} of {len(trials)} trials completed in {args.sweep_dir}")
+    print(table(results[results.tag.str.startswith(sweep.name)]) if not results.empty else "no results yet")
+
+
+if __name__ == "__main__":
+    main()
