@@ -188,3 +188,15 @@ def test_an_rgb_folder_trains_and_its_checkpoints_sample_with_ddim_pipeline(tmp_
     assert "red, blue" in capsys.readouterr().out  # the report names each task's classes
     assert main([*args, *sets, "--set", "data.channels=1"]) == 2  # a gray run cannot resume an RGB one
     assert "differs in data.channels, model.channels" in capsys.readouterr().err
+
+
+def test_the_smoke_preset_runs_on_cifar(tmp_path):
+    """The smoke preset on CIFAR-10's format: 32x32 RGB taken to the tiny UNet's 16x16, its checkpoints RGB."""
+    write_cifar10(tmp_path / "cifar", as_archive=True)
+    out = tmp_path / "run"
+    sets = ["data.source=cifar10", "data.num_tasks=2", "train.max_steps=3", "eval.num_samples=10"]
+    args = ["run", "--preset", "smoke", "--inline", "--data-dir", str(tmp_path / "cifar"), "--out", str(out)]
+    assert main([*args, "--no-progress", *(a for s in sets for a in ("--set", s))]) == 0
+    assert json.loads((out / "tasks.json").read_text())["classes"] == [["class2", "class6"], ["class1", "class8"]]
+    assert DDIMPipeline.from_pretrained(out / "task_1").unet.config.in_channels == 3
+    assert set(pd.read_parquet(out / "real_metrics.parquet").task) == {0, 1}
