@@ -87,7 +87,8 @@ def train_task_inline(spec: TaskSpec) -> list[dict]:
 
 def inline_image_replay(cfg: RunConfig, k: int, teacher_dir: Path, steps: int) -> InlineImageReplay:
     """The classifier's replay images made in this process by the generator saved at ``teacher_dir``."""
-    unet = load_unet(teacher_dir, cfg.model, resolve_device(cfg.device)).eval().requires_grad_(False)
+    unet = load_unet(teacher_dir, cfg.model, resolve_device(cfg.device), cfg.data.image_channels)
+    unet.eval().requires_grad_(False)
     c = cfg.classifier
     return InlineImageReplay(unet, build_scheduler(cfg.model), c.batch_size, c.replay_steps, c.replay_eta, cfg.seed, k)
 

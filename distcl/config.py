@@ -111,9 +111,12 @@ class DataConfig:
     test_per_class: Optional[Count] = None  # cap on test images per class (None: all)
     test_fraction: Annotated[Real, Interval(gt=0, lt=1)] = 0.1  # image_folder without test/: held out per class
 
+    @property
+    def image_channels(self) -> int:
+        """``channels``, else the source's: what the images and the UNet have (the field stays as given)."""
+        return self.channels or SOURCE_CHANNELS[self.source]
+
     def __post_init__(self) -> None:
-        if self.channels is None:
-            self.channels = SOURCE_CHANNELS[self.source]
         if self.tasks is not None:
             check_field(
                 self.num_tasks in (None, len(self.tasks)),
@@ -139,7 +142,6 @@ class DataConfig:
 class ModelConfig:
     preset: UNetPreset = "tiny"
     sample_size: Optional[Count] = None  # None: the preset's own size
-    channels: Optional[Literal[1, 3]] = None  # the UNet's image channels; in a run: data.channels (None: 1)
     num_train_timesteps: Annotated[Int, Ge(2)] = 1000
     beta_start: Annotated[Real, Interval(gt=0, lt=1)] = 1e-4
     beta_end: Annotated[Real, Interval(gt=0, lt=1)] = 0.02
@@ -265,13 +267,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
-        check_field(
-            self.model.channels in (None, self.data.channels),
-            "model.channels",
-            f"{self.model.channels} but data.channels is {self.data.channels} (the UNet's channels follow the "
-            f"data; allowed: null, {self.data.channels})",
-        )
-        self.model.channels = self.data.channels
         check_field(
             self.replay_sampler.method == "ddim" or self.train.strategy in FAST_SAMPLER_STRATEGIES,
             "replay_sampler.method",

@@ -71,7 +71,7 @@ def _run_tasks(
 ) -> Path:
     device = resolve_device(cfg.device)
     configure_numerics(cfg.runtime.precision, cfg.runtime.deterministic)
-    fresh = build_unet(cfg.model)  # validates the architecture before anything is written
+    fresh = build_unet(cfg.model, cfg.data.image_channels)  # validates the architecture before anything is written
     dataset = load_dataset(cfg.data, cfg.cache_dir, fresh.config.sample_size)
     scenario = build_scenario(dataset, cfg.data, cfg.seed, fresh.config.sample_size)
     prepare_out(cfg, out)
@@ -119,9 +119,9 @@ class ContinualRun:
         cfg, out, start = self.cfg, self.out, time.perf_counter()
         if k == 0:
             torch.manual_seed(cfg.seed)
-            student = build_unet(cfg.model).to(self.device)
+            student = build_unet(cfg.model, cfg.data.image_channels).to(self.device)
         else:
-            student = load_unet(task_dir(out, k - 1), cfg.model, self.device)
+            student = load_unet(task_dir(out, k - 1), cfg.model, self.device, cfg.data.image_channels)
         init_dir = task_dir(out, k - 1) if k > 0 else None
         scheduler = build_scheduler(cfg.model)
         images = self.scenario.train_images(k, cfg.train.strategy == "joint")
@@ -142,7 +142,7 @@ class ContinualRun:
         strategy = c.resolved_strategy(cfg.train.strategy)
         torch.manual_seed(derive_seed(cfg.seed, "classifier_init"))
         if k == 0:
-            init = SolverCNN(cfg.data.channels, self.scenario.num_classes).state_dict()
+            init = SolverCNN(cfg.data.image_channels, self.scenario.num_classes).state_dict()
         else:
             init = load_classifier(self.out, k - 1)
         joint = strategy == "joint"
@@ -163,7 +163,7 @@ class ContinualRun:
         """Metrics of the model after task k on the test classes seen so far (and of the continual classifier)."""
         cfg, out, start = self.cfg, self.out, time.perf_counter()
         test = self.scenario.test_split(k)
-        state = load_unet(task_dir(out, k), cfg.model).state_dict()
+        state = load_unet(task_dir(out, k), cfg.model, channels=cfg.data.image_channels).state_dict()
         solver = load_classifier(out, k) if cfg.classifier.enabled else None
         job = self.evaluator.job(k, cfg.seed, cfg.model, state, test, self.scenario.sample_size, solver)
         results = self.backend.evaluate(job, self.progress)

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from distcl.seeding import seeded_generator
 from distcl.settings import ConfigError
@@ -381,19 +381,32 @@ def _hold_out(per_class: list[list[Path]], classes: list[str], fraction: float) 
                 "to hold out for testing; or train/ and test/ folders)",
             )
         order = torch.randperm(len(paths), generator=seeded_generator("image_folder_test", name)).tolist()
-        n_test = max(1, round(fraction * len(paths)))
+        n_test = min(len(paths) - 1, max(1, round(fraction * len(paths))))  # at least one of each
         out["test"].append(sorted(paths[i] for i in order[:n_test]))
         out["train"].append(sorted(paths[i] for i in order[n_test:]))
     return out
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer and float images scaled to 8 bits by their own range (PIL's convert clips them)."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image.copy()
+    array = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+    return Image.fromarray((array.clip(0, top) / top * 255).round().astype(np.uint8), mode="L")
+
+
 def _read_image(path: Path, channels: int, size: int) -> torch.Tensor:
     """uint8 [C, size, size]: ``path`` in L or RGB, shorter side resized to ``size`` (antialiased), center crop."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            image = _to_8bit(ImageOps.exif_transpose(opened))  # a photo's EXIF orientation applied
     except (UnidentifiedImageError, OSError) as err:
         raise ConfigError("data.data_dir", f"{path} is not a readable image ({err})") from None
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # transparency over white
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    image = image.convert("L" if channels == 1 else "RGB")
     w, h = image.size
     scale = size / min(w, h)
     image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
@@ -408,13 +421,13 @@ def load_dataset(data_cfg, cache: Optional[str], size: int) -> Dataset:
     if data_cfg.source == "image_folder":
         if data_cfg.data_dir is None:
             raise ConfigError("data.data_dir", "null (image_folder needs the folder: --data-dir DIR)")
-        return read_image_folder(Path(data_cfg.data_dir), data_cfg.channels, size, data_cfg.test_fraction)
+        return read_image_folder(Path(data_cfg.data_dir), data_cfg.image_channels, size, data_cfg.test_fraction)
     directory = locate(data_cfg.data_dir, cache, source=data_cfg.source)
     if data_cfg.source in IDX_SOURCES:
         dataset = read_idx_source(directory, data_cfg.source)
     else:
         dataset = read_cifar(directory, data_cfg.source)
-    return dataset.with_channels(data_cfg.channels)
+    return dataset.with_channels(data_cfg.image_channels)
 
 
 def class_order(seed: int, explicit: Optional[list[int]] = None, num_classes: int = 10) -> list[int]:

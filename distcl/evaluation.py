@@ -218,7 +218,7 @@ class EvalWorker:
     def load(self, job: EvalJob) -> None:
         if job is not self.job:
             self.nets = LoadedNets(job.nets, self.device)  # small next to the UNet
-            self.unet = build_unet(job.model_cfg)
+            self.unet = build_unet(job.model_cfg, job.state["conv_in.weight"].shape[1])
             self.unet.load_state_dict(job.state)
             self.unet.to(self.device).eval().requires_grad_(False)
             self.scheduler = build_scheduler(job.model_cfg)

@@ -13,15 +13,14 @@ from distcl.config import UNET_PRESETS
 from distcl.settings import ConfigError
 
 
-def build_unet(model_cfg) -> UNet2DModel:
-    """A freshly initialised UNet2DModel of the configured preset (``model.channels`` in and out); seed the global
-    RNG first."""
-    return UNet2DModel(**unet_spec(model_cfg))
+def build_unet(model_cfg, channels: int = 1) -> UNet2DModel:
+    """A freshly initialised UNet2DModel of the configured preset with ``channels`` in and out (a run's:
+    ``data.image_channels``); seed the global RNG first."""
+    return UNet2DModel(**unet_spec(model_cfg, channels))
 
 
-def unet_spec(model_cfg) -> dict:
+def unet_spec(model_cfg, channels: int = 1) -> dict:
     """The UNet2DModel arguments of the configured preset and sample size."""
-    channels = model_cfg.channels or 1
     kwargs = dict(UNET_PRESETS[model_cfg.preset], in_channels=channels, out_channels=channels)
     if model_cfg.sample_size is not None:
         kwargs["sample_size"] = model_cfg.sample_size
@@ -43,12 +42,12 @@ def require_checkpoint(directory: Path) -> None:
         raise FileNotFoundError(f"no diffusers checkpoint at {directory} (expected {directory}/unet/config.json)")
 
 
-def load_unet(directory: Path, model_cfg, device: torch.device | str = "cpu") -> UNet2DModel:
+def load_unet(directory: Path, model_cfg, device: torch.device | str = "cpu", channels: int = 1) -> UNet2DModel:
     """The UNet saved at ``directory`` (a DDIMPipeline folder), checked to be the configured architecture."""
     directory = Path(directory)
     require_checkpoint(directory)
     unet = UNet2DModel.from_pretrained(directory / "unet")
-    expected = unet_spec(model_cfg)
+    expected = unet_spec(model_cfg, channels)
     wrong = {k: (unet.config[k], v) for k, v in expected.items() if _plain(unet.config[k]) != _plain(v)}
     if wrong:
         detail = ", ".join(f"{k} {got} (run: {want})" for k, (got, want) in wrong.items())

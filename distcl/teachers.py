@@ -50,7 +50,7 @@ def distill_replay_sampler(
 def load_teacher(cfg: RunConfig, teacher_dir: Path, device: torch.device | str) -> Teacher:
     """The frozen teacher saved at ``teacher_dir`` with its replay settings, and its fast sampler when
     ``replay_sampler.method`` asks for one (distilled beforehand by ``distill_replay_sampler``)."""
-    unet = load_unet(teacher_dir, cfg.model, device).eval().requires_grad_(False)
+    unet = load_unet(teacher_dir, cfg.model, device, cfg.data.image_channels).eval().requires_grad_(False)
     sampler = None
     if uses_fast_sampler(cfg):
         rs = cfg.replay_sampler

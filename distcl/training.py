@@ -51,7 +51,8 @@ def optimise(
 
     Steps that are multiples of ``log_every``, and the last, give a row {**row, step, **terms, step_s}, each tensor
     term mapped by ``reduce`` (data-parallel workers: the mean over workers). The host reads them at every logged
-    step (or every ``read_every`` steps) and at the last, in one sync, and raises NonFiniteLossError naming the
+    step (or at the steps s with s + 1 a multiple of ``read_every``: a resumed loop reads where the first did)
+    and at the last, in one sync, and raises NonFiniteLossError naming the
     first step whose loss was NaN/inf since the last read (every step's loss is checked, on the device).
     ``on_step(step, rows)`` runs after each step with the rows read so far (complete at the read steps:
     checkpoint there)."""
@@ -78,7 +79,7 @@ def optimise(
         if logged_now:
             logged = {k: reduce(v.detach()) if isinstance(v, torch.Tensor) else v for k, v in terms.items()}
             pending.append((step, logged, time.perf_counter() - began))
-        if (logged_now if read_every is None else (step + 1 - start) % read_every == 0) or last:
+        if (logged_now if read_every is None else (step + 1) % read_every == 0) or last:
             rows += _read(pending, first_bad, row or {}, desc)
             if pending and pending[-1][0] == step:  # this step's time includes the read
                 rows[-1]["step_s"] = time.perf_counter() - began

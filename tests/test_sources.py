@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import DDIMPipeline
+from PIL import Image
 
 from distcl.cli import main
 from distcl.config import DataConfig, load_config
@@ -187,7 +188,7 @@ def test_an_rgb_folder_trains_and_its_checkpoints_sample_with_ddim_pipeline(tmp_
     assert main(["report", str(out)]) == 0
     assert "red, blue" in capsys.readouterr().out  # the report names each task's classes
     assert main([*args, *sets, "--set", "data.channels=1"]) == 2  # a gray run cannot resume an RGB one
-    assert "differs in data.channels, model.channels" in capsys.readouterr().err
+    assert "differs in data.channels" in capsys.readouterr().err
 
 
 def test_the_smoke_preset_runs_on_cifar(tmp_path):
@@ -200,3 +201,25 @@ def test_the_smoke_preset_runs_on_cifar(tmp_path):
     assert json.loads((out / "tasks.json").read_text())["classes"] == [["class2", "class6"], ["class1", "class8"]]
     assert DDIMPipeline.from_pretrained(out / "task_1").unet.config.in_channels == 3
     assert set(pd.read_parquet(out / "real_metrics.parquet").task) == {0, 1}
+
+
+def test_images_of_every_mode_are_read_as_they_look(tmp_path):
+    """16-bit PNGs scaled by their range (not clipped at 255), transparency over white, and a hold-out that
+    leaves every class a training image."""
+    folder = tmp_path / "modes"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+    Image.fromarray(np.linspace(0, 60000, 32 * 32).reshape(32, 32).astype(np.uint16)).save(folder / "a" / "0.png")
+    Image.fromarray(np.full((32, 32), 30000, np.uint16)).save(folder / "a" / "1.png")
+    clear = np.zeros((32, 32, 4), np.uint8)
+    clear[..., 0] = 200  # red, fully transparent
+    for i in range(2):
+        Image.fromarray(clear, "RGBA").save(folder / "b" / f"{i}.png")
+    cfg = DataConfig(source="image_folder", data_dir=str(folder), channels=1, test_fraction=0.9)
+    data = load_dataset(cfg, None, 8)
+    assert torch.bincount(data.train.labels).tolist() == [1, 1] and torch.bincount(data.test.labels).tolist() == [1, 1]
+    images = torch.cat([data.train.images, data.test.images])
+    labels = torch.cat([data.train.labels, data.test.labels])
+    gray = images[labels == 0].float().mean((1, 2, 3)).sort().values
+    assert 100 < gray[0] < 140 and 100 < gray[1] < 140  # a ramp to 60000 and a flat 30000: mid-gray, not white
+    assert (images[labels == 1] == 255).all()  # transparent: the white background

@@ -27,7 +27,7 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
     k: int = config["task"]
     rank, world, device = item.rank, item.world, item.device
     init = ray.get(config["init"])
-    student = build_unet(cfg.model)
+    student = build_unet(cfg.model, cfg.data.image_channels)
     student.load_state_dict(init)
     student.to(device)
     optimizer, ema = make_optimizer(student, cfg.train)
@@ -35,7 +35,7 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
     steps = steps_per_task(len(images), cfg.train)
     lwf_teacher = None
     if cfg.train.strategy == "lwf" and k > 0:
-        frozen = build_unet(cfg.model)
+        frozen = build_unet(cfg.model, cfg.data.image_channels)
         frozen.load_state_dict(init)
         frozen = frozen.to(device).eval().requires_grad_(False)
         lwf_teacher = Teacher(frozen, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta)

@@ -143,7 +143,9 @@ class OptimisationItem:
         if item.resume is not None:
             model.load_state_dict(item.resume["model"])
             for name, obj in stateful.items():
-                obj.load_state_dict(item.resume[name])
+                obj.load_state_dict(item.resume[name])  # (an optimizer's state follows its parameters' device)
+                if hasattr(obj, "to"):  # diffusers' EMAModel keeps the checkpoint's CPU tensors
+                    obj.to(item.device)
             self.start, self.rows = item.resume["step"] + 1, item.resume["rows"]
             self.recoveries = item.resume["recoveries"] + [
                 {"resumed_at_step": self.start, "recovery_s": time.time() - item.resume["time"]}
