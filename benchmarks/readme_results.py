@@ -47,7 +47,7 @@ def section() -> str:
             "",
             "![final samples](benchmarks/results/quality_samples.png)",
             "",
-            f"Machine: {df.machine.iloc[-1]}",
+            "Machines: " + "; ".join(f"`{t}`: {m}" for t, m in df.groupby("tag").machine.last().items()),
             "",
         ]
     fast = RESULTS / "fast_sampling.parquet"
