@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from distcl.config import RunConfig
-from distcl.data import DataStream
+from distcl.data import DataStream, Files, Scenario
 from distcl.devices import resolve_device
 from distcl.distill import Fit, fit_inline
 from distcl.evaluation import (
@@ -42,13 +42,13 @@ TEACHER_STRATEGIES = REPLAY_ITEM_STRATEGIES + ("lwf",)
 class TaskSpec:
     """What a task trainer needs for task k: the student to train in place (it starts as the model after
     task k-1, saved at ``init_dir``: the teacher of the strategies that have one) and the task's training
-    images."""
+    images (a streamed folder's: their files, distcl.data.Files)."""
 
     cfg: RunConfig
     task: int
     student: UNet2DModel
     init_dir: Optional[Path]
-    images: torch.Tensor
+    images: torch.Tensor | Files
     scheduler: DDIMScheduler
     progress: bool = True
 
@@ -138,6 +138,9 @@ class Backend(Protocol):
 
     distill_fit: Fit  # distils fast replay samplers
 
+    def begin(self, scenario: Scenario, todo: list[int]) -> None:
+        """The run's tasks are known (``todo``: the ones still to train); called once, before the first."""
+
     def train_task(self, spec: TaskSpec) -> list[dict]:
         """Train ``spec.student`` in place on task k; the training log's rows."""
 
@@ -163,6 +166,9 @@ class InlineBackend:
 
     def devices(self) -> str:
         return f"{self.device} for everything (inline: training, replay and evaluation in this process)"
+
+    def begin(self, scenario: Scenario, todo: list[int]) -> None:
+        """Nothing to prepare: every task's images are in memory."""
 
     def train_task(self, spec: TaskSpec) -> list[dict]:
         return train_task_inline(spec)

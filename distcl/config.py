@@ -110,6 +110,10 @@ class DataConfig:
     train_per_class: Optional[Count] = None  # cap on training images per class (None: all)
     test_per_class: Optional[Count] = None  # cap on test images per class (None: all)
     test_fraction: Annotated[Real, Interval(gt=0, lt=1)] = 0.1  # image_folder without test/: held out per class
+    # image_folder on Ray: the training images stream from their files to the Train workers (Ray Data); the driver
+    # reads only the test images and driver_per_class training images a class (the evaluation network's)
+    stream: Flag = False
+    driver_per_class: Count = 1000
 
     @property
     def image_channels(self) -> int:
@@ -130,6 +134,11 @@ class DataConfig:
                 f"{self.tasks}: a class is in more than one task (allowed: disjoint groups)",
             )
         self.num_tasks = self.num_tasks or (len(self.tasks) if self.tasks is not None else 5)
+        check_field(
+            not self.stream or self.source == "image_folder",
+            "data.stream",
+            f"true streams an image folder, not data.source {self.source!r} (allowed: false, or image_folder)",
+        )
         order = self.class_order
         check_field(
             order is None or len(set(order)) == len(order),
@@ -243,6 +252,7 @@ class RuntimeConfig:
     sampler_cpus: NonNegative = 1.0
     sampler_gpus: NonNegative = 0.0
     sampler_resource: Optional[Text] = None  # a custom resource each sampler actor needs one unit of
+    data_cpus: NonNegative = 0.0  # each Ray Data task of a streamed folder (0: beside the workers and samplers)
     replay_depth: Count = 4  # in-flight replay requests per Train worker
     checkpoint_every: Count = 50  # Train checkpoint every N steps (and at the end of each task)
     max_failures: Annotated[Int, Ge(0)] = 1  # Train worker-group restarts per task
@@ -274,6 +284,18 @@ class RunConfig:
             f"{' and '.join(FAST_SAMPLER_STRATEGIES)} replay, not of train.strategy {self.train.strategy!r} "
             "(allowed: ddim)",
         )
+        if self.data.stream:
+            check_field(
+                self.runtime.backend == "ray",
+                "data.stream",
+                "true streams to Ray Train workers, not with runtime.backend 'inline' (allowed: false)",
+            )
+            check_field(
+                not self.classifier.enabled,
+                "data.stream",
+                "true with classifier.enabled: the continual classifier trains on images in memory (allowed: "
+                "false, or classifier.enabled=false)",
+            )
         if self.runtime.backend == "ray":
             check_worker_split(self.train.batch_size, self.runtime.num_workers, "train.batch_size")
             if self.replay_sampler.method != "ddim":

@@ -87,6 +87,7 @@ def _run_tasks(
     log(f"[distcl] classes per task: {scenario.describe()}")
     log(f"[distcl] devices: {run.backend.devices()}, precision {cfg.runtime.precision}")
     evaluated = evaluated_tasks(out)
+    run.backend.begin(scenario, [k for k in range(cfg.data.num_tasks) if not task_dir(out, k).exists()])
     for k in range(cfg.data.num_tasks):
         if not task_dir(out, k).exists():
             run.train(k)

@@ -134,13 +134,38 @@ class Split:
 
 
 @dataclass
+class Files:
+    """Image files and their labels, in order: a training split that streams from its files (``data.stream``)."""
+
+    paths: list[str]
+    labels: torch.Tensor  # int64 [N]
+
+    def select(self, classes: tuple[int, ...] | list[int], per_class: Optional[int] = None) -> Files:
+        """As :func:`select`: the files of ``classes`` (the first ``per_class`` of each), in order."""
+        idx = _class_positions(self.labels, classes, per_class)
+        return Files([self.paths[i] for i in idx.tolist()], self.labels[idx])
+
+    def sample_per_class(self, n: int) -> Files:
+        """At most ``n`` files per class, drawn by a generator seeded by the class label; in order."""
+        keep = []
+        for c in self.labels.unique().tolist():
+            idx = torch.nonzero(self.labels == c).flatten()
+            keep.append(idx[torch.randperm(len(idx), generator=seeded_generator("driver_sample", c))[:n]])
+        idx = torch.cat(keep).sort().values
+        return Files([self.paths[i] for i in idx.tolist()], self.labels[idx])
+
+
+@dataclass
 class Dataset:
-    """A source's two splits and its class names (label c is ``class_names[c]``)."""
+    """A source's two splits and its class names (label c is ``class_names[c]``). With ``train_files`` (a
+    streamed image folder) ``train`` holds only the driver's sample of them (``data.driver_per_class`` a class:
+    the evaluation network's data and the real-data floor's); the students' images stream from the files."""
 
     source: str
     train: Split
     test: Split
     class_names: list[str]
+    train_files: Optional[Files] = None
 
     def fingerprint(self) -> str:
         """A short hash of the images and labels: what a cached network trained on them is named by."""
@@ -156,6 +181,7 @@ class Dataset:
             self.source,
             *(Split(to_channels(s.images, channels), s.labels) for s in (self.train, self.test)),
             self.class_names,
+            self.train_files,
         )
 
 
@@ -334,11 +360,11 @@ def read_cifar(directory: Path, source: str) -> Dataset:
     return Dataset(source, split(cifar.train), split((cifar.test,)), names)
 
 
-def read_image_folder(directory: Path, channels: int, size: int, test_fraction: float) -> Dataset:
+def list_image_folder(directory: Path, test_fraction: float) -> tuple[list[str], Files, Files]:
     """One subfolder per class (sorted names are the labels), or ``train/`` and ``test/`` holding such folders;
     without them each class's images (sorted by name) are split by a seeded draw, ``test_fraction`` held out.
-    Every image is converted to ``channels`` (L or RGB), resized (shorter side = ``size``) and center-cropped."""
-    directory = Path(directory)
+    Returns the class names and the train and test files (absolute paths); nothing is decoded."""
+    directory = Path(directory).resolve()
     if not directory.is_dir():
         raise ConfigError("data.data_dir", f"{directory} is not a directory (image_folder needs one)")
     roots = {"train": directory / "train", "test": directory / "test"}
@@ -360,14 +386,35 @@ def read_image_folder(directory: Path, channels: int, size: int, test_fraction: 
             files[split].append(found)
     if "all" in files:
         files = _hold_out(files["all"], classes, test_fraction)
-    splits = [
-        Split(
-            torch.stack([_read_image(p, channels, size) for group in files[s] for p in group]),
+    train, test = (
+        Files(
+            [str(p) for group in files[s] for p in group],
             torch.tensor([c for c, group in enumerate(files[s]) for _ in group], dtype=torch.int64),
         )
         for s in ("train", "test")
-    ]
-    return Dataset("image_folder", *splits, classes)
+    )
+    return classes, train, test
+
+
+def read_image_folder(
+    directory: Path, channels: int, size: int, test_fraction: float, stream_sample: Optional[int] = None
+) -> Dataset:
+    """The folder's images (:func:`list_image_folder`) in L or RGB, resized (shorter side = ``size``) and
+    center-cropped. With ``stream_sample`` the training images stay files (``Dataset.train_files``) but for a
+    sample of at most that many a class, read here."""
+    classes, train, test = list_image_folder(directory, test_fraction)
+    read = train if stream_sample is None else train.sample_per_class(stream_sample)
+    return Dataset(
+        "image_folder",
+        read_files(read, channels, size),
+        read_files(test, channels, size),
+        classes,
+        train_files=None if stream_sample is None else train,
+    )
+
+
+def read_files(files: Files, channels: int, size: int) -> Split:
+    return Split(torch.stack([read_image(p, channels, size) for p in files.paths]), files.labels)
 
 
 def _hold_out(per_class: list[list[Path]], classes: list[str], fraction: float) -> dict[str, list[list[Path]]]:
@@ -396,7 +443,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray((array.clip(0, top) / top * 255).round().astype(np.uint8), mode="L")
 
 
-def _read_image(path: Path, channels: int, size: int) -> torch.Tensor:
+def read_image(path: Path | str, channels: int, size: int) -> torch.Tensor:
     """uint8 [C, size, size]: ``path`` in L or RGB, shorter side resized to ``size`` (antialiased), center crop."""
     try:
         with Image.open(path) as opened:
@@ -421,7 +468,13 @@ def load_dataset(data_cfg, cache: Optional[str], size: int) -> Dataset:
     if data_cfg.source == "image_folder":
         if data_cfg.data_dir is None:
             raise ConfigError("data.data_dir", "null (image_folder needs the folder: --data-dir DIR)")
-        return read_image_folder(Path(data_cfg.data_dir), data_cfg.image_channels, size, data_cfg.test_fraction)
+        return read_image_folder(
+            Path(data_cfg.data_dir),
+            data_cfg.image_channels,
+            size,
+            data_cfg.test_fraction,
+            data_cfg.driver_per_class if data_cfg.stream else None,
+        )
     directory = locate(data_cfg.data_dir, cache, source=data_cfg.source)
     if data_cfg.source in IDX_SOURCES:
         dataset = read_idx_source(directory, data_cfg.source)
@@ -449,32 +502,43 @@ def to_model_range(images: torch.Tensor, size: int) -> torch.Tensor:
     return x * 2 - 1
 
 
-def select(split: Split, classes: tuple[int, ...] | list[int], per_class: Optional[int]) -> Split:
-    """The items of ``classes``, the first ``per_class`` of each (file order) when capped."""
+def _class_positions(labels: torch.Tensor, classes: tuple[int, ...] | list[int], per_class: Optional[int]):
+    """Sorted positions of the items of ``classes``, the first ``per_class`` of each when capped."""
     keep = []
     for c in classes:
-        idx = torch.nonzero(split.labels == c).flatten()
+        idx = torch.nonzero(labels == c).flatten()
         keep.append(idx if per_class is None else idx[:per_class])
-    idx = torch.cat(keep).sort().values
+    return torch.cat(keep).sort().values
+
+
+def select(split: Split, classes: tuple[int, ...] | list[int], per_class: Optional[int]) -> Split:
+    """The items of ``classes``, the first ``per_class`` of each (file order) when capped."""
+    idx = _class_positions(split.labels, classes, per_class)
     return Split(split.images[idx], split.labels[idx])
 
 
 @dataclass
 class Scenario:
-    """Class-incremental learning: task k holds the classes ``tasks[k]``; images in model range."""
+    """Class-incremental learning: task k holds the classes ``tasks[k]``; images in model range. With
+    ``train_files`` (a streamed folder) the tasks' training images are those files and ``train`` the driver's
+    sample of them."""
 
     tasks: list[tuple[int, ...]]
     train: Split
     test: Split
     sample_size: int
     class_names: list[str]
+    train_files: Optional[Files] = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def train_images(self, k: int, joint: bool = False) -> torch.Tensor:
-        """Task k's training images (all tasks 0..k for joint training), float [N, C, S, S] in [-1, 1]."""
+    def train_images(self, k: int, joint: bool = False) -> torch.Tensor | Files:
+        """Task k's training images (all tasks 0..k for joint training), float [N, C, S, S] in [-1, 1]; a
+        streamed folder's: their files (read where they are trained on)."""
+        if self.train_files is not None:
+            return self.train_files.select(self.seen_classes(k) if joint else list(self.tasks[k]))
         return to_model_range(self._train_split(k, joint).images, self.sample_size)
 
     def train_labels(self, k: int, joint: bool = False) -> torch.Tensor:
@@ -543,12 +607,14 @@ def build_scenario(dataset: Dataset, data_cfg, seed: int, sample_size: int) -> S
     """The tasks of ``data_cfg`` over the loaded dataset, with the per-class caps applied."""
     tasks = resolve_tasks(data_cfg, seed, dataset.class_names)
     used = [c for t in tasks for c in t]
+    files = dataset.train_files
     return Scenario(
         tasks=tasks,
         train=select(dataset.train, used, data_cfg.train_per_class),
         test=select(dataset.test, used, data_cfg.test_per_class),
         sample_size=sample_size,
         class_names=dataset.class_names,
+        train_files=files.select(used, data_cfg.train_per_class) if files is not None else None,
     )
 
 

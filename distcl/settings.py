@@ -21,8 +21,11 @@ class ConfigError(ValueError):
     """A config field is wrong. ``str(err)`` reads ``<field>: <what is wrong> (allowed: ...)``."""
 
     def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+        super().__init__(field_name, message)  # the arguments: copied and pickled as they came (Ray, Tune)
+        self.field, self.message = field_name, message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
 
 
 def check_field(ok: bool, name: str, message: str) -> None:

@@ -193,8 +193,8 @@ def train_task(
     its weights, and a resume from it fails the same way). With EMA, its weights end in ``student``."""
 
     def step_terms(step: int) -> Terms:
-        began = time.perf_counter()
         x0 = to_device(data.batch(step), device)
+        began = time.perf_counter()
         replay_batch = replay.get(step).to(device) if replay is not None else None
         replay_wait = time.perf_counter() - began
         terms = continual_terms(

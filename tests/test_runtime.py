@@ -8,27 +8,32 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 import ray
 import torch
+from diffusers import DDIMPipeline
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors.torch import load_file
 
 from distcl.backend import InlineBackend, inline_image_replay
-from distcl.config import load_config
+from distcl.config import DataConfig, load_config
 from distcl.continual import run_continual
-from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, read_idx_source
+from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, load_dataset, read_idx_source, read_image, to_model_range
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.models import load_unet
 from distcl.rundir import task_dir
 from distcl.runtime import cluster as cluster_module
 from distcl.runtime import pipeline
 from distcl.runtime.samplers import RemoteReplay, SamplerPool, classifier_replay
+from distcl.runtime.stream import ShardStream, ingest_options, task_dataset
 from distcl.settings import ConfigError
 from distcl.teachers import TeacherFiles
+from distcl.training import steps_per_task
+from tests.image_data import write_folder
 
 pytestmark = pytest.mark.slow
 
@@ -186,6 +191,56 @@ def test_the_capacity_is_read_inside_a_placement_group_as_in_a_tune_trial(cluste
 @ray.remote(num_cpus=1)
 def remote_capacity() -> dict:
     return cluster_module.cluster_capacity().total
+
+
+def test_a_streamed_task_gives_its_images_in_a_seeded_order_and_resumes_at_any_step(cluster, tmp_path):
+    folder = write_folder(tmp_path / "colours", per_class=30)
+    data = load_dataset(DataConfig(source="image_folder", data_dir=str(folder), stream=True), None, 8)
+    scenario = build_scenario(data, config("data.tasks=[[red, blue], [green]]").data, 42, 8)
+    files = scenario.train_images(0)
+    in_memory = torch.stack([read_image(p, 3, 8) for p in files.paths])
+
+    def stream(seed=42):
+        dataset = task_dataset(files, 3, 8, seed, 0, cpus=0)
+        dataset.context.execution_options = ingest_options()  # as the run's TorchTrainer sets them
+        shard = dataset.streaming_split(1, equal=True)[0]  # what get_dataset_shard hands a single worker
+        return ShardStream(shard, len(files.paths), 6, 8, seed, 0, rank=0, world=1)
+
+    first = stream()
+    epochs = [torch.cat([first.batch(e * first.per_epoch + i) for i in range(first.per_epoch)]) for e in range(2)]
+    assert first.per_epoch == len(files.paths) // 6 and epochs[0].shape[1:] == (3, 8, 8)
+    as_read = to_model_range(in_memory, 8)  # an epoch: the task's images, each once (the short batch dropped)
+    rows = {tuple(x.flatten().tolist()) for x in as_read}
+    assert all(tuple(x.flatten().tolist()) in rows for x in epochs[0]) and len(epochs[0]) == 6 * first.per_epoch
+    assert not torch.equal(epochs[0], epochs[1])  # a new shuffle each epoch
+    again = stream()
+    resumed_at = first.per_epoch + 2  # a resumed worker's first batch: epoch 1, batch 2
+    assert torch.equal(again.batch(resumed_at), epochs[1][12:18])
+    assert not torch.equal(stream(seed=7).batch(0), epochs[0][:6])
+
+
+def test_a_streamed_folder_trains_on_ray_every_step_of_the_in_memory_run(cluster, tmp_path):
+    """The training images stream from their files to the Train worker (get_dataset_shard): as many steps as the
+    in-memory run's, RGB checkpoints that diffusers samples; the batches themselves: the test above."""
+    folder = write_folder(tmp_path / "colours", per_class=30)
+    cfg = config(
+        "data.source=image_folder",
+        f"data.data_dir={folder}",
+        "data.tasks=[[red, blue], [green]]",
+        "data.stream=true",
+        "train.max_steps=null",
+        "train.epochs=1.0",
+    )
+    logs = []
+    pipeline.run(cfg, tmp_path / "streamed", progress=False, log=logs.append)
+    in_memory = build_scenario(load_dataset(replace(cfg.data, stream=False), None, 16), cfg.data, cfg.seed, 16)
+    steps = pd.read_parquet(tmp_path / "streamed" / "train_log.parquet").groupby("task").step.max() + 1
+    assert steps.tolist() == [steps_per_task(len(in_memory.train_images(k)), cfg.train) for k in (0, 1)] == [7, 4]
+    assert sorted(pd.read_parquet(tmp_path / "streamed" / "metrics.parquet").task.unique()) == [0, 1]
+    images = DDIMPipeline.from_pretrained(tmp_path / "streamed" / "task_1")(
+        batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+    assert images.shape == (1, 16, 16, 3)
 
 
 def test_mismatched_teacher_checkpoint_is_refused(inline_run):

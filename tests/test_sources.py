@@ -111,6 +111,39 @@ def test_an_image_folder_in_any_mode_and_size_becomes_the_models_images(tmp_path
     assert scenario.train_images(1).shape[1] == 3
 
 
+def test_a_streamed_folder_keeps_its_training_images_as_files_and_reads_a_sample(tmp_path):
+    folder = write_folder(tmp_path / "colours", per_class=12)
+    memory = load_dataset(DataConfig(source="image_folder", data_dir=str(folder)), None, 16)
+    cfg = DataConfig(source="image_folder", data_dir=str(folder), stream=True, driver_per_class=4)
+    streamed = load_dataset(cfg, None, 16)
+    assert torch.equal(streamed.test.images, memory.test.images)  # the test images are read as before
+    files = streamed.train_files
+    assert all(Path(p).is_absolute() for p in files.paths) and torch.equal(files.labels, memory.train.labels)
+    assert torch.bincount(streamed.train.labels).tolist() == [4, 4, 4]  # the driver's sample: 4 a class
+    sample = [files.paths.index(p) for p in files.sample_per_class(4).paths]
+    assert torch.equal(streamed.train.images, memory.train.images[sample])  # the same pixels, read from the files
+    tasks = load_config(overrides=["data.tasks=[[red, blue], [green]]", "data.train_per_class=5"]).data
+    scenario = build_scenario(streamed, tasks, 42, 16)
+    first, joint = scenario.train_images(0), scenario.train_images(1, joint=True)
+    assert first.labels.tolist() == [0] * 5 + [2] * 5 and first.paths == [files.paths[i] for i in range(5)] + [
+        files.paths[i] for i in range(22, 27)
+    ]
+    assert sorted(joint.labels.tolist()) == [0] * 5 + [1] * 5 + [2] * 5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.stream=true"], "data.stream: true streams an image folder, not data.source 'fashion_mnist'"),
+        (["data.source=image_folder", "data.stream=true", "runtime.backend=inline"], "not with runtime.backend"),
+        (["data.source=image_folder", "data.stream=true", "classifier.enabled=true"], "continual classifier"),
+    ],
+)
+def test_streaming_is_refused_where_it_cannot_run(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset="smoke", overrides=overrides)
+
+
 def test_train_and_test_folders_are_used_as_given(tmp_path):
     write_folder(tmp_path / "split" / "train", per_class=4)
     write_folder(tmp_path / "split" / "test", per_class=2)

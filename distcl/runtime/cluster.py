@@ -88,12 +88,14 @@ def join_cluster(rt: RuntimeConfig, cpus_needed: float) -> bool:
         ray.init(address=address)
         return False
     num_cpus = rt.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(QUIET_DATA_LOGS))  # the cluster's processes inherit it
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)  # Tune's ASHA needs the dashboard
     _STARTED_HERE.add(ray.get_runtime_context().gcs_address)
     return True
 
 
 HEAD_RESOURCE = "node:__internal_head__"  # every Ray head has one unit
+QUIET_DATA_LOGS = Path(__file__).with_name("ray_data_logging.yaml")
 
 
 @ray.remote(num_cpus=0, resources={HEAD_RESOURCE: 0.001}, max_retries=0)

@@ -17,12 +17,14 @@ from tqdm.auto import tqdm
 from distcl.backend import ClassifierSpec, TaskSpec
 from distcl.config import RunConfig
 from distcl.continual import run_continual
+from distcl.data import Files, Scenario
 from distcl.evaluation import ChunkResult, EvalJob
 from distcl.replay import REPLAY_ITEM_STRATEGIES
 from distcl.rundir import out_lock
 from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.distill import RayDistillFit
 from distcl.runtime.samplers import SamplerPool, sampler_resources
+from distcl.runtime.stream import dataset_name, task_dataset
 from distcl.runtime.train import classifier_task_item, train_task_item
 from distcl.runtime.workers import WorkerGroup, resolve_use_gpu, worker_resources
 from distcl.settings import ConfigError
@@ -100,16 +102,34 @@ def role_devices(cfg: RunConfig) -> str:
 
 class RayBackend:
     """A distcl.continual backend on Ray: the run's one Ray Train worker group (it comes up while the driver
-    loads data) trains every task and distils the fast replay samplers; the sampler actors host teacher k-1
-    and evaluate."""
+    loads data; for a streamed folder once the tasks' files are known: they are its datasets) trains every task
+    and distils the fast replay samplers; the sampler actors host teacher k-1 and evaluate."""
 
     def __init__(self, cfg: RunConfig, out: Path, log: Callable[[str], None] = print):
         self.cfg, self.out, self.log = cfg, Path(out), log
         self.teacher_ref: tuple[Optional[Path], list] = (None, [])
-        self.group = WorkerGroup(cfg.runtime, self.out / "ray_train")
+        self.group = None if cfg.data.stream else WorkerGroup(cfg.runtime, self.out / "ray_train")
         # the actors come up while the Train workers do and the driver loads data: task 0's evaluation needs them
         self.pool: Optional[SamplerPool] = SamplerPool(cfg, cfg.train.batch_size // cfg.runtime.num_workers)
         self.distill_fit = RayDistillFit(cfg.runtime, self.group)
+
+    def begin(self, scenario: Scenario, todo: list[int]) -> None:
+        """A streamed folder: the worker group starts with a Dataset of each task still to train."""
+        if not self.cfg.data.stream:
+            return
+        joint, channels = self.cfg.train.strategy == "joint", self.cfg.data.image_channels
+        datasets = {
+            dataset_name(k): task_dataset(
+                scenario.train_images(k, joint),
+                channels,
+                scenario.sample_size,
+                self.cfg.seed,
+                k,
+                self.cfg.runtime.data_cpus,
+            )
+            for k in todo
+        }
+        self.group = self.distill_fit.group = WorkerGroup(self.cfg.runtime, self.out / "ray_train", datasets=datasets)
 
     def train_task(self, spec: TaskSpec) -> list[dict]:
         cfg, k = spec.cfg, spec.task
@@ -117,8 +137,10 @@ class RayBackend:
         if spec.has_teacher and cfg.train.strategy in REPLAY_ITEM_STRATEGIES:
             samplers, teacher = self.pool.actors, self.teacher(spec.init_dir)
         init = ray.put({name: value.cpu() for name, value in spec.student.state_dict().items()})
-        images = ray.put(spec.images)
+        streamed = isinstance(spec.images, Files)  # then the workers read its Dataset (begin)
+        images = None if streamed else ray.put(spec.images)
         config = {"cfg": cfg, "task": k, "init": init, "images": images, "samplers": samplers, "teacher": teacher}
+        config["count"] = len(spec.images.paths) if streamed else len(spec.images)
         state = self.group.run(f"task_{k}", train_task_item, config)
         del init, images
         for event in state["recoveries"]:

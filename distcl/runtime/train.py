@@ -14,6 +14,7 @@ from distcl.data import DataStream
 from distcl.models import build_scheduler, build_unet
 from distcl.replay import Teacher
 from distcl.runtime.samplers import RemoteReplay, classifier_replay
+from distcl.runtime.stream import ShardStream, dataset_name
 from distcl.runtime.workers import OptimisationItem, WorkItem
 from distcl.seeding import noise_seed
 from distcl.training import make_optimizer, steps_per_task, train_task
@@ -22,7 +23,8 @@ from distcl.training import make_optimizer, steps_per_task, train_task
 def train_task_item(config: dict, item: WorkItem) -> dict:
     """Task k on this worker: ``config`` holds cfg, task, init (a ref to the starting state dict: the model after
     task k-1, or task 0's seeded initialisation), images (a ref), samplers and teacher (``[ref]`` to the samplers'
-    TeacherFiles). Returns the final state (distcl.runtime.workers.OptimisationItem)."""
+    TeacherFiles), or instead of images a streamed folder's count (its Dataset: ``get_dataset_shard``). Returns
+    the final state (distcl.runtime.workers.OptimisationItem)."""
     cfg: RunConfig = config["cfg"]
     k: int = config["task"]
     rank, world, device = item.rank, item.world, item.device
@@ -31,15 +33,20 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
     student.load_state_dict(init)
     student.to(device)
     optimizer, ema = make_optimizer(student, cfg.train)
-    images = ray.get(config["images"])
-    steps = steps_per_task(len(images), cfg.train)
+    per_worker = cfg.train.batch_size // world
+    if config["images"] is not None:
+        images = ray.get(config["images"])
+        count, data = len(images), DataStream(images, per_worker, cfg.seed, k, rank, world)
+    else:
+        count, shard = config["count"], ray.train.get_dataset_shard(dataset_name(k))
+        data = ShardStream(shard, count, per_worker, student.config.sample_size, cfg.seed, k, rank, world)
+    steps = steps_per_task(count, cfg.train)
     lwf_teacher = None
     if cfg.train.strategy == "lwf" and k > 0:
         frozen = build_unet(cfg.model, cfg.data.image_channels)
         frozen.load_state_dict(init)
         frozen = frozen.to(device).eval().requires_grad_(False)
         lwf_teacher = Teacher(frozen, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta)
-    per_worker = cfg.train.batch_size // world
     replay = None
     if config["samplers"]:
         rt = cfg.runtime
@@ -57,7 +64,7 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
         lambda model, start, on_step: train_task(
             model,
             optimizer,
-            DataStream(images, per_worker, cfg.seed, k, rank, world),
+            data,
             replay,
             task=k,
             steps=steps,

@@ -28,13 +28,22 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distcl.config import RuntimeConfig
 from distcl.devices import configure_numerics
 from distcl.runtime.cluster import HEAD_RESOURCE, cluster_capacity
+from distcl.runtime.stream import ingest_options
 
 STATE_FILE = "state.pt"
 TRAIN_RUN = "workers"  # the Train run's name under its storage path (stable: a rerun resumes it)
@@ -259,9 +268,10 @@ def worker_resources(rt: RuntimeConfig, use_gpu: bool) -> dict[str, float]:
 
 class WorkerGroup:
     """``runtime.num_workers`` Train workers for a whole run: ``run(name, fn, config)`` runs one item on all of them
-    and returns rank 0's final state. Its Train run lives under ``storage`` (rerunning resumes it)."""
+    and returns rank 0's final state. Its Train run lives under ``storage`` (rerunning resumes it). ``datasets``
+    (Ray Data, by name: a streamed folder's tasks) reach the items through ``ray.train.get_dataset_shard``."""
 
-    def __init__(self, rt: RuntimeConfig, storage: Path, poll_s: float = 1.0):
+    def __init__(self, rt: RuntimeConfig, storage: Path, poll_s: float = 1.0, datasets: Optional[dict] = None):
         self.poll_s = poll_s
         self.storage = Path(storage).resolve()
         # outside any placement group of the caller (a Tune trial's), like the samplers; on the head, which no
@@ -281,6 +291,8 @@ class WorkerGroup:
             scaling_config=ScalingConfig(
                 num_workers=rt.num_workers, use_gpu=use_gpu, resources_per_worker=worker_resources(rt, use_gpu)
             ),
+            datasets=datasets,
+            dataset_config=DataConfig(execution_options=ingest_options()) if datasets else None,
             run_config=RunConfig(
                 name=TRAIN_RUN,
                 storage_path=str(self.storage),
