@@ -47,7 +47,8 @@ def task_dataset(files: Files, channels: int, size: int, seed: int, task: int, c
     dataset = dataset.map_batches(
         decode, fn_kwargs={"channels": channels, "size": size}, batch_size=None, batch_format="numpy", num_cpus=cpus
     )
-    dataset.context.print_on_execution_start = False  # the Train worker's lines report progress
+    dataset.context.enable_progress_bars = False  # the Train worker's lines report progress
+    dataset.context.print_on_execution_start = False
     return dataset
 
 
