@@ -129,7 +129,8 @@ class RayBackend:
             )
             for k in todo
         }
-        self.group = self.distill_fit.group = WorkerGroup(self.cfg.runtime, self.out / "ray_train", datasets=datasets)
+        self.group = WorkerGroup(self.cfg.runtime, self.out / "ray_train", datasets=datasets)
+        self.distill_fit = RayDistillFit(self.cfg.runtime, self.group)
 
     def train_task(self, spec: TaskSpec) -> list[dict]:
         cfg, k = spec.cfg, spec.task
