@@ -42,6 +42,7 @@ def section() -> str:
             "",
             *finding(df),
             *(claims(df, "benchmark") if (df.tag == "benchmark").any() else []),
+            *class_share_finding(RESULTS / "class_shares.json"),
             *sampler_finding(df),
             "![FID against task](benchmarks/results/quality_fid.png)",
             "",
@@ -226,6 +227,36 @@ def finding(df: pd.DataFrame) -> list[str]:
         f"gd reaches FID {fid['lambda1', 'gd']:.1f}, better than both, and the best KLD and classifier accuracy of "
         "the continual strategies. gr's samples collapse to noise, as the paper reports. Wall times include other "
         "work sharing the 2 cores during some runs (gd lambda 3 most).",
+        "",
+    ]
+
+
+def class_share_finding(path: Path) -> list[str]:
+    """Which tasks' classes the final generators draw (benchmarks/results/class_shares.json), one row a run."""
+    if not path.exists():
+        return []
+    runs = json.loads(path.read_text())["runs"]
+    tasks = max(len(r["shares"]) for r in runs)
+    header = "| run | " + " | ".join(f"task {k}" for k in range(tasks)) + " | FID | KLD |"
+    rows = [
+        f"| {r['strategy']} seed {r['seed']} | "
+        + " | ".join(f"{s['generated']:.3f} ({', '.join(s['classes'])})" for s in r["shares"])
+        + f" | {r['fid']:.1f} | {r['kld']:.3f} |"
+        for r in runs
+    ]
+    return [
+        "Which classes the final generators draw (`python -m benchmarks.class_shares`, "
+        "`benchmarks/results/class_shares.json`): the share of each run's final evaluation samples that the "
+        "evaluation network labels as each task's classes (the test images: 0.2 each); the same seeded samples "
+        "as the run's metrics, whose FID and KLD it recomputes equal. gd with the paper's lambda 3 does not so much "
+        "lose the newest task as over-keep the first: with the replay term weighted lambda w / (1 - w) = 3 k "
+        "against the new data at task k, each new task gets a small share and the first task's classes keep "
+        "about half of the samples; finetune draws the last task's classes and nearly nothing else. The lambda "
+        "sweep (`tuning/gd_lambda.yaml`) measures what a smaller lambda gives; it has not run yet.",
+        "",
+        header,
+        "|---|" + "---|" * (tasks + 2),
+        *rows,
         "",
     ]
 

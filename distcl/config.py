@@ -378,6 +378,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def upgraded(loaded: dict[str, Any]) -> dict[str, Any]:
+    """A config file written by an older distcl, in today's fields: ``model.channels`` (the UNet's, before the
+    data's channels decided them) is ``data.channels``."""
+    model = loaded.get("model")
+    if isinstance(model, dict) and "channels" in model:
+        channels = model.pop("channels")
+        data = loaded.setdefault("data", {})
+        if isinstance(data, dict) and data.get("channels") is None:
+            data["channels"] = channels
+    return loaded
+
+
 def load_config(
     path: Optional[str | Path] = None, preset: Optional[str] = None, overrides: Optional[list[str]] = None
 ) -> RunConfig:
@@ -396,7 +408,7 @@ def load_config(
         check_field(
             isinstance(loaded, dict), "config", f"{path} must hold a mapping of fields, not {type(loaded).__name__}"
         )
-        _deep_update(merged, loaded)
+        _deep_update(merged, upgraded(loaded))
     apply_overrides(merged, overrides or [])
     return absolute_paths(from_dict(RunConfig, merged))
 

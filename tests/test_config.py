@@ -87,3 +87,9 @@ def test_fast_replay_sampler_only_for_replay_that_samples_x0():
         load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gaussian"])
     cfg = load_config(preset="smoke", overrides=["replay_sampler.method=pid", "train.strategy=gr"])
     assert (cfg.replay_sampler.method, cfg.train.strategy) == ("pid", "gr")
+
+
+def test_a_config_saved_by_an_older_distcl_loads_in_todays_fields(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: {preset: tiny, channels: 1}\ndata: {source: fashion_mnist}\n")
+    cfg = load_config(tmp_path / "config.yaml")
+    assert cfg.data.channels == 1 and cfg.data.image_channels == 1 and not hasattr(cfg.model, "channels")

@@ -1,0 +1,87 @@
+"""Which classes a run's final generator draws (#14: does gd at lambda 3 lose the newest task?): the final task's
+evaluation of each given run, made again inline (the same seeded samples, so the same FID and KLD as its
+metrics.parquet, checked), and the share of its samples that the evaluation classifier labels as each task's
+classes, next to the share the test images have.
+
+    python -m benchmarks.class_shares runs/sweeps/benchmark/runs/*    # -> benchmarks/results/class_shares.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from benchmarks.common import RESULTS, machine
+from distcl.backend import InlineBackend
+from distcl.config import load_config
+from distcl.data import build_scenario, cache_dir, load_dataset
+from distcl.evaluation import Evaluator, metrics_from_chunks
+from distcl.models import load_unet
+from distcl.rundir import task_dir
+
+
+def class_shares(run_dir: Path) -> dict:
+    """The run's final-task shares of generated and test images per task, and the recomputed FID and KLD."""
+    cfg = load_config(run_dir / "config.yaml")
+    cpu = torch.device("cpu")
+    last = cfg.data.num_tasks - 1
+    model = load_unet(task_dir(run_dir, last), cfg.model, cpu, cfg.data.image_channels)
+    size = model.config.sample_size
+    dataset = load_dataset(cfg.data, cfg.cache_dir, size)
+    scenario = build_scenario(dataset, cfg.data, cfg.seed, size)
+    evaluator = Evaluator(cfg.eval, dataset, size, cache_dir(cfg.cache_dir), cpu, progress=False)
+    test = scenario.test_split(last)
+    job = evaluator.job(last, cfg.seed, cfg.model, model.state_dict(), test, size)
+    results = InlineBackend(cpu).evaluate(job, False)
+    metrics, _ = metrics_from_chunks(results, test.labels, scenario.num_classes)
+    generated = torch.cat(
+        [r.labels for r in sorted(results, key=lambda r: r.chunk.start) if r.chunk.kind == "generated"]
+    )
+    saved = pd.read_parquet(run_dir / "metrics.parquet").query("task == @last").set_index("metric").value
+    shares = []
+    for k, classes in enumerate(scenario.tasks):
+        classes_t = torch.tensor(classes)
+        shares.append(
+            {
+                "task": k,
+                "classes": scenario.task_names(k),
+                "generated": float(torch.isin(generated, classes_t).float().mean()),
+                "test": float(torch.isin(test.labels, classes_t).float().mean()),
+            }
+        )
+    return {
+        "run": str(run_dir),
+        "strategy": cfg.train.strategy,
+        "seed": cfg.seed,
+        "samples": len(generated),
+        "fid": metrics["fid"],
+        "kld": metrics["kld"],
+        "fid_saved": float(saved["fid"]),
+        "kld_saved": float(saved["kld"]),
+        "shares": shares,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--results", type=Path, default=RESULTS / "class_shares.json")
+    args = parser.parse_args()
+    runs = [class_shares(r) for r in args.runs if (r / "metrics.parquet").is_file()]
+    for run in runs:
+        print(
+            f"\n{run['strategy']} seed {run['seed']}: FID {run['fid']:.3f} (saved {run['fid_saved']:.3f}), "
+            f"KLD {run['kld']:.3f} (saved {run['kld_saved']:.3f}), {run['samples']} samples"
+        )
+        print("| task | classes | generated | test |\n|---|---|---|---|")
+        for s in run["shares"]:
+            print(f"| {s['task']} | {', '.join(s['classes'])} | {s['generated']:.3f} | {s['test']:.3f} |")
+    args.results.write_text(json.dumps({"machine": machine(), "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
