@@ -118,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _guarded(what: str, work: Callable[[], int]) -> int:
     """Exit codes: bad input (ConfigError) 2 with "config error"; a failure of the work 1 (DataError is a
-    RuntimeError); else ``work()``."""
+    RuntimeError); Ctrl-C 130, in one line (finished work is kept: the same command resumes); else ``work()``."""
     try:
         return work()
+    except KeyboardInterrupt as err:
+        print(f"distcl: {what} interrupted: {str(err) or 'run the same command again to resume'}", file=sys.stderr)
+        return 130
     except ConfigError as err:
         print(f"distcl: config error: {err}", file=sys.stderr)
         return 2

@@ -93,3 +93,13 @@ def test_a_config_saved_by_an_older_distcl_loads_in_todays_fields(tmp_path):
     (tmp_path / "config.yaml").write_text("model: {preset: tiny, channels: 1}\ndata: {source: fashion_mnist}\n")
     cfg = load_config(tmp_path / "config.yaml")
     assert cfg.data.channels == 1 and cfg.data.image_channels == 1 and not hasattr(cfg.model, "channels")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("distcl.launch.run", interrupted)
+    assert main(["run", "--preset", "smoke", "--inline", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["distcl: run interrupted: run the same command again to resume"]

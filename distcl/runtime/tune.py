@@ -203,9 +203,9 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
     else:
         unfinished = len(grid) - grid.num_terminated - grid.num_errors
     if unfinished:  # Ctrl-C: Tune saved its state and returned early
-        raise RuntimeError(
-            f"interrupted with {unfinished} of {len(grid)} trials unfinished (tables written for "
-            f"the others); continue with: distcl tune --resume {out}"
+        raise KeyboardInterrupt(
+            f"{unfinished} of {len(grid)} trials unfinished (tables written for the others); continue with: "
+            f"distcl tune --resume {out}"
         )
     return summary
 
