@@ -22,9 +22,9 @@ from distcl.training import make_optimizer, steps_per_task, train_task
 
 def train_task_item(config: dict, item: WorkItem) -> dict:
     """Task k on this worker: ``config`` holds cfg, task, init (a ref to the starting state dict: the model after
-    task k-1, or task 0's seeded initialisation), images (a ref), samplers and teacher (``[ref]`` to the samplers'
-    TeacherFiles), or instead of images a streamed folder's count (its Dataset: ``get_dataset_shard``). Returns
-    the final state (distcl.runtime.workers.OptimisationItem)."""
+    task k-1, or task 0's seeded initialisation), images (a ref; None for a streamed folder: its Dataset, read
+    through ``get_dataset_shard``) and their count, samplers and teacher (``[ref]`` to the samplers'
+    TeacherFiles). Returns the final state (distcl.runtime.workers.OptimisationItem)."""
     cfg: RunConfig = config["cfg"]
     k: int = config["task"]
     rank, world, device = item.rank, item.world, item.device
@@ -33,12 +33,11 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
     student.load_state_dict(init)
     student.to(device)
     optimizer, ema = make_optimizer(student, cfg.train)
-    per_worker = cfg.train.batch_size // world
+    per_worker, count = cfg.train.batch_size // world, config["count"]
     if config["images"] is not None:
-        images = ray.get(config["images"])
-        count, data = len(images), DataStream(images, per_worker, cfg.seed, k, rank, world)
+        data = DataStream(ray.get(config["images"]), per_worker, cfg.seed, k, rank, world)
     else:
-        count, shard = config["count"], ray.train.get_dataset_shard(dataset_name(k))
+        shard = ray.train.get_dataset_shard(dataset_name(k))
         data = ShardStream(shard, count, per_worker, student.config.sample_size, cfg.seed, k, rank, world)
     steps = steps_per_task(count, cfg.train)
     lwf_teacher = None
