@@ -149,8 +149,8 @@ def build_tuner(sweep: SweepConfig, out: Path) -> tune.Tuner:
             mode=sweep.mode,
             scheduler=scheduler,
             num_samples=sweep.num_samples,
-            max_concurrent_trials=sweep.max_concurrent_trials,
             reuse_actors=True,  # a trial's process runs the next trial: its imports (torch, diffusers) paid once
+            # the limit lives in the generator (Tune ignores TuneConfig's with a search algorithm, and says so)
             search_alg=tune.search.BasicVariantGenerator(
                 random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials
             ),
