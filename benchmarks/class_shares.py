@@ -56,6 +56,8 @@ def class_shares(run_dir: Path) -> dict:
     return {
         "run": str(run_dir),
         "strategy": cfg.train.strategy,
+        "replay_lambda": cfg.train.replay_lambda,
+        "teacher_steps": cfg.train.teacher_steps,
         "seed": cfg.seed,
         "samples": len(generated),
         "fid": metrics["fid"],
@@ -66,15 +68,30 @@ def class_shares(run_dir: Path) -> dict:
     }
 
 
+def finished(run_dir: Path) -> bool:
+    """Every task of the run evaluated (an unfinished trial is left out)."""
+    metrics = run_dir / "metrics.parquet"
+    if not metrics.is_file():
+        return False
+    return pd.read_parquet(metrics).task.max() == load_config(run_dir / "config.yaml").data.num_tasks - 1
+
+
+def label(run: dict) -> str:
+    """gd lambda 3 (2 steps) seed 42; finetune seed 42."""
+    if run["strategy"] in ("finetune", "joint"):
+        return f"{run['strategy']} seed {run['seed']}"
+    return f"{run['strategy']} lambda {run['replay_lambda']:g} ({run['teacher_steps']} steps) seed {run['seed']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--results", type=Path, default=RESULTS / "class_shares.json")
     args = parser.parse_args()
-    runs = [class_shares(r) for r in args.runs if (r / "metrics.parquet").is_file()]
+    runs = [class_shares(r) for r in args.runs if finished(r)]
     for run in runs:
         print(
-            f"\n{run['strategy']} seed {run['seed']}: FID {run['fid']:.3f} (saved {run['fid_saved']:.3f}), "
+            f"\n{label(run)}: FID {run['fid']:.3f} (saved {run['fid_saved']:.3f}), "
             f"KLD {run['kld']:.3f} (saved {run['kld_saved']:.3f}), {run['samples']} samples"
         )
         print("| task | classes | generated | test |\n|---|---|---|---|")

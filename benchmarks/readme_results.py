@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.class_shares import label
 from benchmarks.common import RESULTS
 from benchmarks.quality import table
 
@@ -239,7 +240,7 @@ def class_share_finding(path: Path) -> list[str]:
     tasks = max(len(r["shares"]) for r in runs)
     header = "| run | " + " | ".join(f"task {k}" for k in range(tasks)) + " | FID | KLD |"
     rows = [
-        f"| {r['strategy']} seed {r['seed']} | "
+        f"| {label(r)} | "
         + " | ".join(f"{s['generated']:.3f} ({', '.join(s['classes'])})" for s in r["shares"])
         + f" | {r['fid']:.1f} | {r['kld']:.3f} |"
         for r in runs
@@ -251,14 +252,41 @@ def class_share_finding(path: Path) -> list[str]:
         "as the run's metrics, whose FID and KLD it recomputes equal. gd with the paper's lambda 3 does not so much "
         "lose the newest task as over-keep the first: with the replay term weighted lambda w / (1 - w) = 3 k "
         "against the new data at task k, each new task gets a small share and the first task's classes keep "
-        "about half of the samples; finetune draws the last task's classes and nearly nothing else. The lambda "
-        "sweep (`tuning/gd_lambda.yaml`) measures what a smaller lambda gives; it has not run yet.",
+        "about half of the samples; finetune draws the last task's classes and nearly nothing else.",
         "",
+        *lambda_shares(runs),
         header,
         "|---|" + "---|" * (tasks + 2),
         *rows,
         "",
     ]
+
+
+def lambda_shares(runs: list[dict]) -> list[str]:
+    """gd's first and newest task's shares by lambda (means over the seeds there), or what is missing."""
+    gd = pd.DataFrame(
+        [
+            {
+                "lambda": r["replay_lambda"],
+                "steps": r["teacher_steps"],
+                "first": r["shares"][0]["generated"],
+                "newest": r["shares"][-1]["generated"],
+            }
+            for r in runs
+            if r["strategy"] == "gd"
+        ]
+    )
+    if gd.empty or gd["lambda"].nunique() < 2:
+        return ["The lambda sweep (`tuning/gd_lambda.yaml`) measures what a smaller lambda gives: not run yet.", ""]
+    means = gd.groupby(["lambda", "steps"]).agg(
+        first=("first", "mean"), newest=("newest", "mean"), seeds=("first", "size")
+    )
+    parts = [
+        f"lambda {lam:g} ({steps} steps): first task {m['first']:.3f}, newest {m['newest']:.3f} "
+        f"({int(m['seeds'])} seed(s))"
+        for (lam, steps), m in means.iterrows()
+    ]
+    return ["gd's final shares by lambda, means over the seeds done: " + "; ".join(parts) + ".", ""]
 
 
 def sampler_finding(df: pd.DataFrame) -> list[str]:
