@@ -59,16 +59,50 @@ def fmnist_dir() -> Path:
     return DEBIAN_DIR
 
 
-@pytest.fixture(scope="session")
-def quickstart(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The README's quickstart command, verbatim, from a fresh working directory (relative --out, Ray backend,
-    a new local cluster), as a user whose environment is activated runs it: (its OUT, the finished process).
-    The README test reads its console; the end-to-end tests read its outputs (copy OUT to change it)."""
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole modules in this order: those without a slow test, those that read the quickstart's run, the other
+    slow ones. The quickstart starts with the session (``_quickstart_started``) and runs beside the unit tests."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def rank(module: list[pytest.Item]) -> int:
+        if not any(item.get_closest_marker("slow") for item in module):
+            return 0
+        return 1 if any("quickstart" in item.fixturenames for item in module) else 2
+
+    items[:] = [item for module in sorted(modules.values(), key=rank) for item in module]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quickstart_started(request, tmp_path_factory):
+    """The README's quickstart command, verbatim, started at the session's first test when a collected test
+    needs it, from a fresh working directory (relative --out, Ray backend, a new local cluster), as a user whose
+    environment is activated runs it: (its working directory, the process, its console file) or None."""
+    if not any("quickstart" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     cwd = tmp_path_factory.mktemp("quickstart")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(
-        quickstart_command(), shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    console = cwd.parent / "quickstart_console"
+    console.mkdir()
+    with open(console / "stdout", "w") as stdout, open(console / "stderr", "w") as stderr:
+        process = subprocess.Popen(quickstart_command(), shell=True, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+    yield cwd, process, console
+    if process.poll() is None:  # a session that ended before it did (-x, Ctrl-C)
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def quickstart(_quickstart_started) -> tuple[Path, subprocess.CompletedProcess]:
+    """The quickstart's run, finished: (its OUT, the finished process with its console). The README test reads
+    its console; the end-to-end tests read its outputs (copy OUT to change it)."""
+    cwd, process, console = _quickstart_started
+    process.wait(timeout=600)
+    done = subprocess.CompletedProcess(
+        process.args, process.returncode, (console / "stdout").read_text(), (console / "stderr").read_text()
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return cwd / "runs" / "smoke", done

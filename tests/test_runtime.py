@@ -34,6 +34,7 @@ from distcl.settings import ConfigError
 from distcl.teachers import TeacherFiles
 from distcl.training import steps_per_task
 from tests.image_data import write_folder
+from tests.references import inline_beside
 
 pytestmark = pytest.mark.slow
 
@@ -256,24 +257,16 @@ def test_a_ray_run_through_a_killed_driver_trains_the_inline_student_bitwise(clu
     inline run, bitwise (both compute with 1 thread). (A fault in a Train worker, which restarts the worker group
     from the same checkpoints: test_distill_ray.py.)"""
     long = ["train.max_steps=40", "runtime.checkpoint_every=10"]
-    reference = tmp_path / "reference"
-    keep_task_0(inline_run, reference)  # task 0 as the run's (the config's diff is max_steps alone)
-    (reference / "config.yaml").unlink()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the Train worker and the sampler actors
-    try:
-        run_continual(config("runtime.backend=inline", *long), reference, progress=False, log=lambda _: None)
-    finally:
-        torch.set_num_threads(threads)
-    task_1 = pd.read_parquet(reference / "train_log.parquet").query("task == 1")
-
-    out = tmp_path / "killed"
-    keep_task_0(reference, out)
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    for run in (reference, out):
+        keep_task_0(inline_run, run)  # task 0 as the run's (the config's diff is max_steps alone)
+        (run / "config.yaml").unlink()
     cmd = [sys.executable, "-m", "distcl.cli", "run", "--preset", "smoke", "--out", str(out), "--no-progress"]
     cmd += [arg for o in SHORT + long for arg in ("--set", o)]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     # SIGKILL, as a lost node or an OOM kill: a driver joining a cluster starts no process of its own
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    beside = inline_beside(config("runtime.backend=inline", *long), reference)  # while the driver starts
     deadline = time.time() + 240
     snapshot = out / "ray_train" / "workers" / "checkpoint_manager_snapshot.json"  # a checkpoint is registered
     while not snapshot.exists() and time.time() < deadline:
@@ -291,9 +284,11 @@ def test_a_ray_run_through_a_killed_driver_trains_the_inline_student_bitwise(clu
     assert "task 0" not in resumed.stdout.replace("task 0 (", "")  # task 0 not redone
     recoveries = re.findall(r"task 1: recovered at step (\d+)", resumed.stdout)
     assert len(recoveries) == 1 and int(recoveries[0]) in (10, 20, 30), resumed.stdout[-4000:]  # at a checkpoint
+    beside.result()
     assert same_weights(weights(out, 1), weights(reference, 1))
     assert not same_weights(weights(out, 1), weights(out, 0), atol=1e-4)
     assert not (out / "ray_train").exists() or not any((out / "ray_train").iterdir())
+    task_1 = pd.read_parquet(reference / "train_log.parquet").query("task == 1")
     on_ray = pd.read_parquet(out / "train_log.parquet").query("task == 1")
     assert on_ray.step.tolist() == task_1.step.tolist()  # no duplicated rows
     assert (on_ray.replay_wait_s < on_ray.step_s).all() and (on_ray.replay_wait_s > 0).any()  # waits are timed

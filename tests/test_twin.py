@@ -16,7 +16,6 @@ from diffusers import DDIMPipeline
 
 from distcl.cli import main
 from distcl.config import load_config
-from distcl.continual import run_continual
 from distcl.runtime.twin import (
     TWIN_ENV,
     node_type_of,
@@ -28,6 +27,7 @@ from distcl.runtime.twin import (
 )
 from tests.image_data import write_folder
 from tests.ray_jobs import ROOT, follow, status, submit
+from tests.references import inline_beside
 
 pytestmark = pytest.mark.slow
 
@@ -56,19 +56,6 @@ def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_i
     try:
         assert twin_nodes(twin.name) == {}  # min_workers: 0
         assert "GPU" not in twin.worker_types["gpu_trainer"]["resources"]  # none on this machine: runs on CPU
-        reference = tmp_path / "inline"  # with 1 thread, as the Train worker and the sampler actor compute
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            run_continual(
-                load_config(preset="smoke", overrides=short + ["runtime.backend=inline", "device=cpu"]),
-                reference,
-                progress=False,
-                log=lambda _: None,
-            )
-        finally:
-            torch.set_num_threads(threads)
-
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the jobs' python: the project's
         env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
         # relative --out: the job's driver runs in its own copy of the working dir, and writes there
@@ -85,6 +72,10 @@ def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_i
                 *[a for o in short + ON_NODE_TYPES for a in ("--set", o)],
             ],
         )
+        # the inline run, with 1 thread as the Train worker and the sampler actor compute, while the twin scales up
+        reference = tmp_path / "inline"
+        inline = load_config(preset="smoke", overrides=short + ["runtime.backend=inline", "device=cpu"])
+        beside = inline_beside(inline, reference)
         logs, reclaimed = [], None
         with follow(twin.address, env, job) as console:
             for line in console.stdout:
@@ -95,6 +86,7 @@ def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_i
                     assert len(sampler) == 1
                     reclaimed = sampler[0]
                     assert main(["cluster", "local", "--preempt", "sampler", str(ROOT / "cluster.yaml")]) == 0
+        beside.result()
         assert "succeeded" in status(twin.address, env, job).lower(), "".join(logs[-60:])
         assert reclaimed is not None, "".join(logs[-60:])
         console = "".join(logs)

@@ -14,9 +14,9 @@ checkpoint left it, and an item whose final checkpoint was written is not run ag
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import pickle
 import tempfile
 import threading
 import time
@@ -42,6 +42,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distcl.config import RuntimeConfig
 from distcl.devices import configure_numerics
+from distcl.runtime.channel import WorkChannel
 from distcl.runtime.cluster import HEAD_RESOURCE, cluster_capacity
 from distcl.runtime.stream import ingest_options
 
@@ -60,47 +61,6 @@ TRAIN_POLL_S = "0.25"
 # autoscaler takes minutes to start a cloud node (seconds on a local twin); a layout no node type can hold is
 # refused before (pipeline.check_layout). $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, when set, wins.
 NODE_START_S = "900"
-
-
-@ray.remote(num_cpus=0, max_restarts=0)
-class WorkChannel:
-    """Items from the driver to the workers and rank 0's results back. ``next(after)`` waits for the newest item
-    not yet finished whose number is above ``after`` (a restarted worker asks with -1: the item in progress)."""
-
-    def __init__(self):
-        self.items: list[tuple] = []
-        self.results: dict[int, dict] = {}
-        self.closed = False
-        self.changed = asyncio.Condition()
-
-    async def post(self, name: str, fn: Callable, config: dict) -> int:
-        async with self.changed:
-            self.items.append((len(self.items), name, fn, config))
-            self.changed.notify_all()
-            return len(self.items) - 1
-
-    async def next(self, after: int) -> Optional[tuple]:
-        def pending():
-            return [item for item in self.items if item[0] > after and item[0] not in self.results]
-
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.closed or pending())
-            return None if self.closed else pending()[-1]
-
-    async def finish(self, seq: int, state: dict) -> None:
-        async with self.changed:
-            self.results[seq] = state
-            self.changed.notify_all()
-
-    async def result(self, seq: int) -> dict:
-        async with self.changed:
-            await self.changed.wait_for(lambda: seq in self.results)
-            return self.results[seq]
-
-    async def close(self) -> None:
-        async with self.changed:
-            self.closed = True
-            self.changed.notify_all()
 
 
 @dataclass
@@ -235,7 +195,8 @@ def worker_loop(config: dict) -> None:
     restored = load_state(checkpoint) if checkpoint is not None else None  # only for the first item taken
     seq = -1
     while (item := ray.get(channel.next.remote(seq))) is not None:
-        seq, name, fn, item_config = item
+        seq, name, (payload,) = item
+        fn, item_config = ray.get(payload)
         resume = restored if restored is not None and restored["item"] == name else None
         restored = None
         if resume is not None and resume["final"]:
@@ -245,7 +206,7 @@ def worker_loop(config: dict) -> None:
             state = fn(item_config, work)
             report_state({**state, "item": name, "final": True}, {"item": name, "final": True}, rank)
         if rank == 0:
-            ray.get(channel.finish.remote(seq, state))
+            ray.get(channel.finish.remote(seq, pickle.dumps(state)))
 
 
 def resolve_use_gpu(rt: RuntimeConfig, cluster_gpus: float, sampler_gpus: float = 0.0) -> bool:
@@ -318,11 +279,12 @@ class WorkerGroup:
     def run(self, name: str, fn: Callable[[dict, WorkItem], dict], config: dict) -> dict:
         """Run item ``name`` (its checkpoints carry the name: keep it stable across reruns); raises RuntimeError
         when the worker group fails (after ``runtime.max_failures`` restarts)."""
-        result = self.channel.result.remote(ray.get(self.channel.post.remote(name, fn, config)))
+        payload = ray.put((fn, config))  # held here until the item's result is back
+        result = self.channel.result.remote(ray.get(self.channel.post.remote(name, [payload])))
         while not ray.wait([result], timeout=self.poll_s)[0]:
             if not self.thread.is_alive():
                 raise RuntimeError(f"{name} failed on Ray Train (nothing saved for it): {self.error}")
-        return ray.get(result)
+        return pickle.loads(ray.get(result))
 
     def close(self) -> None:
         """End the workers' loop and the Train run (an error of the run is raised by ``run``)."""
