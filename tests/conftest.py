@@ -60,8 +60,9 @@ def fmnist_dir() -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Whole modules in this order: those without a slow test, those that read the quickstart's run, the other
-    slow ones. The quickstart starts with the session (``_quickstart_started``) and runs beside the unit tests."""
+    """Whole modules in this order: those without a slow test, the other slow ones, those that read the quickstart's
+    run. The quickstart starts with the session (``_quickstart_started``) and runs beside the unit tests and the
+    first Ray tests (on 2 cores a Ray test leaves about a fifth of them idle), so its readers never wait for it."""
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
@@ -69,7 +70,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(module: list[pytest.Item]) -> int:
         if not any(item.get_closest_marker("slow") for item in module):
             return 0
-        return 1 if any("quickstart" in item.fixturenames for item in module) else 2
+        return 2 if any("quickstart" in item.fixturenames for item in module) else 1
 
     items[:] = [item for module in sorted(modules.values(), key=rank) for item in module]
 
