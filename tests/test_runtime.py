@@ -3,6 +3,7 @@
 actors: test_twin.py)."""
 
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ from distcl.models import load_unet
 from distcl.rundir import task_dir
 from distcl.runtime import cluster as cluster_module
 from distcl.runtime import pipeline
+from distcl.runtime.channel import WorkChannel
 from distcl.runtime.samplers import RemoteReplay, SamplerPool, classifier_replay
 from distcl.runtime.stream import ShardStream, ingest_options, task_dataset
 from distcl.settings import ConfigError
@@ -87,6 +89,24 @@ def inline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("inline") / "run"
     run_continual(config("runtime.backend=inline"), out, progress=False, log=lambda _: None)
     return out
+
+
+def test_the_work_channel_passes_items_and_results_on_without_importing_torch(cluster):
+    """The actor between the driver and the Train workers imports Ray alone: the items (configs, refs) and the
+    results (tensors) go through it unpickled, so its process starts in about a second."""
+    channel = WorkChannel.remote()
+    try:
+        payload = ray.put((same_weights, {"cfg": config(), "init": torch.ones(3)}))
+        seq = ray.get(channel.post.remote("task_0", [payload]))
+        taken, name, (ref,) = ray.get(channel.next.remote(-1))
+        fn, item = ray.get(ref)
+        assert (taken, name, fn) == (seq, "task_0", same_weights) and torch.equal(item["init"], torch.ones(3))
+        ray.get(channel.finish.remote(seq, pickle.dumps({"model": torch.zeros(2)})))
+        assert torch.equal(pickle.loads(ray.get(channel.result.remote(seq)))["model"], torch.zeros(2))
+        loaded = ray.get(channel.__ray_call__.remote(lambda _: sorted({"torch", "diffusers"} & set(sys.modules))))
+        assert loaded == []
+    finally:
+        ray.kill(channel)
 
 
 def test_classifier_replay_images_come_from_the_samplers(cluster, inline_run, tmp_path):

@@ -1,8 +1,9 @@
 """The small actor between the driver and the run's Train workers (distcl.runtime.workers.WorkerGroup).
 
-It imports Ray alone and never unpickles what it carries: an item is ``[ref]`` to the driver's ``(fn, config)``
-in the object store (a ref inside a list is not resolved), a result is rank 0's state as pickled bytes. So its
-process starts in about a second instead of importing torch, diffusers and torch-fidelity (about 10 s of CPU).
+It never unpickles what it carries: an item is ``[ref]`` to the driver's ``(fn, config)`` in the object store
+(a ref inside a list is not resolved), a result is rank 0's state as pickled bytes. So its process imports Ray
+alone and starts in about a second; unpickling an item's function and tensors there imported torch, diffusers
+and torch-fidelity (about 10 s of CPU per run).
 """
 
 from __future__ import annotations
