@@ -4,6 +4,7 @@ quickstart run."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,10 +90,12 @@ def _quickstart_started(request, tmp_path_factory):
     console = cwd.parent / "quickstart_console"
     console.mkdir()
     with open(console / "stdout", "w") as stdout, open(console / "stderr", "w") as stderr:
-        process = subprocess.Popen(quickstart_command(), shell=True, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+        process = subprocess.Popen(
+            quickstart_command(), shell=True, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True
+        )
     yield cwd, process, console
-    if process.poll() is None:  # a session that ended before it did (-x, Ctrl-C)
-        process.kill()
+    if process.poll() is None:  # a session that ended before it did (-x, Ctrl-C): the shell, distcl, its cluster
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
