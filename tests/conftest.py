@@ -61,9 +61,9 @@ def fmnist_dir() -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Whole modules in this order: those without a slow test, the other slow ones, those that read the quickstart's
-    run. The quickstart starts with the session (``_quickstart_started``) and runs beside the unit tests and the
-    first Ray tests (on 2 cores a Ray test leaves about a fifth of them idle), so its readers never wait for it."""
+    """Whole modules in this order: those without a slow test, those that read the quickstart's run, the other
+    slow ones. The quickstart starts with the session (``_quickstart_started``) and runs beside the unit tests
+    (its readers last instead, so that it also overlapped the first Ray tests, measured 636 s against 614 s)."""
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
@@ -71,7 +71,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(module: list[pytest.Item]) -> int:
         if not any(item.get_closest_marker("slow") for item in module):
             return 0
-        return 2 if any("quickstart" in item.fixturenames for item in module) else 1
+        return 1 if any("quickstart" in item.fixturenames for item in module) else 2
 
     items[:] = [item for module in sorted(modules.values(), key=rank) for item in module]
 
