@@ -18,9 +18,15 @@ from distcl.data import DEBIAN_DIR
 from distcl.models import build_scheduler
 from tests.readme import quickstart_command
 
-# The tests compute on 1 thread: the quickstart's run goes on beside the unit tests, and two threads of this
-# process competing with its processes for the 2 cores made single tests up to 14x slower.
+# The tests compute on 1 thread, as the Ray Train workers and the sampler actors do (cpus_per_worker =
+# sampler_cpus = 1): so an inline reference run is bitwise the Ray run it checks. It is also faster here: the
+# quickstart's run goes on beside the unit tests, and two threads of this process competing with its processes
+# for the 2 cores made single tests up to 14x slower.
 torch.set_num_threads(1)
+
+
+def reads_quickstart(item: pytest.Item) -> bool:
+    return "quickstart" in item.fixturenames
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
@@ -75,7 +81,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(module: list[pytest.Item]) -> int:
         if not any(item.get_closest_marker("slow") for item in module):
             return 0
-        return 1 if any("quickstart" in item.fixturenames for item in module) else 2
+        return 1 if any(map(reads_quickstart, module)) else 2
 
     items[:] = [item for module in sorted(modules.values(), key=rank) for item in module]
 
@@ -85,7 +91,7 @@ def _quickstart_started(request, tmp_path_factory):
     """The README's quickstart command, verbatim, started at the session's first test when a collected test
     needs it, from a fresh working directory (relative --out, Ray backend, a new local cluster), as a user whose
     environment is activated runs it: (its working directory, the process, its console file) or None."""
-    if not any("quickstart" in item.fixturenames for item in request.session.items):
+    if not any(map(reads_quickstart, request.session.items)):
         yield None
         return
     cwd = tmp_path_factory.mktemp("quickstart")
