@@ -125,11 +125,7 @@ def section() -> str:
             "",
             *thin_driver_table(t),
             "",
-            "On 2 cores Ray's fixed costs (a cluster, a Train worker group, the sampler actors) dominate short runs: "
-            "the smoke ratio was 4.2 with a Train worker group per task, the goal is 1.3; the whole cpu preset "
-            "measured 1.074 in the throughput benchmark above, the goal is 1.0.",
-            "",
-            f"Machine: {t['machine']}",
+            THIN_DRIVER_NOTE,
             "",
         ]
     parts.append(END)
@@ -137,24 +133,44 @@ def section() -> str:
 
 
 def thin_driver_table(t: dict) -> list[str]:
-    """The figures of benchmarks/results/thin_driver.json as a Markdown table."""
-    runs, ev = t["runs"], t["eval"]
+    """The figures of benchmarks/results/thin_driver.json as a Markdown table, each with the machine and date it
+    was measured on."""
+    runs, ev, on = t["runs"], t["eval"], t.get("measured", {})
+
+    def where(part: str) -> str:
+        return on.get(part) or t.get("machine", "")
+
     return [
-        "| figure | measured |",
-        "|---|---|",
+        "| figure | measured | goal | machine |",
+        "|---|---|---|---|",
         "| driver CPU seconds / the machine's busy CPU seconds: cpu preset gd with the continual classifier, "
         f"2 tasks x 60 steps, simulated 3-node cluster (0-CPU head) | {t['driver_cpu_share']:.3f} "
-        f"({runs['three_nodes']['driver_cpu_s']:.1f} s of {runs['three_nodes']['machine_cpu_s']:.1f} s) |",
+        f"({runs['three_nodes']['driver_cpu_s']:.1f} s of {runs['three_nodes']['machine_cpu_s']:.1f} s) | <= 0.10 | "
+        f"{where('nodes')} |",
         f"| smoke preset: wall time on Ray / inline | {t['smoke_ray_over_inline']:.2f} "
-        f"({runs['smoke_ray']['wall_s']:.1f} s / {runs['smoke_inline']['wall_s']:.1f} s) |",
-        f"| cpu preset, 2 tasks x 60 steps: Ray / inline | {t['p3_ray_over_inline']:.2f} "
-        f"({runs['p3_ray']['wall_s']:.1f} s / {runs['p3_inline']['wall_s']:.1f} s) |",
+        f"({runs['smoke_ray']['wall_s']:.1f} s / {runs['smoke_inline']['wall_s']:.1f} s) | <= 1.3 | {where('smoke')} |",
+        f"| p3, {t.get('p3_run', 'cpu preset, gd, 2 tasks x 60 steps')}: Ray / inline | "
+        f"{t['p3_ray_over_inline']:.3f} ({runs['p3_ray']['wall_s']:.1f} s / {runs['p3_inline']['wall_s']:.1f} s) | "
+        f"<= 1.0 | {where('p3')} |",
         f"| one evaluation at the `{ev['model']}` model size ({ev['samples']} samples x {ev['steps']} DDIM steps, "
         f"{ev['real_images']} test images, {ev['chunks']} chunks): 1 sampler actor / 2 | "
         f"{t['eval_scaling_2_over_1']:.2f} ({ev['one_sampler_s']:.1f} s / {ev['two_samplers_s']:.1f} s), FID "
-        f"{ev['metrics_one']['fid']:.3f} and {ev['metrics_two']['fid']:.3f} |",
+        f"{ev['metrics_one']['fid']:.3f} and {ev['metrics_two']['fid']:.3f} | >= 1.8 | {where('eval')} |",
     ]
 
+
+THIN_DRIVER_NOTE = (
+    "Neither Ray/inline goal is met on 2 cores. Smoke: 1.90 now (2.30 before this change, 4.2 with a Train worker "
+    "group per task), after the smoke preset was sized to 2 cores (one sampler actor, not two: a process importing "
+    "torch and diffusers less) and Ray Train's preemption watcher left off on a local cluster; the Ray run spends "
+    "`ray_fixed_s` (22.5 s) that the inline run does not: the local cluster (about 5 s), Ray Train V2's controller "
+    "and its five helper actors (about 2 CPU s each), the Train worker and the sampler actor each importing torch "
+    "and diffusers (about 5 CPU s each). The 1.3 goal leaves 7.5 s for all of that: not reachable with Ray Train on "
+    "this machine. P3 (the whole cpu preset): 1.236; both runs spend the same CPU (1143 and 1162 CPU s), but the Ray "
+    "run keeps only 1.59 of the 2 cores busy (its Train worker computes on one thread, the sampler actor's gd replay "
+    "needs about half a core) while the inline run keeps 1.99 busy with two threads in one process. (The 1.074 "
+    "measured on 2026-11-22 was against a slower inline run: 702 s then, 583 s now.)"
+)
 
 CLAIMS = [  # (the paper's claim, metric, better strategy, other strategy, lower is better)
     ("gd's final FID is far below gr's (gr loses its denoising ability)", "fid", "gd", "gr", True),

@@ -1,24 +1,29 @@
 """Thin-driver benchmark: how much of a Ray run's CPU its driver uses, what the Ray backend costs against
 ``--inline``, and how one task's evaluation scales over sampler actors. Every run starts from nothing (a new
-cluster for each Ray run), one after the other on the same machine.
+cluster for each Ray run), the two runs of a ratio one after the other on the same machine.
 
-    python -m benchmarks.thin_driver           # about 10 minutes on 2 cores
+    python -m benchmarks.thin_driver                       # about 35 minutes on 2 cores
+    python -m benchmarks.thin_driver --parts smoke,p3      # only these figures; the others are kept from the file
 
-- driver_cpu_share: CPU seconds of the driver process (this one) / the machine's busy CPU seconds over the same
-  time (/proc/stat; the machine runs nothing else), for the cpu preset's gd run with the continual classifier,
-  shortened to 2 tasks x 60 steps, on a simulated 3-node cluster (ray.cluster_utils.Cluster: a 0-CPU head, a
-  sampler node, a trainer node).
-- smoke_ray_over_inline: wall time of the smoke preset on Ray (a new local cluster) / the same run ``--inline``.
-- p3_ray_over_inline: the same for the cpu preset's gd run, shortened to 2 tasks x 60 steps, 1 sampler actor.
-- eval_scaling_2_over_1: wall time of one evaluation at the ``paper`` model size (the 42.9 M UNet, randomly
-  initialised: the cost does not depend on the weights) of 200 samples x 10 DDIM steps and 500 test images, on
-  1 sampler actor / on 2 (1 CPU each); both metrics are written, and must be equal.
+- driver_cpu_share (part ``nodes``): CPU seconds of the driver process (this one) / the machine's busy CPU
+  seconds over the same time (/proc/stat; the machine runs nothing else), for the cpu preset's gd run with the
+  continual classifier, shortened to 2 tasks x 60 steps, on a simulated 3-node cluster
+  (ray.cluster_utils.Cluster: a 0-CPU head, a sampler node, a trainer node).
+- smoke_ray_over_inline (part ``smoke``): wall time of the smoke preset on Ray (a new local cluster) / the same
+  run ``--inline``; ``ray_fixed_s``: the Ray run's seconds before its first training step and after its last
+  evaluation that the inline run does not spend (its wall time less the inline run's).
+- p3_ray_over_inline (part ``p3``): the same for the whole cpu preset's gd run (5 tasks x 500 steps), 1 sampler
+  actor (``--short``: 2 tasks x 60 steps).
+- eval_scaling_2_over_1 (part ``eval``): wall time of one evaluation at the ``paper`` model size (the 42.9 M UNet,
+  randomly initialised: the cost does not depend on the weights) of 200 samples x 10 DDIM steps and 500 test
+  images, on 1 sampler actor / on 2 (1 CPU each); both metrics are written, and must be equal.
 
-Writes benchmarks/results/thin_driver.json.
+Writes benchmarks/results/thin_driver.json; each part carries the machine and date it was measured on.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -40,7 +45,9 @@ from distcl.launch import run
 from distcl.models import build_unet
 from distcl.runtime.samplers import SamplerPool
 
-P3 = ["data.num_tasks=2", "train.max_steps=60", "runtime.num_samplers=1"]
+P3 = ["runtime.num_samplers=1"]
+SHORT = ["data.num_tasks=2", "train.max_steps=60"]
+PARTS = ("smoke", "p3", "nodes", "eval")
 ON_NODES = ["classifier.enabled=true", "runtime.sampler_resource=sampler_slot", "runtime.worker_resource=trainer_slot"]
 
 
@@ -94,15 +101,8 @@ def eval_seconds(job, test_labels: torch.Tensor, samplers: int) -> tuple[float, 
     return seconds, metrics_from_chunks(results, test_labels, 10)[0]
 
 
-def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="distcl-thin-driver-"))
-    runs = {
-        "smoke_inline": timed_run("smoke", ["runtime.backend=inline"], work / "smoke-inline"),
-        "smoke_ray": timed_run("smoke", [], work / "smoke-ray"),
-        "p3_inline": timed_run("cpu", P3 + ["runtime.backend=inline"], work / "p3-inline"),
-        "p3_ray": timed_run("cpu", P3, work / "p3-ray"),
-        "three_nodes": on_three_nodes(P3 + ON_NODES, work / "three-nodes"),
-    }
+def eval_scaling() -> dict:
+    """One evaluation at the paper model size on 1 sampler actor, then on 2."""
     cfg = load_config(preset="paper", overrides=["eval.num_samples=200", "eval.batch_size=50"])
     dataset = load_dataset(cfg.data, cfg.cache_dir, 32)
     test = select(dataset.test, list(range(10)), 50)
@@ -115,28 +115,54 @@ def main() -> None:
         two_s, two = eval_seconds(job, test.labels, 2)
     finally:
         ray.shutdown()
-    three = runs["three_nodes"]
-    results = {
-        "machine": machine(),
-        "runs": runs,
-        "driver_cpu_share": three["driver_cpu_s"] / three["machine_cpu_s"],
-        "smoke_ray_over_inline": runs["smoke_ray"]["wall_s"] / runs["smoke_inline"]["wall_s"],
-        "p3_ray_over_inline": runs["p3_ray"]["wall_s"] / runs["p3_inline"]["wall_s"],
-        "eval": {
-            "model": "paper",
-            "samples": 200,
-            "steps": 10,
-            "real_images": len(test.labels),
-            "chunks": len(job.chunks()),
-            "one_sampler_s": one_s,
-            "two_samplers_s": two_s,
-            "metrics_one": one,
-            "metrics_two": two,
-        },
-        "eval_scaling_2_over_1": one_s / two_s,
+    return {
+        "model": "paper",
+        "samples": 200,
+        "steps": 10,
+        "real_images": len(test.labels),
+        "chunks": len(job.chunks()),
+        "one_sampler_s": one_s,
+        "two_samplers_s": two_s,
+        "metrics_one": one,
+        "metrics_two": two,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--short", action="store_true", help="p3 on 2 tasks x 60 steps")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {unknown} (allowed: {', '.join(PARTS)})")
+    path = RESULTS / "thin_driver.json"
+    results = json.loads(path.read_text()) if path.exists() else {"runs": {}, "measured": {}}
+    results.setdefault("measured", {part: results.get("machine") for part in PARTS})  # a file from before parts
+    work = Path(tempfile.mkdtemp(prefix="distcl-thin-driver-"))
+    runs, p3 = results["runs"], P3 + (SHORT if args.short else [])
+    if "smoke" in parts:
+        runs["smoke_inline"] = timed_run("smoke", ["runtime.backend=inline"], work / "smoke-inline")
+        runs["smoke_ray"] = timed_run("smoke", [], work / "smoke-ray")
+        results["smoke_ray_over_inline"] = runs["smoke_ray"]["wall_s"] / runs["smoke_inline"]["wall_s"]
+        results["ray_fixed_s"] = runs["smoke_ray"]["wall_s"] - runs["smoke_inline"]["wall_s"]
+    if "p3" in parts:
+        runs["p3_inline"] = timed_run("cpu", p3 + ["runtime.backend=inline"], work / "p3-inline")
+        runs["p3_ray"] = timed_run("cpu", p3, work / "p3-ray")
+        results["p3_run"] = "cpu preset, gd, 1 sampler actor" + (", 2 tasks x 60 steps" if args.short else "")
+        results["p3_ray_over_inline"] = runs["p3_ray"]["wall_s"] / runs["p3_inline"]["wall_s"]
+    if "nodes" in parts:
+        runs["three_nodes"] = on_three_nodes(P3 + SHORT + ON_NODES, work / "three-nodes")
+        results["driver_cpu_share"] = runs["three_nodes"]["driver_cpu_s"] / runs["three_nodes"]["machine_cpu_s"]
+    if "eval" in parts:
+        results["eval"] = eval_scaling()
+        results["eval_scaling_2_over_1"] = results["eval"]["one_sampler_s"] / results["eval"]["two_samplers_s"]
+    for part in parts:
+        results["measured"][part] = machine()
+    results.pop("machine", None)  # (a single machine for every part, before parts were measured apart)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "thin_driver.json").write_text(json.dumps(results, indent=2))
+    path.write_text(json.dumps(results, indent=2))
     print("\n".join(thin_driver_table(results)))
 
 

@@ -347,13 +347,15 @@ class PIDConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # All 5 tasks with gd on a 16x16 tiny UNet; a few minutes at most on 2 CPU cores.
+    # All 5 tasks with gd on a 16x16 tiny UNet, sized to a 2-core laptop (one Train worker, one sampler actor);
+    # a minute or two on 2 CPU cores.
     "smoke": {
         "name": "smoke",
         "model": {"preset": "tiny"},
         "data": {"train_per_class": 300, "test_per_class": 100},
         "train": {"strategy": "gd", "batch_size": 32, "max_steps": 25, "log_every": 5},
-        "eval": {"num_samples": 200, "steps": 10, "batch_size": 100},  # a chunk for each of the 2 sampler actors
+        "eval": {"num_samples": 200, "steps": 10, "batch_size": 100},
+        "runtime": {"num_samplers": 1},
         "classifier": {"epochs": 2.0, "batch_size": 32, "lr": 2e-3},
     },
     # The benchmark scale on 2 CPU cores (see benchmarks/): the 16x16 tiny UNet, 500 steps per task, and a

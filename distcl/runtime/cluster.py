@@ -5,9 +5,11 @@ runs) in one place."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -89,12 +91,46 @@ def join_cluster(rt: RuntimeConfig, cpus_needed: float) -> bool:
         return False
     num_cpus = rt.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(QUIET_DATA_LOGS))  # the cluster's processes inherit it
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)  # Tune's ASHA needs the dashboard
+    (port,) = free_ports(1)
+    local_only = {
+        # Ray Train's actors ask the State API (the dashboard) about their controller; with another local cluster
+        # on the machine Ray's auto-detection finds two and they print tracebacks: name this one's dashboard
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+        # Ray Train's preemption watcher (an actor per run polling node drains) has nothing to watch on one machine
+        PREEMPTION_WATCHER: "0",
+    }
+    with environment(local_only):  # for the cluster's processes (they inherit it), not for later clusters
+        # the dashboard: Tune's ASHA and Ray Train's placement group cleaner need it
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port)
     _STARTED_HERE.add(ray.get_runtime_context().gcs_address)
     return True
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports of 127.0.0.1, free now."""
+    probes = [socket.socket() for _ in range(n)]
+    for probe in probes:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in probes]
+    for probe in probes:
+        probe.close()
+    return ports
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """``os.environ`` with ``variables`` set (where the user has not set them) inside the block only."""
+    added = {name: value for name, value in variables.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 HEAD_RESOURCE = "node:__internal_head__"  # every Ray head has one unit
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's controller (the driver's env)
 QUIET_DATA_LOGS = Path(__file__).with_name("ray_data_logging.yaml")
 
 

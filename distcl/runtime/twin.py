@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ import yaml
 from ray.util import get_node_ip_address as node_ip_address
 
 from distcl.data import cache_dir
-from distcl.runtime.cluster import HEAD_RESOURCE, validate_cluster_config
+from distcl.runtime.cluster import HEAD_RESOURCE, free_ports, validate_cluster_config
 from distcl.settings import ConfigError, check_field
 
 TWIN_ENV = "DISTCL_TWIN"
@@ -133,16 +132,6 @@ class Twin:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _environ(proc: psutil.Process) -> dict:
     try:
         return proc.environ()
@@ -214,7 +203,7 @@ def start_twin(
         import torch  # only here: the rest of the twin needs no torch
 
         keep_gpus = torch.cuda.is_available()
-    gcs, dashboard, agent, client = _free_ports(4)
+    gcs, dashboard, agent, client = free_ports(4)
     ip, temp_dir = node_ip_address(), twin_temp_dir(name)
     state = Twin.state_file(name).parent
     state.mkdir(parents=True, exist_ok=True)
