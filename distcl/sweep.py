@@ -128,6 +128,12 @@ class SweepConfig:
             raise ConfigError(name, f"{kind} needs [low, high] with low < high{positive}, got {args!r}")
         return [args[0], args[1] - 1] if kind == "randint" else list(args)
 
+    def num_trials(self) -> int:
+        """Trials the search makes: the product of the grid's list lengths, or ``num_samples`` random draws."""
+        if self.search == "random":
+            return self.num_samples
+        return math.prod(len(values) for values in self.params.values()) * self.num_samples
+
     def trial_config(self, values: dict[str, Any], name: Optional[str] = None) -> RunConfig:
         """The run config of the trial with ``values`` (dotted field -> value) on top of preset, config, base."""
         overrides = [f"{key}={json.dumps(value)}" for key, value in _flatten(self.base).items()]

@@ -96,6 +96,14 @@ def test_random_search_space_is_validated_at_its_ends(tmp_path):
         load_sweep(write(tmp_path, search="random", params={"train.replay_lambda": {"uniform": [-1, 3]}}))
 
 
+def test_the_number_of_trials_a_search_makes(tmp_path):
+    """What a Ctrl-C'd sweep is measured against (Tune returns normally before it has made them all)."""
+    assert load_sweep(TUNING / "paper.yaml").num_trials() == 8 * 3 * 2 * 3
+    assert load_sweep(write(tmp_path)).num_trials() == 4
+    drawn = {"train.teacher_eta": {"uniform": [0.0, 1.0]}, "seed": [42, 69]}
+    assert load_sweep(write(tmp_path, search="random", num_samples=5, params=drawn)).num_trials() == 5
+
+
 def test_fid_auc_is_the_trapezoid_over_tasks():
     assert fid_auc([10.0]) == 10.0
     assert fid_auc([10.0, 20.0, 40.0]) == pytest.approx(15.0 + 30.0)

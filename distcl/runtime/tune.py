@@ -202,9 +202,10 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
         unfinished = stopped + unreported
     else:
         unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    unfinished += sweep.num_trials() - len(grid)  # Ctrl-C before the search made them (Tune returns normally)
     if unfinished:  # Ctrl-C: Tune saved its state and returned early
         raise KeyboardInterrupt(
-            f"{unfinished} of {len(grid)} trials unfinished (tables written for the others); continue with: "
+            f"{unfinished} of {sweep.num_trials()} trials unfinished (tables written for the others); continue with: "
             f"distcl tune --resume {out}"
         )
     return summary
