@@ -30,13 +30,15 @@ def trial_tag(sweep_name: str, trial: pd.Series, params: list[str]) -> str:
 
 def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     """A completed trial's metrics (and their real-data floor) in quality.parquet's long form, with each task's
-    median training step time as metric ``step_s``; ``wall_s`` from the trial's first start to its last metrics."""
+    median training step time as metric ``step_s``; ``wall_s`` from the trial's start to its last metrics
+    (NaN for a trial resumed after an interruption)."""
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     real = run_dir / "real_metrics.parquet"
     rows = pd.concat([metrics, pd.read_parquet(real)] if real.is_file() else [metrics], ignore_index=True)
-    first = (run_dir / "trial_starts.log").read_text().split()[1]
-    started = datetime.datetime.fromisoformat(first).timestamp()
-    wall = (run_dir / "metrics.parquet").stat().st_mtime - started
+    starts = (run_dir / "trial_starts.log").read_text().splitlines()
+    started = datetime.datetime.fromisoformat(starts[0].split()[1]).timestamp()
+    # a resumed trial's span holds the time it was stopped: no wall time for it
+    wall = (run_dir / "metrics.parquet").stat().st_mtime - started if len(starts) == 1 else float("nan")
     log = pd.read_parquet(run_dir / "train_log.parquet")  # the median step time of each task (metric "step_s")
     steps = log.groupby("task").step_s.median().rename("value").reset_index().assign(metric="step_s")
     steps = steps.assign(strategy=metrics.strategy.iloc[0], seed=metrics.seed.iloc[0])
