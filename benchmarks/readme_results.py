@@ -207,11 +207,12 @@ def claims(df: pd.DataFrame, tag: str) -> list[str]:
         )
     gd_joint = [stats(s, "fid") for s in ("gd", "joint", "finetune")]
     if all(n for _, _, n in gd_joint):
-        (gd, _, _), (joint, _, _), (finetune, _, _) = gd_joint
+        (gd, _, n_gd), (joint, _, n_joint), (finetune, _, n_finetune) = gd_joint
         near = "holds" if abs(gd - joint) < abs(gd - finetune) else "does not hold at this scale"
         rows.append(
-            f"| gd comes close to joint training (nearer joint than finetune on FID) | gd {gd:.3f} | "
-            f"joint {joint:.3f}, finetune {finetune:.3f} | {near} |"
+            f"| gd comes close to joint training (nearer joint than finetune on FID) | gd {gd:.3f} ({n_gd}) | "
+            f"joint {joint:.3f} ({n_joint}), finetune {finetune:.3f} ({n_finetune}) | "
+            f"{near if min(n_gd, n_joint, n_finetune) > 1 else 'one seed: no verdict'} |"
         )
     steps = [stats(s, "step_s") for s in ("gd", "gr")]
     if all(n for _, _, n in steps):
