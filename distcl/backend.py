@@ -137,6 +137,7 @@ class Backend(Protocol):
     (distcl.runtime.pipeline.RayBackend). The driver (:func:`run_continual`) only orchestrates."""
 
     distill_fit: Fit  # distils fast replay samplers
+    overlaps: bool  # the classifier and evaluation of task k may run (in a second driver thread) while k+1 trains
 
     def begin(self, scenario: Scenario, todo: list[int]) -> None:
         """The run's tasks are known (``todo``: the ones still to train); called once, before the first."""
@@ -158,6 +159,8 @@ class Backend(Protocol):
 
 class InlineBackend:
     """Every piece of the run in this process, on ``device`` (the reference's way)."""
+
+    overlaps = False  # one process: each step has every core
 
     def __init__(self, device: torch.device):
         self.device = device

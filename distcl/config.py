@@ -245,20 +245,34 @@ class RuntimeConfig:
     num_cpus: Optional[Count] = None  # CPUs of a new local cluster (None: Ray's count)
     num_workers: Count = 1  # Ray Train workers; train.batch_size is split among them
     cpus_per_worker: Positive = 1.0
+    worker_threads: Optional[Count] = None  # torch threads of each Train worker (None: its CPUs, at least 1)
     worker_resource: Optional[Text] = None  # a custom resource each Train worker needs one unit of
     use_gpu: Optional[Flag] = None  # None: when the cluster has the Train workers' GPUs beside the samplers'
     gpus_per_worker: Positive = 1.0  # with use_gpu; a fraction shares a GPU between workers
     num_samplers: Count = 2  # teacher sampler actors
     sampler_cpus: NonNegative = 1.0
+    sampler_threads: Optional[Count] = None  # torch threads of each sampler actor (None: its CPUs, at least 1)
     sampler_gpus: NonNegative = 0.0
     sampler_resource: Optional[Text] = None  # a custom resource each sampler actor needs one unit of
     data_cpus: NonNegative = 0.0  # each Ray Data task of a streamed folder (0: beside the workers and samplers)
     replay_depth: Count = 4  # in-flight replay requests per Train worker
     checkpoint_every: Count = 50  # Train checkpoint every N steps (and at the end of each task)
     max_failures: Annotated[Int, Ge(0)] = 1  # Train worker-group restarts per task
+    overlap: Flag = True  # the continual classifier and the evaluation of task k run while task k+1 trains
     replay_timeout_s: Positive = 600.0  # longest wait for one replay batch before failing the task
     precision: Precision = "fp32"  # bf16: the forwards under bfloat16 autocast, TF32 on CUDA
     deterministic: Flag = False  # PyTorch's deterministic algorithms (CUDA: slower, some ops refuse)
+
+    def threads(self, role: Literal["worker", "sampler"]) -> int:
+        """Torch threads of a Train worker or a sampler actor: ``worker_threads`` / ``sampler_threads``, else the
+        CPUs it holds (Ray's own OMP_NUM_THREADS rule), at least 1. More than its CPUs lets a process use cores
+        that the others leave idle (a 2-core machine: the Train worker while gd's replay needs half a core)."""
+        chosen = self.worker_threads if role == "worker" else self.sampler_threads
+        return (
+            chosen
+            if chosen is not None
+            else max(1, int(self.cpus_per_worker if role == "worker" else self.sampler_cpus))
+        )
 
 
 @settings

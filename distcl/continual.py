@@ -1,12 +1,17 @@
 """The continual run, the task loop: for task k, train the student (teacher = the frozen student after k-1), train
 the continual classifier, evaluate; each step saved to OUT (distcl.rundir) when done, so a rerun resumes: a task
-whose task_<k>/ exists is never retrained, one without metrics is (re-)evaluated."""
+whose task_<k>/ exists is never retrained, one without metrics is (re-)evaluated. On a backend that overlaps
+(Ray), the classifier and the evaluation of task k run while task k+1 trains."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +27,7 @@ from distcl.evaluation import (
     save_grid,
     solver_predictions,
 )
-from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint
+from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint, seeded_init
 from distcl.rundir import (
     REAL_DATA,
     append_rows,
@@ -42,6 +47,10 @@ from distcl.solver import (
     solver_steps,
 )
 from distcl.teachers import distill_replay_sampler, uses_fast_sampler
+
+
+class RunStopped(RuntimeError):
+    """A step finished after its run stopped (by an error or Ctrl-C elsewhere): it is not saved."""
 
 
 def run_continual(
@@ -86,18 +95,63 @@ def _run_tasks(
     )
     log(f"[distcl] classes per task: {scenario.describe()}")
     log(f"[distcl] devices: {run.backend.devices()}, precision {cfg.runtime.precision}")
-    evaluated = evaluated_tasks(out)
     run.backend.begin(scenario, [k for k in range(cfg.data.num_tasks) if not task_dir(out, k).exists()])
-    for k in range(cfg.data.num_tasks):
-        if not task_dir(out, k).exists():
-            run.train(k)
-        if cfg.classifier.enabled and not classifier_path(out, k).exists():
-            run.train_classifier(k)
-        if k not in evaluated:
-            run.evaluate(k)
-        if on_task is not None:
-            on_task(k, task_metrics(out, k))
+    after = AfterTasks(run, evaluated_tasks(out), on_task)
+    try:
+        for k in range(cfg.data.num_tasks):
+            if not task_dir(out, k).exists():
+                run.train(k)
+            after.submit(k)
+        after.finish()
+    finally:
+        after.stop()
     return out / "metrics.parquet"
+
+
+class AfterTasks:
+    """What follows the generator's task k: the continual classifier's task k, the evaluation of k (each saved when
+    done), then ``on_task(k, metrics)``. On a backend that ``overlaps``, the first two run in a second driver
+    thread while task k+1 trains, one task after the other; ``on_task`` is called in the caller's thread, in task
+    order. After ``stop`` nothing more is saved (a run stopped by an error or Ctrl-C resumes from its files)."""
+
+    def __init__(self, run: ContinualRun, evaluated: set[int], on_task: Optional[Callable] = None):
+        self.run, self.evaluated, self.on_task = run, evaluated, on_task
+        self.thread = ThreadPoolExecutor(1, "distcl-after-task") if run.backend.overlaps else None
+        self.pending: deque[tuple[int, Future]] = deque()
+
+    def submit(self, k: int) -> None:
+        if self.thread is None:
+            self.follow(k)
+            self.report(k)
+            return
+        self.pending.append((k, self.thread.submit(self.follow, k)))
+        self.collect(wait=False)
+
+    def follow(self, k: int) -> None:
+        if self.run.cfg.classifier.enabled and not classifier_path(self.run.out, k).exists():
+            self.run.train_classifier(k)
+        if k not in self.evaluated:
+            self.run.evaluate(k)
+
+    def report(self, k: int) -> None:
+        if self.on_task is not None:
+            self.on_task(k, task_metrics(self.run.out, k))
+
+    def collect(self, wait: bool) -> None:
+        """``on_task`` of the tasks whose work is done, in order (with ``wait``, of all); a failure raises here."""
+        while self.pending and (wait or self.pending[0][1].done()):
+            k, done = self.pending.popleft()
+            done.result()
+            self.report(k)
+
+    def finish(self) -> None:
+        self.collect(wait=True)
+
+    def stop(self) -> None:
+        """No saving from now on; the work in flight is abandoned (the backend's close ends its remote calls)."""
+        self.run.stop_saving()
+        if self.thread is not None:
+            self.thread.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -113,14 +167,29 @@ class ContinualRun:
     device: torch.device
     progress: bool
     log: Callable[[str], None]
+    saving_lock: threading.Lock = field(default_factory=threading.Lock)
+    stopped: bool = False
+
+    @contextmanager
+    def saving(self):
+        """Around each step's writes to OUT: refused once the run is stopped (:meth:`stop_saving`)."""
+        with self.saving_lock:
+            if self.stopped:
+                raise RunStopped("the run stopped: this step is not saved")
+            yield
+
+    def stop_saving(self) -> None:
+        """Returns once no step is being saved; none is after it."""
+        with self.saving_lock:
+            self.stopped = True
 
     def train(self, k: int) -> None:
         """The student starts as the model after task k-1 (task 0: the seeded initialisation); its teacher, for
         the strategies that have one, is that model (its fast replay sampler distilled first when asked)."""
         cfg, out, start = self.cfg, self.out, time.perf_counter()
         if k == 0:
-            torch.manual_seed(cfg.seed)
-            student = build_unet(cfg.model, cfg.data.image_channels).to(self.device)
+            with seeded_init(cfg.seed):
+                student = build_unet(cfg.model, cfg.data.image_channels).to(self.device)
         else:
             student = load_unet(task_dir(out, k - 1), cfg.model, self.device, cfg.data.image_channels)
         init_dir = task_dir(out, k - 1) if k > 0 else None
@@ -141,9 +210,9 @@ class ContinualRun:
         """Classifier task k (distcl.solver): it starts from the classifier of task k-1 (task 0: seeded)."""
         cfg, c, start = self.cfg, self.cfg.classifier, time.perf_counter()
         strategy = c.resolved_strategy(cfg.train.strategy)
-        torch.manual_seed(derive_seed(cfg.seed, "classifier_init"))
         if k == 0:
-            init = SolverCNN(cfg.data.image_channels, self.scenario.num_classes).state_dict()
+            with seeded_init(derive_seed(cfg.seed, "classifier_init")):
+                init = SolverCNN(cfg.data.image_channels, self.scenario.num_classes).state_dict()
         else:
             init = load_classifier(self.out, k - 1)
         joint = strategy == "joint"
@@ -153,8 +222,9 @@ class ContinualRun:
             cfg, k, init, images, labels, solver_steps(len(labels), c.epochs, c.batch_size), replay_from, self.progress
         )
         weights, rows = self.backend.train_classifier(spec)
-        save_classifier(self.out, k, weights)
-        append_rows(self.out / "classifier_log.parquet", rows, k)
+        with self.saving():
+            save_classifier(self.out, k, weights)
+            append_rows(self.out / "classifier_log.parquet", rows, k)
         self.log(
             f"[distcl] classifier task {k}: trained {len(rows)} steps in {time.perf_counter() - start:.1f}s, "
             f"last loss {rows[-1]['loss']:.4f}"
@@ -167,9 +237,8 @@ class ContinualRun:
         state = load_unet(task_dir(out, k), cfg.model, channels=cfg.data.image_channels).state_dict()
         solver = load_classifier(out, k) if cfg.classifier.enabled else None
         job = self.evaluator.job(k, cfg.seed, cfg.model, state, test, self.scenario.sample_size, solver)
-        results = self.backend.evaluate(job, self.progress)
+        results = self.backend.evaluate(job, self.progress and not self.backend.overlaps)  # not beside training's
         metrics, grid = metrics_from_chunks(results, test.labels, self.scenario.num_classes)
-        save_grid(grid, out / "samples" / f"task_{k}.png")
         if cfg.classifier.enabled:
             metrics.update(classifier_metrics(self.scenario, k, out, test.labels, solver_predictions(results)))
         rows = [
@@ -179,8 +248,10 @@ class ContinualRun:
         seen = select(self.scenario.train, self.scenario.seen_classes(k), None)
         floor = self.evaluator.real_data(seen, test, self.scenario.sample_size, cfg.seed, k)
         floor_rows = [{**r, "strategy": REAL_DATA, "value": floor[r["metric"]]} for r in rows if r["metric"] in floor]
-        append_rows(out / "real_metrics.parquet", floor_rows, k)
-        append_rows(out / "metrics.parquet", rows, k)
+        with self.saving():
+            save_grid(grid, out / "samples" / f"task_{k}.png")
+            append_rows(out / "real_metrics.parquet", floor_rows, k)
+            append_rows(out / "metrics.parquet", rows, k)
         self.log(
             f"[distcl] task {k} evaluated in {time.perf_counter() - start:.1f}s: "
             + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items())

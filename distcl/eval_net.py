@@ -18,6 +18,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from distcl.data import Dataset, Split, to_model_range
+from distcl.models import seeded_init
 from distcl.training import optimise
 
 CNN_EXTRACTOR = "distcl-cnn"
@@ -122,9 +123,9 @@ def train_classifier(
     """Adam (lr 2e-3, cosine decay to 0), batch 128, cross-entropy on the images in [-1, 1] taken to ``size``
     (None: their own) as the model's samples are; returns the net and its test accuracy at that size."""
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     size = size or train.images.shape[-1]
-    net = EvalClassifier(train.images.shape[1], num_classes, size).to(device)
+    with seeded_init(seed):
+        net = EvalClassifier(train.images.shape[1], num_classes, size).to(device)
     x, y = to_model_range(train.images, size), train.labels
     per_epoch = math.ceil(len(y) / 128)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)

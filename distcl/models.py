@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
@@ -12,10 +15,25 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from distcl.config import UNET_PRESETS
 from distcl.settings import ConfigError
 
+# diffusers' from_pretrained turns torch.nn.init off for the whole process (no_init_weights) while it builds a
+# model: a model initialised meanwhile in another thread would keep uninitialised memory. Loading here and the
+# seeded initialisations (:func:`seeded_init`) take turns under this lock (a Ray run's driver loads task k while
+# its second thread initialises the continual classifier).
+INIT_LOCK = threading.RLock()
+
+
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Models built inside are initialised from torch's global RNG seeded with ``seed``, whatever other threads
+    load or seed meanwhile."""
+    with INIT_LOCK:
+        torch.manual_seed(seed)
+        yield
+
 
 def build_unet(model_cfg, channels: int = 1) -> UNet2DModel:
     """A freshly initialised UNet2DModel of the configured preset with ``channels`` in and out (a run's:
-    ``data.image_channels``); seed the global RNG first."""
+    ``data.image_channels``); seed it first (:func:`seeded_init`) or load weights into it."""
     return UNet2DModel(**unet_spec(model_cfg, channels))
 
 
@@ -42,11 +60,20 @@ def require_checkpoint(directory: Path) -> None:
         raise FileNotFoundError(f"no diffusers checkpoint at {directory} (expected {directory}/unet/config.json)")
 
 
+def read_unet(unet_dir: Path) -> UNet2DModel:
+    """``UNet2DModel.from_pretrained`` under INIT_LOCK and without low_cpu_mem_usage: that path builds the model
+    under accelerate's init_empty_weights, which patches torch.nn.Module for the whole process, so a module built
+    meanwhile in another thread (a sampler actor trains the classifier while it loads a teacher) would get meta
+    tensors."""
+    with INIT_LOCK:
+        return UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
+
+
 def load_unet(directory: Path, model_cfg, device: torch.device | str = "cpu", channels: int = 1) -> UNet2DModel:
     """The UNet saved at ``directory`` (a DDIMPipeline folder), checked to be the configured architecture."""
     directory = Path(directory)
     require_checkpoint(directory)
-    unet = UNet2DModel.from_pretrained(directory / "unet")
+    unet = read_unet(directory / "unet")
     expected = unet_spec(model_cfg, channels)
     wrong = {k: (unet.config[k], v) for k, v in expected.items() if _plain(unet.config[k]) != _plain(v)}
     if wrong:
@@ -67,7 +94,7 @@ def load_pipeline_parts(directory: Path, device: torch.device | str = "cpu") -> 
             f"{directory} is not a distcl / diffusers DDIMPipeline checkpoint "
             "(expected unet/config.json and scheduler/ in it)",
         )
-    unet = UNet2DModel.from_pretrained(directory / "unet").to(device)
+    unet = read_unet(directory / "unet").to(device)
     return unet, DDIMScheduler.from_pretrained(directory / "scheduler")
 
 

@@ -41,7 +41,7 @@ import torch
 from diffusers import UNet2DModel
 
 from distcl.config import PIDConfig
-from distcl.models import load_pipeline_parts
+from distcl.models import load_pipeline_parts, read_unet
 from distcl.seeding import seeded_generator
 from distcl.settings import ConfigError
 from distcl.training import DistillUnit
@@ -182,5 +182,5 @@ def load_pid_student(directory: Path, device: torch.device | str = "cpu") -> PID
     if not (directory / STUDENT_FILE).is_file():
         raise ConfigError("--model", f"{directory} holds no PID student ({STUDENT_FILE} missing)")
     record = json.loads((directory / STUDENT_FILE).read_text())
-    unet = UNet2DModel.from_pretrained(directory / "unet").to(device).eval()
+    unet = read_unet(directory / "unet").to(device).eval()
     return PIDStudent(unet, SigmaSchedule(torch.tensor(record["alphas_cumprod"]))).eval()

@@ -22,6 +22,13 @@ def test_paper_preset_is_the_reference():
     assert (cfg.eval.steps, cfg.eval.num_samples) == (10, 10000)
 
 
+def test_torch_threads_are_the_cpus_a_process_holds_unless_chosen():
+    rt = load_config(preset="cpu", overrides=["runtime.cpus_per_worker=2.5", "runtime.sampler_cpus=0.5"]).runtime
+    assert (rt.threads("worker"), rt.threads("sampler")) == (2, 1)
+    rt = load_config(preset="cpu", overrides=["runtime.worker_threads=3", "runtime.sampler_threads=2"]).runtime
+    assert (rt.threads("worker"), rt.threads("sampler")) == (3, 2)
+
+
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"seed": 69, "train": {"strategy": "gr", "replay_lambda": 1}}))
@@ -51,6 +58,7 @@ def test_file_then_overrides(tmp_path):
         ("replay_sampler.method=lcm", "replay_sampler.method", "allowed: ddim, progressive, pid"),
         ("replay_sampler.steps=3", "replay_sampler.steps", "not reachable by halving 8"),
         ("replay_sampler.iterations=0", "replay_sampler.iterations", "allowed: >= 1"),
+        ("runtime.worker_threads=0", "runtime.worker_threads", "allowed: null or >= 1"),
     ],
 )
 def test_bad_fields_are_named_with_allowed_values(override, field, allowed):

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -19,6 +20,7 @@ import torch
 from diffusers import DDIMPipeline
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.state import list_actors
 from safetensors.torch import load_file
 
 from distcl.backend import InlineBackend, inline_image_replay
@@ -27,7 +29,7 @@ from distcl.continual import run_continual
 from distcl.data import DEBIAN_DIR, build_scenario, cache_dir, load_dataset, read_idx_source, read_image, to_model_range
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.models import load_unet
-from distcl.rundir import task_dir
+from distcl.rundir import load_classifier, task_dir
 from distcl.runtime import cluster as cluster_module
 from distcl.runtime import pipeline
 from distcl.runtime.channel import WorkChannel
@@ -80,8 +82,7 @@ def keep_task_0(src, dst):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)
-    yield
+    yield ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=True)  # the State API needs it
     ray.shutdown()
 
 
@@ -90,6 +91,44 @@ def inline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("inline") / "run"
     run_continual(config("runtime.backend=inline"), out, progress=False, log=lambda _: None)
     return out
+
+
+def test_a_ray_run_with_the_classifier_equals_inline_overlapping_tasks_its_actors_started_once(cluster, tmp_path):
+    """Three tasks with the continual classifier: on Ray the classifier and the evaluation of task k run in the
+    driver's second thread (on the sampler actors) while task k+1 trains, and the run ends with the inline run's
+    metrics and classifiers; one Train worker group and one sampler pool serve all its tasks (Ray's State API)."""
+    extra = ["data.num_tasks=3", "classifier.enabled=true", "classifier.replay_steps=2", "runtime.num_samplers=2"]
+    inline = tmp_path / "inline"
+    run_continual(config("runtime.backend=inline", *extra), inline, progress=False, log=lambda _: None)
+    threads = []
+
+    class Recording(pipeline.RayBackend):
+        def train_classifier(self, spec):
+            threads.append(("classifier", spec.task, threading.current_thread().name))
+            return super().train_classifier(spec)
+
+        def evaluate(self, job, progress):
+            threads.append(("evaluate", job.task, threading.current_thread().name))
+            return super().evaluate(job, progress)
+
+    def started(cls: str) -> set[str]:
+        actors = list_actors(f"http://{cluster.dashboard_url}", filters=[("class_name", "=", cls)], limit=10_000)
+        return {a.actor_id for a in actors}
+
+    before = {cls: started(cls) for cls in ("TeacherSampler", "RayTrainWorker")}
+    out, reported = tmp_path / "ray", []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "RayBackend", Recording)
+        pipeline.run(config(*extra), out, progress=False, log=lambda _: None, on_task=lambda k, m: reported.append(k))
+    assert reported == [0, 1, 2]
+    after_task = "distcl-after-task_0"  # the driver's second thread
+    assert sorted(threads) == [(step, k, after_task) for step in ("classifier", "evaluate") for k in range(3)]
+    assert {cls: len(started(cls) - ids) for cls, ids in before.items()} == {"TeacherSampler": 2, "RayTrainWorker": 1}
+    for k in range(3):
+        ours, theirs = (load_classifier(run, k) for run in (out, inline))
+        assert same_weights(ours, theirs, atol=1e-5), (k, max((ours[n] - theirs[n]).abs().max() for n in ours))
+    got, want = (pd.read_parquet(run / "metrics.parquet").set_index(["task", "metric"]).value for run in (out, inline))
+    assert len(got) == len(want) and got.to_dict() == pytest.approx(want.to_dict(), rel=1e-4)
 
 
 def test_the_work_channel_passes_items_and_results_on_without_importing_torch(cluster):
@@ -112,8 +151,9 @@ def test_the_work_channel_passes_items_and_results_on_without_importing_torch(cl
 
 def test_classifier_replay_images_come_from_the_samplers(cluster, inline_run, tmp_path):
     cfg = config("classifier.enabled=true", "classifier.batch_size=4", "classifier.replay_steps=2")
-    pool = SamplerPool(cfg, batch_size=8)
+    pool = SamplerPool(config("runtime.sampler_threads=2"), batch_size=8)  # more threads than its CPU: the same images
     try:
+        assert ray.get(pool.actors[0].__ray_call__.remote(lambda _: torch.get_num_threads())) == 2
         remote = classifier_replay(pool.actors, cfg, 1, [ray.put(TeacherFiles.read(cfg, task_dir(inline_run, 0)))], 3)
         got = [remote.get(s) for s in range(3)]
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,9 +24,9 @@ from distcl.replay import REPLAY_ITEM_STRATEGIES
 from distcl.rundir import out_lock
 from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.distill import RayDistillFit
-from distcl.runtime.samplers import SamplerPool, sampler_resources
+from distcl.runtime.samplers import TEACHERS_KEPT, SamplerPool, sampler_resources
 from distcl.runtime.stream import dataset_name, task_dataset
-from distcl.runtime.train import classifier_task_item, train_task_item
+from distcl.runtime.train import train_task_item
 from distcl.runtime.workers import WorkerGroup, resolve_use_gpu, worker_resources
 from distcl.settings import ConfigError
 from distcl.teachers import TeacherFiles
@@ -103,11 +104,14 @@ def role_devices(cfg: RunConfig) -> str:
 class RayBackend:
     """A distcl.continual backend on Ray: the run's one Ray Train worker group (it comes up while the driver
     loads data; for a streamed folder once the tasks' files are known: they are its datasets) trains every task
-    and distils the fast replay samplers; the sampler actors host teacher k-1 and evaluate."""
+    and distils the fast replay samplers; the sampler actors host teacher k-1, train the continual classifier and
+    evaluate, with ``runtime.overlap`` while the Train workers go on with the next task."""
 
     def __init__(self, cfg: RunConfig, out: Path, log: Callable[[str], None] = print):
         self.cfg, self.out, self.log = cfg, Path(out), log
-        self.teacher_ref: tuple[Optional[Path], list] = (None, [])
+        self.overlaps = cfg.runtime.overlap
+        self.teacher_refs: dict[Path, list] = {}  # the last TEACHERS_KEPT teachers put (two driver threads ask)
+        self.teacher_lock = threading.Lock()
         self.group = None if cfg.data.stream else WorkerGroup(cfg.runtime, self.out / "ray_train")
         # the actors come up while the Train workers do and the driver loads data: task 0's evaluation needs them
         self.pool: Optional[SamplerPool] = SamplerPool(cfg, cfg.train.batch_size // cfg.runtime.num_workers)
@@ -158,16 +162,19 @@ class RayBackend:
 
     def teacher(self, teacher_dir: Path) -> list:
         """``[ref]`` to the TeacherFiles of ``teacher_dir``, put in the object store once per teacher."""
-        if self.teacher_ref[0] != teacher_dir:
-            self.teacher_ref = (teacher_dir, [ray.put(TeacherFiles.read(self.cfg, teacher_dir))])
-        return self.teacher_ref[1]
+        with self.teacher_lock:
+            if teacher_dir not in self.teacher_refs:
+                self.teacher_refs[teacher_dir] = [ray.put(TeacherFiles.read(self.cfg, teacher_dir))]
+                while len(self.teacher_refs) > TEACHERS_KEPT:
+                    self.teacher_refs.pop(next(iter(self.teacher_refs)))
+            return self.teacher_refs[teacher_dir]
 
     def train_classifier(self, spec: ClassifierSpec) -> tuple[dict, list[dict]]:
-        """On the Train workers (rank 0), replay images from the sampler actors."""
+        """On sampler actor k % n (TeacherSampler.train_classifier), its replay images from all of them."""
         teacher = self.teacher(spec.replay_from) if spec.replay_from is not None else None
-        config = {"spec": replace(spec, progress=False), "samplers": self.pool.actors, "teacher": teacher}
-        state = self.group.run(f"classifier_{spec.task}", classifier_task_item, config)
-        return state["weights"], state["rows"]
+        actors = self.pool.actors
+        trainer = actors[spec.task % len(actors)]
+        return ray.get(trainer.train_classifier.remote(replace(spec, progress=False), actors, teacher))
 
     def evaluate(self, job: EvalJob, progress: bool) -> list[ChunkResult]:
         """On the sampler actors (SamplerPool.evaluate)."""

@@ -1,7 +1,9 @@
 """Teacher sampler actors: each loads teacher k-1 (with its fast replay sampler, if any) from its checkpoint files,
 which come through the object store, and answers ``make(k, teacher, index)`` with replay batch ``index`` of
 task k (inputs, timesteps and targets), so the trainer runs no teacher forward at all; after each task they
-evaluate its model (``evaluate``: chunks of distcl.evaluation's job).
+train the continual classifier (``train_classifier``, on its own thread: its replay images come from every actor,
+this one too) and evaluate the task's model (``evaluate``: chunks of distcl.evaluation's job), while the Train
+workers go on with the next task.
 
 Batch ``index`` depends only on (run seed, k, index): the result is the same for any number of actors. An actor
 that dies is restarted by Ray (``max_restarts`` times) and its in-flight calls are retried until it is back
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Iterator, Optional
 
 import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from distcl.backend import ClassifierSpec, train_classifier
 from distcl.config import RunConfig
 from distcl.devices import configure_numerics
 from distcl.evaluation import ChunkResult, EvalChunk, EvalJob, EvalWorker
@@ -26,29 +30,33 @@ from distcl.replay import ReplayBatch, Teacher, indexed_replay, replay_index
 from distcl.solver import replay_images
 
 ACTOR_RESTARTS = 4
+TEACHERS_KEPT = 2  # teacher k for task k+1's replay, k-1 for the classifier of task k trained meanwhile
+EVAL_DEPTH = 2  # evaluation chunks in flight per actor: replay requests of the task training meanwhile go between
 
 
-@ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=-1)
+@ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=-1, concurrency_groups={"classifier": 1})
 class TeacherSampler:
-    """One replay-making process. Requests are self-describing (task, teacher, index), the loaded teacher only a
+    """One replay-making process. Requests are self-describing (task, teacher, index), the loaded teachers only a
     cache: a restarted actor, or one moved on to the next task, answers every request right."""
 
     def __init__(self, cfg: RunConfig, batch_size: int, threads: int):
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads)
         configure_numerics(cfg.runtime.precision, cfg.runtime.deterministic)
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.cfg, self.batch_size = cfg, batch_size
-        self.loaded: Optional[str] = None
-        self.teacher: Optional[Teacher] = None
+        self.teachers: dict[str, Teacher] = {}  # by ref, the last TEACHERS_KEPT used
+        self.lock = threading.Lock()  # the classifier's thread asks for teachers too
         self.eval_worker, self.eval_job, self.eval_key = EvalWorker(self.device), None, None
 
     def _teacher(self, teacher: list) -> Teacher:
         """``teacher[0]``: a ref to the teacher's distcl.teachers.TeacherFiles, fetched once per teacher."""
         key = teacher[0].hex()
-        if self.loaded != key:
-            self.teacher = ray.get(teacher[0]).load(self.cfg, self.device)
-            self.loaded = key
-        return self.teacher
+        with self.lock:
+            loaded = self.teachers.pop(key, None) or ray.get(teacher[0]).load(self.cfg, self.device)
+            self.teachers[key] = loaded  # the most recent last
+            while len(self.teachers) > TEACHERS_KEPT:
+                self.teachers.pop(next(iter(self.teachers)))
+            return loaded
 
     def make(self, task: int, teacher: list, index: int) -> ReplayBatch:
         """Replay batch ``index`` of task ``task`` from ``teacher`` (CPU tensors)."""
@@ -61,6 +69,13 @@ class TeacherSampler:
         """The classifier's replay image batch ``index`` of task ``task`` (distcl.solver.replay_images)."""
         loaded = self._teacher(teacher)
         return replay_images(loaded.unet, loaded.scheduler, n, steps, eta, self.cfg.seed, task, index)
+
+    @ray.method(concurrency_group="classifier")
+    def train_classifier(self, spec: ClassifierSpec, actors: list, teacher: Optional[list]) -> tuple[dict, list]:
+        """The continual classifier's task (distcl.backend.train_classifier) on this actor's device, its replay
+        images (with ``teacher``, ``[ref]`` to the generator of task k-1) made by ``actors``."""
+        replay = None if teacher is None else classifier_replay(actors, self.cfg, spec.task, teacher, spec.steps)
+        return train_classifier(spec, replay, self.device)
 
     def evaluate(self, job_ref: list, chunk: EvalChunk) -> ChunkResult:
         """A chunk of the evaluation job in ``job_ref[0]`` (fetched once per job)."""
@@ -93,17 +108,29 @@ class SamplerPool:
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         )
         self.actors = [
-            TeacherSampler.options(**options).remote(cfg, batch_size, max(1, int(rt.sampler_cpus)))
+            TeacherSampler.options(**options).remote(cfg, batch_size, rt.threads("sampler"))
             for _ in range(rt.num_samplers)
         ]
 
     def evaluate(self, job: EvalJob) -> Iterator[ChunkResult]:
-        """The job's chunks spread over the actors (chunk i on actor i % n), as they finish. The job goes to the
-        object store once; only features, labels and the grid's samples come back."""
+        """The job's chunks spread over the actors, as they finish, at most EVAL_DEPTH in flight per actor (an
+        actor asks for another when one ends). The job goes to the object store once; only features, labels and
+        the grid's samples come back."""
         job_ref = [ray.put(job)]  # in a list: an actor fetches it once, not with every call
-        pending = [self.actors[i % len(self.actors)].evaluate.remote(job_ref, c) for i, c in enumerate(job.chunks())]
+        chunks, pending = iter(job.chunks()), {}
+
+        def submit(actor) -> None:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                pending[actor.evaluate.remote(job_ref, chunk)] = actor
+
+        for _ in range(EVAL_DEPTH):
+            for actor in self.actors:
+                submit(actor)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ready[0])
+            submit(actor)
             yield ray.get(ready[0])
 
     def stop(self) -> None:

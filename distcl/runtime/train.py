@@ -1,4 +1,4 @@
-"""A continual task (and the continual classifier's) as a work item of the run's Ray Train worker group
+"""A continual task as a work item of the run's Ray Train worker group
 (distcl.runtime.workers): worker r trains on data shard r with replay batches r, r+W, ... from the sampler
 actors, DDP through ``prepare_model``; a checkpoint every ``runtime.checkpoint_every`` steps. The student's
 starting weights come through the object store.
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import ray
 
-from distcl.backend import train_classifier
 from distcl.config import RunConfig
 from distcl.data import DataStream
 from distcl.models import build_scheduler, build_unet
 from distcl.replay import Teacher
-from distcl.runtime.samplers import RemoteReplay, classifier_replay
+from distcl.runtime.samplers import RemoteReplay
 from distcl.runtime.stream import ShardStream, dataset_name
 from distcl.runtime.workers import OptimisationItem, WorkItem
 from distcl.seeding import noise_seed
@@ -79,17 +78,3 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
             precision=cfg.runtime.precision,
         )
     )
-
-
-def classifier_task_item(config: dict, item: WorkItem) -> dict:
-    """The continual classifier's task as a work item: ``config`` holds spec (a distcl.backend.ClassifierSpec),
-    samplers and teacher (``[ref]``, or None without replay). Rank 0 trains the small CNN, its replay images
-    from the sampler actors; the other ranks only meet it at the item's final report."""
-    if item.rank != 0:
-        return {}
-    spec = config["spec"]
-    replay = None
-    if config["teacher"] is not None:
-        replay = classifier_replay(config["samplers"], spec.cfg, spec.task, config["teacher"], spec.steps)
-    weights, rows = train_classifier(spec, replay, item.device)
-    return {"weights": weights, "rows": rows}

@@ -188,7 +188,7 @@ def worker_loop(config: dict) -> None:
     channel = config["channel"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config["threads"])))
+    torch.set_num_threads(config["threads"])
     configure_numerics(*config["numerics"])
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
@@ -245,7 +245,7 @@ class WorkerGroup:
             worker_loop,
             train_loop_config={
                 "channel": self.channel,
-                "threads": rt.cpus_per_worker,
+                "threads": rt.threads("worker"),
                 "numerics": (rt.precision, rt.deterministic),
                 "fault": os.environ.get(FAULT_ENV),
             },
