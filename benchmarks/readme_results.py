@@ -43,6 +43,7 @@ def section() -> str:
             "",
             *finding(df),
             *(claims(df, "benchmark") if (df.tag == "benchmark").any() else []),
+            *gd_settings(df),
             *class_share_finding(RESULTS / "class_shares.json"),
             *sampler_finding(df),
             "![FID against task](benchmarks/results/quality_fid.png)",
@@ -102,7 +103,8 @@ def section() -> str:
             f"| p1 (reference way): trainer step with gd replay made inline / finetune step | "
             f"{t['p1_trainer_ratio']['inline']:.3f} | - |",
             f"| p2: replay items/s, 2 sampler actors / 1 | {t['p2_sampler_scaling']['ratio']:.3f} | >= 1.8 |",
-            f"| p3: wall time, Ray runtime / one process ({t['p3_ray_vs_inline']['run']}) | "
+            f"| p3: wall time, Ray runtime / one process ({t['p3_ray_vs_inline']['run']}; before the thin driver, "
+            "today's in the next table) | "
             f"{t['p3_ray_vs_inline']['ratio']:.3f} | <= 1.0 |",
             f"| object store put + get of one replay batch ({t['object_store_s']['batch_mb']:.2f} MB) | "
             f"{t['object_store_s']['put_get_median'] * 1000:.1f} ms | "
@@ -140,6 +142,15 @@ def thin_driver_table(t: dict) -> list[str]:
     def where(part: str) -> str:
         return on.get(part) or t.get("machine", "")
 
+    threads = []
+    if "threads" in t:
+        th = t["threads"]
+        walls = [th[f"worker_threads_{n}"]["wall_s"] for n in ("1", "2", "2_passive")]
+        threads = [
+            f"| Train worker torch threads ({th['run']}): wall time with 1 / 2 / 2 under OMP_WAIT_POLICY=PASSIVE | "
+            + " / ".join(f"{w:.1f} s" for w in walls)
+            + f" | - | {where('threads')} |"
+        ]
     return [
         "| figure | measured | goal | machine |",
         "|---|---|---|---|",
@@ -156,20 +167,21 @@ def thin_driver_table(t: dict) -> list[str]:
         f"{ev['real_images']} test images, {ev['chunks']} chunks): 1 sampler actor / 2 | "
         f"{t['eval_scaling_2_over_1']:.2f} ({ev['one_sampler_s']:.1f} s / {ev['two_samplers_s']:.1f} s), FID "
         f"{ev['metrics_one']['fid']:.3f} and {ev['metrics_two']['fid']:.3f} | >= 1.8 | {where('eval')} |",
+        *threads,
     ]
 
 
 THIN_DRIVER_NOTE = (
-    "Neither Ray/inline goal is met on 2 cores. Smoke: 1.90 now (2.30 before this change, 4.2 with a Train worker "
-    "group per task), after the smoke preset was sized to 2 cores (one sampler actor, not two: a process importing "
-    "torch and diffusers less) and Ray Train's preemption watcher left off on a local cluster; the Ray run spends "
-    "`ray_fixed_s` (22.5 s) that the inline run does not: the local cluster (about 5 s), Ray Train V2's controller "
-    "and its five helper actors (about 2 CPU s each), the Train worker and the sampler actor each importing torch "
-    "and diffusers (about 5 CPU s each). The 1.3 goal leaves 7.5 s for all of that: not reachable with Ray Train on "
-    "this machine. P3 (the whole cpu preset): 1.236; both runs spend the same CPU (1143 and 1162 CPU s), but the Ray "
-    "run keeps only 1.59 of the 2 cores busy (its Train worker computes on one thread, the sampler actor's gd replay "
-    "needs about half a core) while the inline run keeps 1.99 busy with two threads in one process. (The 1.074 "
-    "measured on 2026-11-22 was against a slower inline run: 702 s then, 583 s now.)"
+    "Smoke: 1.91, not met; the Ray run spends about 20 s that the inline run does not (`ray_fixed_s`): the local "
+    "cluster (about 5 s), Ray Train V2's controller and its five helper actors (about 2 CPU s each), the Train worker "
+    "and the sampler actor each importing torch and diffusers (about 5 CPU s each). The 1.3 goal leaves 7 s for all "
+    "of that: not reachable with Ray Train on this machine. P3 (the whole cpu preset): 1.049, from 1.236 before tasks "
+    "overlapped (the evaluation of task k on the sampler actor while task k+1 trains: the Ray run went from 720.6 s "
+    "to 641.9 s; the inline run measured 583.2 s then, 611.9 s now, the noise of this machine). The rest: the inline "
+    "run keeps both cores busy with two threads in one process, while on Ray the Train worker computes on the one "
+    "CPU it holds and gd's replay needs about half of the sampler actor's. More Train worker threads do not use that "
+    "half: with 2 (`runtime.worker_threads`) the short run took longer than with 1, OpenMP's threads spinning or "
+    "not (the `threads` row): the two processes then compete for the cores."
 )
 
 CLAIMS = [  # (the paper's claim, metric, better strategy, other strategy, lower is better)
@@ -228,6 +240,72 @@ def claims(df: pd.DataFrame, tag: str) -> list[str]:
         "",
         *header,
         *rows,
+        "",
+    ]
+
+
+GD_TAG = re.compile(r"gd_lambda-replay_lambda=(?P<lam>[\d.]+)-teacher_steps=(?P<steps>\d+)")
+
+
+def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
+    """gd's lambda x teacher steps (sweep ``gd_lambda``; lambda 3 with 2 steps: the ``benchmark`` sweep's gd), the
+    final task's FID and KLD, mean ± standard error; the settings with ``seeds`` seeds ranked by the sum of their
+    ranks on mean FID and on mean KLD (ties: the lower FID)."""
+    last = df[(df.strategy == "gd") & (df.task == df.task.max()) & df.metric.isin(["fid", "kld"])]
+    rows = []
+    for tag, runs in last.groupby("tag"):
+        match = GD_TAG.fullmatch(tag)
+        if match is None and tag != "benchmark":
+            continue
+        lam, steps = (float(match["lam"]), int(match["steps"])) if match else (3.0, 2)
+        per = runs.pivot_table(index="seed", columns="metric", values="value")
+        rows.append(
+            {
+                "lambda": lam,
+                "teacher steps": steps,
+                "seeds": len(per),
+                **per.mean().to_dict(),
+                "fid_se": per.fid.sem(),
+                "kld_se": per.kld.sem(),
+            }
+        )
+    if not rows:
+        return []
+    table = pd.DataFrame(rows).sort_values(["teacher steps", "lambda"])
+    done = table[table.seeds >= seeds]
+    rank = (done.fid.rank() + done.kld.rank()).rename("rank sum")
+    table = table.join(rank)
+    best = table.loc[rank.index].sort_values(["rank sum", "fid"]).iloc[0] if len(rank) else None
+    lines = [
+        f"| {r['lambda']:g} | {r['teacher steps']:.0f} | {r.seeds:.0f} | {r.fid:.1f} ± {r.fid_se:.1f} | "
+        f"{r.kld:.3f} ± {r.kld_se:.3f} | {'' if pd.isna(r['rank sum']) else format(r['rank sum'], 'g')} |"
+        for _, r in table.iterrows()
+    ]
+    missing = table[table.seeds < seeds]
+    verdict = (
+        f"Best of the settings with {seeds} seeds by mean final FID and KLD together (the sum of the two ranks): "
+        f"lambda {best['lambda']:g} with {best['teacher steps']:.0f} teacher steps."
+        if best is not None
+        else f"No setting has {seeds} seeds yet."
+    )
+    if len(missing):
+        verdict += (
+            " Not yet ranked (fewer seeds): "
+            + ", ".join(
+                f"lambda {r['lambda']:g} / {r['teacher steps']:.0f} steps ({r.seeds:.0f})"
+                for _, r in missing.iterrows()
+            )
+            + "."
+        )
+    return [
+        "gd's lambda and teacher DDIM steps (sweep `tuning/gd_lambda.yaml`; lambda 3 with 2 steps: the "
+        "`benchmark` sweep's gd), final task, mean ± standard error over seeds:",
+        "",
+        "| lambda | teacher steps | seeds | final FID | final KLD | rank sum |",
+        "|---|---|---|---|---|---|",
+        *lines,
+        "",
+        verdict,
         "",
     ]
 

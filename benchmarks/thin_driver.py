@@ -2,7 +2,7 @@
 ``--inline``, and how one task's evaluation scales over sampler actors. Every run starts from nothing (a new
 cluster for each Ray run), the two runs of a ratio one after the other on the same machine.
 
-    python -m benchmarks.thin_driver                       # about 35 minutes on 2 cores
+    python -m benchmarks.thin_driver                       # about 40 minutes on 2 cores
     python -m benchmarks.thin_driver --parts smoke,p3      # only these figures; the others are kept from the file
 
 - driver_cpu_share (part ``nodes``): CPU seconds of the driver process (this one) / the machine's busy CPU
@@ -14,6 +14,11 @@ cluster for each Ray run), the two runs of a ratio one after the other on the sa
   evaluation that the inline run does not spend (its wall time less the inline run's).
 - p3_ray_over_inline (part ``p3``): the same for the whole cpu preset's gd run (5 tasks x 500 steps), 1 sampler
   actor (``--short``: 2 tasks x 60 steps).
+- threads (part ``threads``, no goal): whether a Train worker computing on 2 torch threads
+  (``runtime.worker_threads``) beside the sampler actor's 1 uses the 2 cores better than on the 1 CPU it holds:
+  wall times of the cpu preset's gd run on 2 tasks x 150 steps, 1 sampler actor, with 1 and with 2 worker
+  threads, and with 2 under OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep at once instead of spinning), one after
+  the other.
 - eval_scaling_2_over_1 (part ``eval``): wall time of one evaluation at the ``paper`` model size (the 42.9 M UNet,
   randomly initialised: the cost does not depend on the weights) of 200 samples x 10 DDIM steps and 500 test
   images, on 1 sampler actor / on 2 (1 CPU each); both metrics are written, and must be equal.
@@ -43,11 +48,13 @@ from distcl.data import cache_dir, load_dataset, select
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.launch import run
 from distcl.models import build_unet
+from distcl.runtime.cluster import environment
 from distcl.runtime.samplers import SamplerPool
 
 P3 = ["runtime.num_samplers=1"]
 SHORT = ["data.num_tasks=2", "train.max_steps=60"]
-PARTS = ("smoke", "p3", "nodes", "eval")
+THREADS = ["runtime.num_samplers=1", "data.num_tasks=2", "train.max_steps=150"]
+PARTS = ("smoke", "p3", "nodes", "eval", "threads")
 ON_NODES = ["classifier.enabled=true", "runtime.sampler_resource=sampler_slot", "runtime.worker_resource=trainer_slot"]
 
 
@@ -85,6 +92,20 @@ def on_three_nodes(overrides: list[str], out: Path) -> dict:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def thread_runs(work: Path) -> dict:
+    """``timed_run`` of the THREADS run on Ray with 1 and 2 Train worker threads (and 2, OpenMP waiting passively:
+    the local cluster's processes inherit the variable)."""
+    runs = {}
+    for name, extra, env in [
+        ("worker_threads_1", [], {}),
+        ("worker_threads_2", ["runtime.worker_threads=2"], {}),
+        ("worker_threads_2_passive", ["runtime.worker_threads=2"], {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ]:
+        with environment(env):
+            runs[name] = timed_run("cpu", THREADS + extra, work / name)
+    return runs
 
 
 def eval_seconds(job, test_labels: torch.Tensor, samplers: int) -> tuple[float, dict]:
@@ -155,6 +176,8 @@ def main() -> None:
     if "nodes" in parts:
         runs["three_nodes"] = on_three_nodes(P3 + SHORT + ON_NODES, work / "three-nodes")
         results["driver_cpu_share"] = runs["three_nodes"]["driver_cpu_s"] / runs["three_nodes"]["machine_cpu_s"]
+    if "threads" in parts:
+        results["threads"] = {"run": "cpu preset, gd, 1 sampler actor, 2 tasks x 150 steps", **thread_runs(work)}
     if "eval" in parts:
         results["eval"] = eval_scaling()
         results["eval_scaling_2_over_1"] = results["eval"]["one_sampler_s"] / results["eval"]["two_samplers_s"]
