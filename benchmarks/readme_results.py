@@ -14,6 +14,7 @@ import pandas as pd
 from benchmarks.class_shares import label
 from benchmarks.common import RESULTS
 from benchmarks.quality import table
+from distcl.config import PRESETS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -288,6 +289,12 @@ def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
         if best is not None
         else f"No setting has {seeds} seeds yet."
     )
+    preset = PRESETS["cpu"]["train"]
+    chosen = (preset["replay_lambda"], preset["teacher_steps"])
+    if best is not None:
+        same = chosen == (best["lambda"], best["teacher steps"])
+        which = "this one" if same else "not this one"
+        verdict += f" The `cpu` preset's gd: lambda {chosen[0]:g} with {chosen[1]} steps ({which})."
     if len(missing):
         verdict += (
             " Not yet ranked (fewer seeds): "
