@@ -100,6 +100,7 @@ def _run_tasks(
     try:
         for k in range(cfg.data.num_tasks):
             if not task_dir(out, k).exists():
+                after.collect(upto=k - 2)  # at most one task's work behind; an error of it raises here
                 run.train(k)
             after.submit(k)
         after.finish()
@@ -111,8 +112,10 @@ def _run_tasks(
 class AfterTasks:
     """What follows the generator's task k: the continual classifier's task k, the evaluation of k (each saved when
     done), then ``on_task(k, metrics)``. On a backend that ``overlaps``, the first two run in a second driver
-    thread while task k+1 trains, one task after the other; ``on_task`` is called in the caller's thread, in task
-    order. After ``stop`` nothing more is saved (a run stopped by an error or Ctrl-C resumes from its files)."""
+    thread while task k+1 trains, one task after the other (task k+2 waits for them: the sampler actors keep two
+    teachers loaded); ``on_task`` is called in the caller's thread, in task order (so one task later than the
+    generator's). After ``stop`` nothing more is saved (a run stopped by an error or Ctrl-C resumes from its
+    files)."""
 
     def __init__(self, run: ContinualRun, evaluated: set[int], on_task: Optional[Callable] = None):
         self.run, self.evaluated, self.on_task = run, evaluated, on_task
@@ -124,8 +127,8 @@ class AfterTasks:
             self.follow(k)
             self.report(k)
             return
+        self.collect()
         self.pending.append((k, self.thread.submit(self.follow, k)))
-        self.collect(wait=False)
 
     def follow(self, k: int) -> None:
         if self.run.cfg.classifier.enabled and not classifier_path(self.run.out, k).exists():
@@ -137,15 +140,16 @@ class AfterTasks:
         if self.on_task is not None:
             self.on_task(k, task_metrics(self.run.out, k))
 
-    def collect(self, wait: bool) -> None:
-        """``on_task`` of the tasks whose work is done, in order (with ``wait``, of all); a failure raises here."""
-        while self.pending and (wait or self.pending[0][1].done()):
+    def collect(self, upto: Optional[int] = None) -> None:
+        """``on_task`` of the tasks whose work is done, in order, having waited for that of the tasks up to
+        ``upto``; a failure raises here."""
+        while self.pending and (self.pending[0][1].done() or upto is not None and self.pending[0][0] <= upto):
             k, done = self.pending.popleft()
             done.result()
             self.report(k)
 
     def finish(self) -> None:
-        self.collect(wait=True)
+        self.collect(upto=self.run.cfg.data.num_tasks)
 
     def stop(self) -> None:
         """No saving from now on; the work in flight is abandoned (the backend's close ends its remote calls)."""
@@ -222,9 +226,9 @@ class ContinualRun:
             cfg, k, init, images, labels, solver_steps(len(labels), c.epochs, c.batch_size), replay_from, self.progress
         )
         weights, rows = self.backend.train_classifier(spec)
-        with self.saving():
-            save_classifier(self.out, k, weights)
+        with self.saving():  # the log first: the classifier's file marks the step done
             append_rows(self.out / "classifier_log.parquet", rows, k)
+            save_classifier(self.out, k, weights)
         self.log(
             f"[distcl] classifier task {k}: trained {len(rows)} steps in {time.perf_counter() - start:.1f}s, "
             f"last loss {rows[-1]['loss']:.4f}"

@@ -4,6 +4,7 @@
 
 import fcntl
 import shutil
+import threading
 
 import numpy as np
 import pandas as pd
@@ -208,6 +209,44 @@ def test_a_driver_killed_during_an_evaluation_redoes_only_that_evaluation(tmp_pa
     logs = []
     run_continual(cfg, out, progress=False, log=logs.append)
     assert not any("trained" in line for line in logs) and any("task 1 evaluated" in line for line in logs)
+    assert pd.read_parquet(out / "metrics.parquet").equals(pd.read_parquet(tmp_path / "whole" / "metrics.parquet"))
+
+
+def test_overlapping_work_finished_after_a_stop_is_not_saved_and_a_rerun_redoes_it(tmp_path):
+    """A backend that overlaps (as Ray's): the evaluation of task 0 runs in the driver's second thread while task 1
+    trains; Ctrl-C during task 1, the evaluation ending after it: nothing of it is saved, and a rerun ends with the
+    metrics of a run never stopped."""
+    cfg = load_config(preset="smoke", overrides=SHORT)
+    quiet = dict(progress=False, log=lambda _: None)
+    run_continual(cfg, tmp_path / "whole", **quiet)
+
+    class Overlapping(InlineBackend):
+        overlaps = True
+        evaluating, stopped = threading.Event(), threading.Event()
+
+        def evaluate(self, job, progress):
+            results = super().evaluate(job, progress)
+            self.evaluating.set()
+            assert self.stopped.wait(120)
+            return results
+
+        def train_task(self, spec):
+            if spec.task == 1:
+                assert self.evaluating.wait(120)
+                raise KeyboardInterrupt
+            return super().train_task(spec)
+
+    out, backend = tmp_path / "stopped", Overlapping(torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(cfg, out, backend, **quiet)
+    backend.stopped.set()  # the evaluation of task 0 ends now, after the driver stopped
+    for thread in threading.enumerate():
+        if thread.name.startswith("distcl-after-task"):
+            thread.join(timeout=120)
+    assert (out / "task_0").is_dir() and not (out / "task_1").exists() and not (out / "metrics.parquet").exists()
+    logs = []
+    run_continual(cfg, out, progress=False, log=logs.append)
+    assert sum("trained" in line for line in logs) == 1 and any("task 0 evaluated" in line for line in logs)
     assert pd.read_parquet(out / "metrics.parquet").equals(pd.read_parquet(tmp_path / "whole" / "metrics.parquet"))
 
 

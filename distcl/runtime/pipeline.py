@@ -97,7 +97,7 @@ def role_devices(cfg: RunConfig) -> str:
     samplers = f"cuda ({rt.sampler_gpus:g} GPU each)" if rt.sampler_gpus else "cpu"
     return (
         f"driver cpu (orchestrates), {rt.num_workers} Train worker(s) {workers}, {rt.num_samplers} sampler "
-        f"actor(s) {samplers} (replay and evaluation)"
+        f"actor(s) {samplers} (replay, the continual classifier and evaluation)"
     )
 
 

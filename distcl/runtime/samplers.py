@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from typing import Iterator, Optional
 
 import ray
@@ -45,18 +44,16 @@ class TeacherSampler:
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.cfg, self.batch_size = cfg, batch_size
         self.teachers: dict[str, Teacher] = {}  # by ref, the last TEACHERS_KEPT used
-        self.lock = threading.Lock()  # the classifier's thread asks for teachers too
         self.eval_worker, self.eval_job, self.eval_key = EvalWorker(self.device), None, None
 
     def _teacher(self, teacher: list) -> Teacher:
         """``teacher[0]``: a ref to the teacher's distcl.teachers.TeacherFiles, fetched once per teacher."""
         key = teacher[0].hex()
-        with self.lock:
-            loaded = self.teachers.pop(key, None) or ray.get(teacher[0]).load(self.cfg, self.device)
-            self.teachers[key] = loaded  # the most recent last
-            while len(self.teachers) > TEACHERS_KEPT:
-                self.teachers.pop(next(iter(self.teachers)))
-            return loaded
+        loaded = self.teachers.pop(key) if key in self.teachers else ray.get(teacher[0]).load(self.cfg, self.device)
+        self.teachers[key] = loaded  # the most recent last
+        while len(self.teachers) > TEACHERS_KEPT:
+            self.teachers.pop(next(iter(self.teachers)))
+        return loaded
 
     def make(self, task: int, teacher: list, index: int) -> ReplayBatch:
         """Replay batch ``index`` of task ``task`` from ``teacher`` (CPU tensors)."""
