@@ -53,7 +53,7 @@ from distcl.runtime.samplers import SamplerPool
 
 P3 = ["runtime.num_samplers=1"]
 SHORT = ["data.num_tasks=2", "train.max_steps=60"]
-THREADS = ["runtime.num_samplers=1", "data.num_tasks=2", "train.max_steps=150"]
+THREADS = P3 + ["data.num_tasks=2", "train.max_steps=150"]
 PARTS = ("smoke", "p3", "nodes", "eval", "threads")
 ON_NODES = ["classifier.enabled=true", "runtime.sampler_resource=sampler_slot", "runtime.worker_resource=trainer_slot"]
 

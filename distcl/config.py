@@ -265,14 +265,13 @@ class RuntimeConfig:
 
     def threads(self, role: Literal["worker", "sampler"]) -> int:
         """Torch threads of a Train worker or a sampler actor: ``worker_threads`` / ``sampler_threads``, else the
-        CPUs it holds (Ray's own OMP_NUM_THREADS rule), at least 1. More than its CPUs lets a process use cores
-        that the others leave idle (a 2-core machine: the Train worker while gd's replay needs half a core)."""
-        chosen = self.worker_threads if role == "worker" else self.sampler_threads
-        return (
-            chosen
-            if chosen is not None
-            else max(1, int(self.cpus_per_worker if role == "worker" else self.sampler_cpus))
-        )
+        CPUs it holds (Ray's own OMP_NUM_THREADS rule), at least 1. More than its CPUs can use cores the others
+        leave idle; on 2 cores a Train worker on 2 threads ran slower (benchmarks/thin_driver.py, part threads)."""
+        if role == "worker":
+            chosen, cpus = self.worker_threads, self.cpus_per_worker
+        else:
+            chosen, cpus = self.sampler_threads, self.sampler_cpus
+        return chosen if chosen is not None else max(1, int(cpus))
 
 
 @settings

@@ -24,7 +24,7 @@ from distcl.replay import REPLAY_ITEM_STRATEGIES
 from distcl.rundir import out_lock
 from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.distill import RayDistillFit
-from distcl.runtime.samplers import TEACHERS_KEPT, SamplerPool, sampler_resources
+from distcl.runtime.samplers import SamplerPool, kept_teacher, sampler_resources
 from distcl.runtime.stream import dataset_name, task_dataset
 from distcl.runtime.train import train_task_item
 from distcl.runtime.workers import WorkerGroup, resolve_use_gpu, worker_resources
@@ -163,11 +163,9 @@ class RayBackend:
     def teacher(self, teacher_dir: Path) -> list:
         """``[ref]`` to the TeacherFiles of ``teacher_dir``, put in the object store once per teacher."""
         with self.teacher_lock:
-            if teacher_dir not in self.teacher_refs:
-                self.teacher_refs[teacher_dir] = [ray.put(TeacherFiles.read(self.cfg, teacher_dir))]
-                while len(self.teacher_refs) > TEACHERS_KEPT:
-                    self.teacher_refs.pop(next(iter(self.teacher_refs)))
-            return self.teacher_refs[teacher_dir]
+            return kept_teacher(
+                self.teacher_refs, teacher_dir, lambda: [ray.put(TeacherFiles.read(self.cfg, teacher_dir))]
+            )
 
     def train_classifier(self, spec: ClassifierSpec) -> tuple[dict, list[dict]]:
         """On sampler actor k % n (TeacherSampler.train_classifier), its replay images from all of them."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import ray
 import torch
@@ -28,9 +28,19 @@ from distcl.evaluation import ChunkResult, EvalChunk, EvalJob, EvalWorker
 from distcl.replay import ReplayBatch, Teacher, indexed_replay, replay_index
 from distcl.solver import replay_images
 
+T = TypeVar("T")
 ACTOR_RESTARTS = 4
 TEACHERS_KEPT = 2  # teacher k for task k+1's replay, k-1 for the classifier of task k trained meanwhile
 EVAL_DEPTH = 2  # evaluation chunks in flight per actor: replay requests of the task training meanwhile go between
+
+
+def kept_teacher(cache: dict, key, make: Callable[[], T]) -> T:
+    """``cache[key]``, made by ``make()`` when missing; only the TEACHERS_KEPT most recently used stay."""
+    value = cache.pop(key) if key in cache else make()
+    cache[key] = value  # the most recent last
+    while len(cache) > TEACHERS_KEPT:
+        cache.pop(next(iter(cache)))
+    return value
 
 
 @ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=-1, concurrency_groups={"classifier": 1})
@@ -48,12 +58,7 @@ class TeacherSampler:
 
     def _teacher(self, teacher: list) -> Teacher:
         """``teacher[0]``: a ref to the teacher's distcl.teachers.TeacherFiles, fetched once per teacher."""
-        key = teacher[0].hex()
-        loaded = self.teachers.pop(key) if key in self.teachers else ray.get(teacher[0]).load(self.cfg, self.device)
-        self.teachers[key] = loaded  # the most recent last
-        while len(self.teachers) > TEACHERS_KEPT:
-            self.teachers.pop(next(iter(self.teachers)))
-        return loaded
+        return kept_teacher(self.teachers, teacher[0].hex(), lambda: ray.get(teacher[0]).load(self.cfg, self.device))
 
     def make(self, task: int, teacher: list, index: int) -> ReplayBatch:
         """Replay batch ``index`` of task ``task`` from ``teacher`` (CPU tensors)."""
