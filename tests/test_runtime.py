@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -33,7 +34,7 @@ from distcl.rundir import load_classifier, task_dir
 from distcl.runtime import cluster as cluster_module
 from distcl.runtime import pipeline
 from distcl.runtime.channel import WorkChannel
-from distcl.runtime.samplers import RemoteReplay, SamplerPool, classifier_replay
+from distcl.runtime.samplers import AFTER_TASK_NICE, RemoteReplay, SamplerPool, classifier_replay
 from distcl.runtime.stream import ShardStream, ingest_options, task_dataset
 from distcl.settings import ConfigError
 from distcl.teachers import TeacherFiles
@@ -186,6 +187,36 @@ def test_evaluation_on_1_and_2_samplers_equals_inline_and_survives_a_killed_samp
         assert sorted((r.chunk.kind, r.chunk.start) for r in got) == sorted((c.kind, c.start) for c in job.chunks())
         metrics, grid = metrics_from_chunks(got, test.labels, 10)
         assert metrics == pytest.approx(inline, rel=1e-4) and (grid.int() - inline_grid.int()).abs().max() <= 1
+
+
+def test_a_replay_request_is_answered_while_the_sampler_evaluates(cluster, inline_run):
+    """Evaluation chunks run on their own thread at a lower CPU priority: replay asked for meanwhile does not wait
+    for them (it did: the first replay batch of every task waited for the chunks of the task before)."""
+    cfg = config("eval.num_samples=400", "eval.batch_size=400", "eval.steps=10")  # one chunk of seconds
+    splits = read_idx_source(DEBIAN_DIR)
+    test = build_scenario(splits, cfg.data, cfg.seed, 16).test_split(0)
+    evaluator = Evaluator(cfg.eval, splits, 16, cache_dir(), torch.device("cpu"), progress=False)
+    job = evaluator.job(0, cfg.seed, cfg.model, load_unet(task_dir(inline_run, 0), cfg.model).state_dict(), test, 16)
+    teacher = [ray.put(TeacherFiles.read(cfg, task_dir(inline_run, 0)))]
+    pool = SamplerPool(cfg, batch_size=8)
+    try:
+        (actor,) = pool.actors
+        pid = ray.get(actor.where.remote())["pid"]
+        chunk = next(c for c in job.chunks() if c.kind == "generated")
+        evaluating = actor.evaluate.remote([ray.put(job)], chunk)
+        time.sleep(1.0)  # the chunk is being computed
+        replay = actor.make.remote(1, teacher, 0)
+        first, _ = ray.wait([evaluating, replay], num_returns=1)
+        assert first == [replay] and not ray.wait([evaluating], timeout=0)[0]
+        nice = {
+            int(t.name): int((t / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for t in Path(f"/proc/{pid}/task").iterdir()
+        }
+        assert nice[pid] == os.getpriority(os.PRIO_PROCESS, pid)
+        assert max(nice.values()) == min(19, nice[pid] + AFTER_TASK_NICE)  # the evaluation's thread
+        ray.get(evaluating)
+    finally:
+        pool.stop()
 
 
 def test_a_raising_sampler_is_a_clear_error(cluster, inline_run, tmp_path):
