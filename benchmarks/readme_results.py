@@ -170,16 +170,22 @@ def thin_driver_table(t: dict) -> list[str]:
 
 
 THIN_DRIVER_NOTE = (
-    "Smoke: 1.91, not met; the Ray run spends about 20 s that the inline run does not (`ray_fixed_s`): the local "
-    "cluster (about 5 s), Ray Train V2's controller and its five helper actors (about 2 CPU s each), the Train worker "
-    "and the sampler actor each importing torch and diffusers (about 5 CPU s each). The 1.3 goal leaves 7 s for all "
-    "of that: not reachable with Ray Train on this machine. P3 (the whole cpu preset): 1.049, from 1.236 before tasks "
-    "overlapped (the evaluation of task k on the sampler actor while task k+1 trains: the Ray run went from 720.6 s "
-    "to 641.9 s; the inline run measured 583.2 s then, 611.9 s now, the noise of this machine). The rest: the inline "
-    "run keeps both cores busy with two threads in one process, while on Ray the Train worker computes on the one "
-    "CPU it holds and gd's replay needs about half of the sampler actor's. More Train worker threads do not use that "
-    "half: with 2 (`runtime.worker_threads`) the short run took longer than with 1, OpenMP's threads spinning or "
-    "not (the `threads` row): the two processes then compete for the cores."
+    "Smoke: not met; the Ray run spends about 20 to 25 s that the inline run does not (`ray_fixed_s`): the local "
+    "cluster (7 to 8 s here: GCS, raylet, the dashboard and its agents, each Python process importing Ray), Ray "
+    "Train V2's controller and its helper actors (about 2 CPU s each), the Train worker and the sampler actor each "
+    "importing torch and diffusers (about 5 CPU s each). The 1.3 goal leaves 7 to 9 s for all of that: not "
+    "reachable with Ray Train on 2 cores. P3 (the whole cpu preset): 1.117 in this measurement (the Ray run after "
+    "the inline one), 1.049 the day before (641.9 s / 611.9 s); this machine's speed drifts by more than 10 % "
+    "within an hour (the same Ray run took 704 s, then 744 s half an hour later). The runs' train logs say why "
+    "Ray does not win here: the Train worker's gd step (median about 290 ms on its one thread, its replay arriving "
+    "within 3 ms) is no faster than the inline run's whole step, replay included, on 2 threads (about 270 ms): on "
+    "2 cores the sampler's replay and evaluation slow the worker's thread about as much as they take off it, so "
+    "pipelining gains nothing and the start-up remains. Since 2026-12-03 the first replay batch of a task no "
+    "longer waits for the evaluation of the task before (the evaluation runs on its own thread at a lower "
+    "priority): 8.2 to 9.1 s a task before, 0.26 to 0.33 s after; a pair of whole Ray runs one after the other, "
+    "the commit before and this one: 782.6 s and 743.8 s, the same metrics. Tried and not kept: the Train "
+    "worker computing on 2 threads in task 0 (the sampler idle then): 830 to 1000 items/s against 850 on 1; and "
+    "2 worker threads throughout (the `threads` row): slower."
 )
 
 CLAIMS = [  # (the paper's claim, metric, better strategy, other strategy, lower is better)
