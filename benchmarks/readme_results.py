@@ -251,6 +251,11 @@ def claims(df: pd.DataFrame, tag: str) -> list[str]:
 GD_TAG = re.compile(r"gd_lambda-replay_lambda=(?P<lam>[\d.]+)-teacher_steps=(?P<steps>\d+)")
 
 
+def pm(se: float, fmt: str) -> str:
+    """`` ± se``; nothing for one seed (no standard error)."""
+    return "" if pd.isna(se) else f" ± {se:{fmt}}"
+
+
 def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
     """gd's lambda x teacher steps (sweep ``gd_lambda``; lambda 3 with 2 steps: the ``benchmark`` sweep's gd), the
     final task's FID and KLD, mean ± standard error; the settings with ``seeds`` seeds ranked by the sum of their
@@ -281,8 +286,8 @@ def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
     table = table.join(rank)
     best = table.loc[rank.index].sort_values(["rank sum", "fid"]).iloc[0] if len(rank) else None
     lines = [
-        f"| {r['lambda']:g} | {r['teacher steps']:.0f} | {r.seeds:.0f} | {r.fid:.1f} ± {r.fid_se:.1f} | "
-        f"{r.kld:.3f} ± {r.kld_se:.3f} | {'' if pd.isna(r['rank sum']) else format(r['rank sum'], 'g')} |"
+        f"| {r['lambda']:g} | {r['teacher steps']:.0f} | {r.seeds:.0f} | {r.fid:.1f}{pm(r.fid_se, '.1f')} | "
+        f"{r.kld:.3f}{pm(r.kld_se, '.3f')} | {'' if pd.isna(r['rank sum']) else format(r['rank sum'], 'g')} |"
         for _, r in table.iterrows()
     ]
     missing = table[table.seeds < seeds]
