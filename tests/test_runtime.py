@@ -165,12 +165,17 @@ def test_classifier_replay_images_come_from_the_samplers(cluster, inline_run, tm
         assert torch.allclose(images, inline.get(step), atol=1e-4)
 
 
+def evaluation_job(cfg, run, k):
+    """The evaluation job of task ``k`` of ``run`` (16x16), and the test split it scores against."""
+    splits = read_idx_source(DEBIAN_DIR)
+    test = build_scenario(splits, cfg.data, cfg.seed, 16).test_split(k)
+    evaluator = Evaluator(cfg.eval, splits, 16, cache_dir(), torch.device("cpu"), progress=False)
+    return evaluator.job(k, cfg.seed, cfg.model, load_unet(task_dir(run, k), cfg.model).state_dict(), test, 16), test
+
+
 def test_evaluation_on_1_and_2_samplers_equals_inline_and_survives_a_killed_sampler(cluster, inline_run):
     cfg = config("data.test_per_class=50", "eval.num_samples=160", "eval.batch_size=40")  # 4 + 5 chunks
-    splits = read_idx_source(DEBIAN_DIR)
-    test = build_scenario(splits, cfg.data, cfg.seed, 16).test_split(1)
-    evaluator = Evaluator(cfg.eval, splits, 16, cache_dir(), torch.device("cpu"), progress=False)
-    job = evaluator.job(1, cfg.seed, cfg.model, load_unet(task_dir(inline_run, 1), cfg.model).state_dict(), test, 16)
+    job, test = evaluation_job(cfg, inline_run, 1)
     inline, inline_grid = metrics_from_chunks(InlineBackend(torch.device("cpu")).evaluate(job, False), test.labels, 10)
     for n in (1, 2):
         pool = SamplerPool(config(f"runtime.num_samplers={n}"), batch_size=8)
@@ -201,10 +206,7 @@ def test_a_replay_request_is_answered_while_the_sampler_evaluates(cluster, inlin
     """Evaluation chunks run on their own thread at a lower CPU priority: replay asked for meanwhile does not wait
     for them (it did: the first replay batch of every task waited for the chunks of the task before)."""
     cfg = config("eval.num_samples=400", "eval.batch_size=400", "eval.steps=20")  # one chunk: seconds
-    splits = read_idx_source(DEBIAN_DIR)
-    test = build_scenario(splits, cfg.data, cfg.seed, 16).test_split(0)
-    evaluator = Evaluator(cfg.eval, splits, 16, cache_dir(), torch.device("cpu"), progress=False)
-    job = evaluator.job(0, cfg.seed, cfg.model, load_unet(task_dir(inline_run, 0), cfg.model).state_dict(), test, 16)
+    job, _ = evaluation_job(cfg, inline_run, 0)
     teacher = [ray.put(TeacherFiles.read(cfg, task_dir(inline_run, 0)))]
     pool = SamplerPool(cfg, batch_size=8)
     try:
