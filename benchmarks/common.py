@@ -7,13 +7,14 @@ import os
 import platform
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> str:
-    """CPU model, cores, memory, GPU (if any), Python and torch versions, and today's date."""
+def machine(day: datetime.date | None = None) -> str:
+    """CPU model, cores, memory, GPU (if any), Python and torch versions, and ``day`` (default: today)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -26,5 +27,17 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}; {datetime.date.today().isoformat()}"
+        f"torch {torch.__version__}; {(day or datetime.date.today()).isoformat()}"
     )
+
+
+QUALITY_ORDER = ["tag", "strategy", "seed", "task", "metric"]  # a row of quality.parquet
+
+
+def write_quality(results: pd.DataFrame, path: Path) -> None:
+    """Write quality.parquet's rows sorted by QUALITY_ORDER (folding the same runs again gives the same file) and
+    atomically (an interrupted write leaves the previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    results.sort_values(QUALITY_ORDER, kind="stable").reset_index(drop=True).to_parquet(tmp)
+    os.replace(tmp, path)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, write_quality
 from distcl.config import RunConfig, Strategy, load_config
 from distcl.launch import run
 from distcl.rundir import REAL_DATA
@@ -88,8 +88,7 @@ def main() -> None:
             rows = pd.read_parquet(metrics_path)[["strategy", "seed", "task", "metric", "value"]]
             rows = rows.assign(wall_s=wall, machine=machine(), tag=args.tag, preset=args.preset)
             results = pd.concat([results, rows], ignore_index=True)
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            results.to_parquet(path)  # after every run: an interrupted benchmark keeps what it finished
+            write_quality(results, path)  # after every run: an interrupted benchmark keeps what it finished
             print(f"{strategy} seed {seed}: {wall:.0f}s")
     print(table(results))
     plot(results, RESULTS / "quality_fid.png")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, write_quality
 from benchmarks.quality import table
 from distcl.rundir import REAL_DATA
 from distcl.sweep import load_sweep
@@ -31,19 +31,20 @@ def trial_tag(sweep_name: str, trial: pd.Series, params: list[str]) -> str:
 def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     """A completed trial's metrics (and their real-data floor) in quality.parquet's long form, with each task's
     median training step time as metric ``step_s``; ``wall_s`` from the trial's start to its last metrics
-    (NaN for a trial resumed after an interruption)."""
+    (NaN for a trial resumed after an interruption); ``machine`` dated by the trial's last metrics."""
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     real = run_dir / "real_metrics.parquet"
     rows = pd.concat([metrics, pd.read_parquet(real)] if real.is_file() else [metrics], ignore_index=True)
     starts = (run_dir / "trial_starts.log").read_text().splitlines()
     started = datetime.datetime.fromisoformat(starts[0].split()[1]).timestamp()
     # a resumed trial's span holds the time it was stopped: no wall time for it
-    wall = (run_dir / "metrics.parquet").stat().st_mtime - started if len(starts) == 1 else float("nan")
+    ended = (run_dir / "metrics.parquet").stat().st_mtime
+    wall = ended - started if len(starts) == 1 else float("nan")
     log = pd.read_parquet(run_dir / "train_log.parquet")  # the median step time of each task (metric "step_s")
     steps = log.groupby("task").step_s.median().rename("value").reset_index().assign(metric="step_s")
     steps = steps.assign(strategy=metrics.strategy.iloc[0], seed=metrics.seed.iloc[0])
     rows = pd.concat([rows, steps], ignore_index=True)[["strategy", "seed", "task", "metric", "value"]]
-    rows = rows.assign(wall_s=wall, machine=machine(), tag=tag, preset=preset)
+    rows = rows.assign(wall_s=wall, machine=machine(datetime.date.fromtimestamp(ended)), tag=tag, preset=preset)
     return rows.assign(wall_s=rows.wall_s.where(rows.strategy != REAL_DATA))  # the floor took no run of its own
 
 
@@ -68,8 +69,7 @@ def main() -> None:
             stale = results.merge(runs, on=list(KEYS), how="left", indicator=True)["_merge"] == "both"
             results = results[~stale.values]
         results = pd.concat([results, new], ignore_index=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        results.to_parquet(path)
+        write_quality(results, path)
     print(f"{len(done)} of {len(trials)} trials completed in {args.sweep_dir}")
     print(table(results[results.tag.str.startswith(sweep.name)]) if not results.empty else "no results yet")
 
