@@ -161,12 +161,21 @@ def thin_driver_table(t: dict) -> list[str]:
         f"| p3, {t.get('p3_run', 'cpu preset, gd, 2 tasks x 60 steps')}: Ray / inline | "
         f"{t['p3_ray_over_inline']:.3f} ({runs['p3_ray']['wall_s']:.1f} s / {runs['p3_inline']['wall_s']:.1f} s) | "
         f"<= 1.0 | {where('p3')} |",
+        *first_replay(runs["p3_ray"], where("p3")),
         f"| one evaluation at the `{ev['model']}` model size ({ev['samples']} samples x {ev['steps']} DDIM steps, "
         f"{ev['real_images']} test images, {ev['chunks']} chunks): 1 sampler actor / 2 | "
         f"{t['eval_scaling_2_over_1']:.2f} ({ev['one_sampler_s']:.1f} s / {ev['two_samplers_s']:.1f} s), FID "
         f"{ev['metrics_one']['fid']:.3f} and {ev['metrics_two']['fid']:.3f} | >= 1.8 | {where('eval')} |",
         *threads,
     ]
+
+
+def first_replay(run: dict, machine: str) -> list[str]:
+    """The row of the p3 Ray run's first replay waits (a run measured before they were recorded has none)."""
+    if "first_replay_wait_s" not in run:
+        return []
+    waits = " / ".join(f"{w:.2f}" for w in run["first_replay_wait_s"])
+    return [f"| p3 on Ray: the first step of each task after the first, waiting for its replay batch | {waits} s | - | {machine} |"]
 
 
 THIN_DRIVER_NOTE = (

@@ -13,7 +13,8 @@ cluster for each Ray run), the two runs of a ratio one after the other on the sa
   run ``--inline``; ``ray_fixed_s``: the Ray run's seconds before its first training step and after its last
   evaluation that the inline run does not spend (its wall time less the inline run's).
 - p3_ray_over_inline (part ``p3``): the same for the whole cpu preset's gd run (5 tasks x 500 steps), 1 sampler
-  actor (``--short``: 2 tasks x 60 steps).
+  actor (``--short``: 2 tasks x 60 steps). Every run also records ``first_replay_wait_s``: how long the first
+  step of each task after the first waited for its replay batch (from the run's train log).
 - threads (part ``threads``, no goal): whether a Train worker computing on 2 torch threads
   (``runtime.worker_threads``) beside the sampler actor's 1 uses the 2 cores better than on the 1 CPU it holds:
   wall times of the cpu preset's gd run on 2 tasks x 150 steps, 1 sampler actor, with 1 and with 2 worker
@@ -37,6 +38,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import ray
 import torch
 from ray.cluster_utils import Cluster
@@ -78,7 +80,14 @@ def timed_run(preset: str, overrides: list[str], out: Path) -> dict:
     driver, total = driver_cpu_s() - cpu, machine_busy_s() - busy
     if ray.is_initialized():
         ray.shutdown()  # the next Ray run starts its own cluster, as a user's command does
-    return {"wall_s": wall, "driver_cpu_s": driver, "machine_cpu_s": total}
+    log = pd.read_parquet(out / "train_log.parquet")
+    first = log[(log.step == 0) & (log.task > 0)].sort_values("task")  # the replay wait of each task's first step
+    return {
+        "wall_s": wall,
+        "driver_cpu_s": driver,
+        "machine_cpu_s": total,
+        "first_replay_wait_s": first.replay_wait_s.tolist(),
+    }
 
 
 def on_three_nodes(overrides: list[str], out: Path) -> dict:
