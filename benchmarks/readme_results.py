@@ -175,26 +175,33 @@ def first_replay(run: dict, machine: str) -> list[str]:
     if "first_replay_wait_s" not in run:
         return []
     waits = " / ".join(f"{w:.2f}" for w in run["first_replay_wait_s"])
-    return [f"| p3 on Ray: the first step of each task after the first, waiting for its replay batch | {waits} s | - | {machine} |"]
+    figure = "p3 on Ray: the first step of each task after the first, waiting for its replay batch"
+    return [f"| {figure} | {waits} s | - | {machine} |"]
 
 
 THIN_DRIVER_NOTE = (
-    "Smoke: not met; the Ray run spends about 20 to 25 s that the inline run does not (`ray_fixed_s`): the local "
-    "cluster (7 to 8 s here: GCS, raylet, the dashboard and its agents, each Python process importing Ray), Ray Train"
-    " V2's controller and its helper actors (about 2 CPU s each), the Train worker and the sampler actor each "
-    "importing torch and diffusers (about 5 CPU s each). The 1.3 goal leaves 7 to 9 s for all of that: not reachable "
-    "with Ray Train on 2 cores. P3 (the whole cpu preset): 1.117 in this measurement (the Ray run after the inline "
-    "one), 1.049 a few hours earlier that day (641.9 s / 611.9 s); this machine's speed drifts by more than 10 % "
-    "within an hour (the same Ray run took 704 s, then 744 s half an hour later). The runs' train logs say why Ray "
-    "does not win here: the Train worker's gd step (median about 290 ms on its one thread, its replay arriving within"
-    " 3 ms) is no faster than the inline run's whole step, replay included, on 2 threads (about 270 ms): on 2 cores "
-    "the sampler's replay and evaluation slow the worker's thread about as much as they take off it, so pipelining "
-    "gains nothing and the start-up remains. Since 2026-12-03 the first replay batch of a task no longer waits for "
-    "the evaluation of the task before (the evaluation runs on its own thread at a lower priority): 8.2 to 9.1 s a "
-    "task before, 0.26 to 0.33 s after; a pair of whole Ray runs one after the other, the commit before and this one:"
-    " 782.6 s and 743.8 s, the same metrics. Tried and not kept: the Train worker computing on 2 threads in task 0 "
-    "(the sampler idle then): 830 to 1000 items/s against 850 on 1; and 2 worker threads throughout (the `threads` "
-    "row): slower."
+    "Smoke: not met; the Ray run spends about 20 to 25 s that the inline run does not (`ray_fixed_s`), and they are "
+    "a chain, one step after another, with one of the 2 cores mostly idle along it (a per-process CPU profile of "
+    "`distcl run --preset smoke`, 2026-12-03): `ray.init` about 8 s, 6 of them waiting for the raylet to register "
+    "while its Python agents start; then Ray Train V2's controller starts its helper actors one after another (an "
+    "autoscaling coordinator, a placement-group cleaner, a synchronization actor: a new Python process each), and "
+    "the Train worker's process comes 8 to 10 s after the cluster is up; the worker then takes 8 s or more on one "
+    "core to its first step: torch and Ray Train's torch backend, then distcl and diffusers (whose UNet module "
+    "alone imports torch._dynamo and scipy.stats), then building the task. Ray Train has no setting that skips its "
+    "helpers, and the 1.3 goal leaves 7 to 9 s for all of it: not reachable with Ray Train on 2 cores. P3 (the "
+    "whole cpu preset): 1.083 in this measurement, 1.117 and 1.049 earlier the same day; this machine's speed "
+    "drifts by more than 10 % within an hour (the same Ray run took 704 s, then 744 s half an hour later). The Ray "
+    "run uses less CPU than the inline one (1200 against 1381 CPU s) but keeps the 2 cores busy only 80 % of its "
+    "wall time (the inline run 99 %): the Train worker's gd step (median about 290 ms on its one thread, its replay "
+    "arriving within 3 ms) has about twice the sampler's work by a count of forwards (the student's forward and "
+    "backward on B data and B replay items against the teacher's 2 DDIM steps and target on B), so the sampler's "
+    "core idles once its replay is ahead and the evaluation is done, and in task 0 (no teacher) the worker trains "
+    "alone; giving the worker a second thread loses more to the two processes' OpenMP threads contending than it "
+    "gains (the `threads` row, and 830 to 1000 items/s against 850 with 2 threads in task 0 only). Since 2026-12-03 "
+    "the first replay batch of a task no longer waits for the evaluation of the task before (the evaluation runs on "
+    "its own thread at a lower priority): 8.2 to 9.1 s a task before (a hand-run pair of whole Ray runs, the commit "
+    "before and this one, 782.6 s and 743.8 s, the same metrics), 0.22 to 0.37 s in this measurement (the row "
+    "above)."
 )
 
 CLAIMS = [  # (the paper's claim, metric, better strategy, other strategy, lower is better)
