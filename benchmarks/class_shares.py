@@ -4,12 +4,16 @@ metrics.parquet, checked), and the share of its samples that the evaluation clas
 classes, next to the share the test images have.
 
     python -m benchmarks.class_shares runs/sweeps/benchmark/runs/*    # -> benchmarks/results/class_shares.json
+
+Runs already in the file are kept (a run of the same strategy, lambda, teacher steps and seed is replaced), each
+with the machine and date it was measured on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -97,7 +101,22 @@ def main() -> None:
         print("| task | classes | generated | test |\n|---|---|---|---|")
         for s in run["shares"]:
             print(f"| {s['task']} | {', '.join(s['classes'])} | {s['generated']:.3f} | {s['test']:.3f} |")
-    args.results.write_text(json.dumps({"machine": machine(), "runs": runs}, indent=2))
+    write_runs(args.results, runs)
+
+
+def run_key(run: dict) -> tuple:
+    return run["strategy"], run["replay_lambda"], run["teacher_steps"], run["seed"]
+
+
+def write_runs(path: Path, runs: list[dict]) -> None:
+    """Fold ``runs`` (stamped with this machine and date) into the file: a run of the same strategy, lambda, teacher
+    steps and seed is replaced, the others are kept (with the machine they were measured on); written atomically."""
+    old = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    kept = {run_key(r): {"machine": old.get("machine"), **r} for r in old["runs"]}  # older files: one machine
+    kept.update({run_key(r): {**r, "machine": machine()} for r in runs})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"runs": [kept[k] for k in sorted(kept)]}, indent=2))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
