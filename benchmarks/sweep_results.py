@@ -1,7 +1,7 @@
-"""A sweep's finished trials as rows of the quality benchmark: every task's metrics of every completed trial of
-``distcl tune`` (``DIR/sweep.parquet``, the trials' run directories) into benchmarks/results/quality.parquet,
-tagged by the sweep's name and the trial's params other than strategy and seed, with each run's ``real data``
-rows (the metrics' floor); trials already there are replaced, so a sweep can be folded in as it progresses.
+"""A sweep's finished trials as rows of the quality benchmark: every task's metrics of every finished trial of
+``distcl tune`` (read from the trials' run directories under DIR/runs, so a sweep still running can be folded in)
+into benchmarks/results/quality.parquet, tagged by the sweep's name and the trial's params other than strategy
+and seed, with each run's ``real data`` rows (the metrics' floor); trials already there are replaced.
 
     python -m benchmarks.sweep_results runs/sweeps/benchmark      # then: python -m benchmarks.readme_results
 """
@@ -10,22 +10,35 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
 from benchmarks.common import RESULTS, machine, write_quality
 from benchmarks.quality import table
-from distcl.rundir import REAL_DATA
+from distcl.config import load_config
+from distcl.rundir import REAL_DATA, evaluated_tasks
 from distcl.sweep import load_sweep
 
 KEYS = ("tag", "strategy", "seed")  # a run in quality.parquet
 
 
-def trial_tag(sweep_name: str, trial: pd.Series, params: list[str]) -> str:
+def trial_tag(sweep_name: str, trial: dict, params: list[str]) -> str:
     """The sweep's name, then each other param as name=value (e.g. gd_lambda-replay_lambda=0.3-teacher_steps=2)."""
     extra = [f"{p.split('.')[-1]}={trial[p]}" for p in params if p not in ("train.strategy", "seed")]
     return "-".join([sweep_name, *extra])
+
+
+def finished_params(run_dir: Path, params: list[str]) -> Optional[dict]:
+    """The values of ``params`` (dotted run-config fields) in the trial's config when every task of the trial is
+    evaluated, else None. Read from the trial's run directory, not DIR/sweep.parquet (written when ``distcl tune``
+    ends), so a sweep still running can be folded in."""
+    cfg = load_config(run_dir / "config.yaml")
+    if not evaluated_tasks(run_dir) >= set(range(cfg.data.num_tasks)):
+        return None
+    return {p: functools.reduce(getattr, p.split("."), cfg) for p in params}
 
 
 def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
@@ -54,12 +67,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS / "quality.parquet")
     args = parser.parse_args()
     sweep = load_sweep(args.sweep_dir / "sweep.yaml")
-    trials = pd.read_parquet(args.sweep_dir / "sweep.parquet")
-    done = trials[trials.status == "completed"]
-    new = [
-        trial_rows(Path(t.run_dir), trial_tag(sweep.name, t, list(sweep.params)), sweep.preset)
-        for _, t in done.iterrows()
-    ]
+    run_dirs = sorted(d for d in (args.sweep_dir / "runs").glob("*") if (d / "config.yaml").is_file())
+    done = [(d, params) for d in run_dirs if (params := finished_params(d, list(sweep.params))) is not None]
+    new = [trial_rows(d, trial_tag(sweep.name, params, list(sweep.params)), sweep.preset) for d, params in done]
     path = args.results
     results = pd.read_parquet(path) if path.exists() else pd.DataFrame()
     if new:
@@ -70,7 +80,7 @@ def main() -> None:
             results = results[~stale.values]
         results = pd.concat([results, new], ignore_index=True)
         write_quality(results, path)
-    print(f"{len(done)} of {len(trials)} trials completed in {args.sweep_dir}")
+    print(f"{len(done)} of {len(run_dirs)} trials started in {args.sweep_dir} are finished")
     print(table(results[results.tag.str.startswith(sweep.name)]) if not results.empty else "no results yet")
 
 
