@@ -5,8 +5,8 @@ classes, next to the share the test images have.
 
     python -m benchmarks.class_shares runs/sweeps/benchmark/runs/*    # -> benchmarks/results/class_shares.json
 
-Runs already in the file are kept (a run of the same strategy, lambda, teacher steps and seed is replaced), each
-with the machine and date it was measured on.
+Runs already in the file are kept (the same run directory measured again is replaced), each with the machine and
+date it was measured on.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import REPO, RESULTS, machine
 from distcl.backend import InlineBackend
 from distcl.config import load_config
 from distcl.data import build_scenario, cache_dir, load_dataset
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.models import load_unet
-from distcl.rundir import task_dir
+from distcl.rundir import all_tasks_evaluated, task_dir
 
 
 def class_shares(run_dir: Path) -> dict:
@@ -58,7 +58,7 @@ def class_shares(run_dir: Path) -> dict:
             }
         )
     return {
-        "run": str(run_dir),
+        "run": run_name(run_dir),
         "strategy": cfg.train.strategy,
         "replay_lambda": cfg.train.replay_lambda,
         "teacher_steps": cfg.train.teacher_steps,
@@ -70,14 +70,6 @@ def class_shares(run_dir: Path) -> dict:
         "kld_saved": float(saved["kld"]),
         "shares": shares,
     }
-
-
-def finished(run_dir: Path) -> bool:
-    """Every task of the run evaluated (an unfinished trial is left out)."""
-    metrics = run_dir / "metrics.parquet"
-    if not metrics.is_file():
-        return False
-    return pd.read_parquet(metrics).task.max() == load_config(run_dir / "config.yaml").data.num_tasks - 1
 
 
 def label(run: dict) -> str:
@@ -92,7 +84,7 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--results", type=Path, default=RESULTS / "class_shares.json")
     args = parser.parse_args()
-    runs = [class_shares(r) for r in args.runs if finished(r)]
+    runs = [class_shares(r) for r in args.runs if all_tasks_evaluated(r, load_config(r / "config.yaml").data.num_tasks)]
     for run in runs:
         print(
             f"\n{label(run)}: FID {run['fid']:.3f} (saved {run['fid_saved']:.3f}), "
@@ -104,18 +96,22 @@ def main() -> None:
     write_runs(args.results, runs)
 
 
-def run_key(run: dict) -> tuple:
-    return run["strategy"], run["replay_lambda"], run["teacher_steps"], run["seed"]
+def run_name(run_dir: Path) -> str:
+    """The run directory as the file names it: relative to the repository when inside it."""
+    resolved = run_dir.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
 
 
 def write_runs(path: Path, runs: list[dict]) -> None:
-    """Fold ``runs`` (stamped with this machine and date) into the file: a run of the same strategy, lambda, teacher
-    steps and seed is replaced, the others are kept (with the machine they were measured on); written atomically."""
+    """Fold ``runs`` (stamped with this machine and date) into the file: the same run directory measured again is
+    replaced, the others are kept with the machine they were measured on; sorted by strategy, lambda, teacher steps
+    and seed; written atomically."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    kept = {run_key(r): {"machine": old.get("machine"), **r} for r in old["runs"]}  # older files: one machine
-    kept.update({run_key(r): {**r, "machine": machine()} for r in runs})
+    kept = {r["run"]: r for r in old["runs"]}
+    kept.update({r["run"]: {**r, "machine": machine()} for r in runs})
+    order = sorted(kept.values(), key=lambda r: (r["strategy"], r["replay_lambda"], r["teacher_steps"], r["seed"]))
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"runs": [kept[k] for k in sorted(kept)]}, indent=2))
+    tmp.write_text(json.dumps({"runs": order}, indent=2))
     os.replace(tmp, path)
 
 

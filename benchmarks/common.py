@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
 
 
 def machine(day: datetime.date | None = None) -> str:

@@ -19,7 +19,7 @@ import pandas as pd
 from benchmarks.common import RESULTS, machine, write_quality
 from benchmarks.quality import table
 from distcl.config import load_config
-from distcl.rundir import REAL_DATA, evaluated_tasks
+from distcl.rundir import REAL_DATA, all_tasks_evaluated
 from distcl.sweep import load_sweep
 
 KEYS = ("tag", "strategy", "seed")  # a run in quality.parquet
@@ -36,7 +36,7 @@ def finished_params(run_dir: Path, params: list[str]) -> Optional[dict]:
     evaluated, else None. Read from the trial's run directory, not DIR/sweep.parquet (written when ``distcl tune``
     ends), so a sweep still running can be folded in."""
     cfg = load_config(run_dir / "config.yaml")
-    if not evaluated_tasks(run_dir) >= set(range(cfg.data.num_tasks)):
+    if not all_tasks_evaluated(run_dir, cfg.data.num_tasks):
         return None
     return {p: functools.reduce(getattr, p.split("."), cfg) for p in params}
 
@@ -61,6 +61,16 @@ def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     return rows.assign(wall_s=rows.wall_s.where(rows.strategy != REAL_DATA))  # the floor took no run of its own
 
 
+def keep_machines(new: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """``new`` with the machine (and date) already recorded for each of its runs whose metrics are unchanged: the
+    machine that folds a run again need not be the one it ran on."""
+    on = [*KEYS, "task", "metric"]
+    both = new.merge(results[[*on, "value", "machine"]], on=on, how="left", suffixes=("", "_old"))
+    equal = (both.value - both.value_old).abs().le(1e-9) | (both.value.isna() & both.value_old.isna())
+    unchanged = (equal & both.machine_old.notna()).groupby([both[k] for k in KEYS]).transform("all")
+    return new.assign(machine=both.machine_old.where(unchanged, both.machine).values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path)
@@ -75,6 +85,7 @@ def main() -> None:
     if new:
         new = pd.concat(new, ignore_index=True).drop_duplicates(list(KEYS) + ["task", "metric"])  # real data: per seed
         if not results.empty:  # trials folded in before (or a strategy's real-data rows) are replaced
+            new = keep_machines(new, results)
             runs = new[list(KEYS)].drop_duplicates()
             stale = results.merge(runs, on=list(KEYS), how="left", indicator=True)["_merge"] == "both"
             results = results[~stale.values]

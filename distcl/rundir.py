@@ -61,6 +61,11 @@ def evaluated_tasks(out: Path) -> set[int]:
     return set(pq.read_table(path, columns=["task"])["task"].to_pylist()) if path.exists() else set()
 
 
+def all_tasks_evaluated(out: Path, num_tasks: int) -> bool:
+    """Every task 0..num_tasks-1 of the run in OUT has its metrics."""
+    return evaluated_tasks(out) >= set(range(num_tasks))
+
+
 def task_metrics(out: Path, k: int) -> dict[str, float]:
     """The metrics of task k from OUT/metrics.parquet, as {metric: value}."""
     table = pq.read_table(out / "metrics.parquet", filters=[("task", "=", k)], columns=["metric", "value"])
