@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from distcl.cli import main
+from distcl.rundir import all_tasks_evaluated, append_rows
 from distcl.settings import ConfigError
 from distcl.sweep import (
     SweepConfig,
@@ -152,3 +153,15 @@ def test_tables_aggregate_over_seeds_and_pick_the_best(tmp_path):
     markdown = summary_markdown(sweep, summary.reset_index(), trials)
     assert "| 0.5 | 2 | 62.000 ± 2.000 | " in markdown and "best by final fid: train.replay_lambda=3.0" in markdown
     assert plot_final_fid(sweep, summary.reset_index(), tmp_path / "final_fid.png").stat().st_size > 0
+
+
+def test_a_run_is_finished_when_every_task_has_metrics(tmp_path):
+    def evaluate(k: int) -> None:
+        append_rows(tmp_path / "metrics.parquet", [{"task": k, "metric": "fid", "value": 1.0}], k)
+
+    assert not all_tasks_evaluated(tmp_path, 3)  # nothing yet
+    evaluate(0)
+    evaluate(2)  # the last task alone is not enough
+    assert not all_tasks_evaluated(tmp_path, 3)
+    evaluate(1)
+    assert all_tasks_evaluated(tmp_path, 3) and not all_tasks_evaluated(tmp_path, 4)
