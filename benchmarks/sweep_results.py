@@ -4,6 +4,9 @@ into benchmarks/results/quality.parquet, tagged by the sweep's name and the tria
 and seed, with each run's ``real data`` rows (the metrics' floor); trials already there are replaced.
 
     python -m benchmarks.sweep_results runs/sweeps/benchmark      # then: python -m benchmarks.readme_results
+
+The results file is read, changed and replaced: folds of two sweeps at once take turns under one lock
+(``flock /tmp/fold.lock python -m benchmarks.sweep_results DIR``), or one of them loses its rows.
 """
 
 from __future__ import annotations
