@@ -12,9 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.class_shares import label
-from benchmarks.common import RESULTS
+from benchmarks.common import REPO, RESULTS
 from benchmarks.quality import table
 from distcl.config import PRESETS
+from distcl.sweep import load_sweep
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -152,7 +153,8 @@ def thin_driver_table(t: dict) -> list[str]:
     return [
         "| figure | measured | goal | machine |",
         "|---|---|---|---|",
-        "| driver CPU seconds / the machine's busy CPU seconds: cpu preset gd with the continual classifier, "
+        "| driver CPU seconds / the machine's busy CPU seconds: cpu preset gd (2 teacher steps) with the continual "
+        "classifier, "
         f"2 tasks x 60 steps, simulated 3-node cluster (0-CPU head) | {t['driver_cpu_share']:.3f} "
         f"({runs['three_nodes']['driver_cpu_s']:.1f} s of {runs['three_nodes']['machine_cpu_s']:.1f} s) | <= 0.10 | "
         f"{where('nodes')} |",
@@ -288,6 +290,7 @@ def claims(df: pd.DataFrame, tag: str) -> list[str]:
     ]
 
 
+TUNING = REPO / "tuning"
 GD_TAG = re.compile(r"gd_lambda-replay_lambda=(?P<lam>[\d.]+)-teacher_steps=(?P<steps>\d+)")
 
 
@@ -333,16 +336,30 @@ def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
     missing = table[table.seeds < seeds]
     verdict = (
         f"Best of the settings with {seeds} seeds by mean final FID and KLD together (the sum of the two ranks): "
-        f"lambda {best['lambda']:g} with {best['teacher steps']:.0f} teacher steps."
+        f"lambda {best['lambda']:g} with {best['teacher steps']:.0f} teacher steps"
         if best is not None
         else f"No setting has {seeds} seeds yet."
     )
+    if best is not None:
+        tied = table[(table["rank sum"] == best["rank sum"]) & (table.fid > best.fid)]
+        verdict += (
+            " (tied on the rank sum with "
+            + " and ".join(f"lambda {r['lambda']:g} / {r['teacher steps']:.0f} steps" for _, r in tied.iterrows())
+            + ": the lowest mean FID breaks the tie)."
+            if len(tied)
+            else "."
+        )
     preset = PRESETS["cpu"]["train"]
     chosen = (preset["replay_lambda"], preset["teacher_steps"])
     if best is not None:
         same = chosen == (best["lambda"], best["teacher steps"])
         which = "this one" if same else "not this one"
         verdict += f" The `cpu` preset's gd: lambda {chosen[0]:g} with {chosen[1]} steps ({which})."
+    sweep = load_sweep(TUNING / "gd_lambda.yaml").params
+    grid = [(lam, steps) for lam in sweep["train.replay_lambda"] for steps in sweep["train.teacher_steps"]]
+    unrun = [g for g in grid if not ((table["lambda"] == g[0]) & (table["teacher steps"] == g[1])).any()]
+    if unrun:
+        verdict += " Not run yet: " + ", ".join(f"lambda {lam:g} / {steps} steps" for lam, steps in unrun) + "."
     if len(missing):
         verdict += (
             " Not yet ranked (fewer seeds): "

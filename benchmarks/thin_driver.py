@@ -5,6 +5,9 @@ cluster for each Ray run), the two runs of a ratio one after the other on the sa
     python -m benchmarks.thin_driver                       # about 40 minutes on 2 cores
     python -m benchmarks.thin_driver --parts smoke,p3      # only these figures; the others are kept from the file
 
+Every cpu-preset run here has gd with 2 teacher steps (the preset's until 2026-12-03; 10 since), so the figures
+measured before and after compare.
+
 - driver_cpu_share (part ``nodes``): CPU seconds of the driver process (this one) / the machine's busy CPU
   seconds over the same time (/proc/stat; the machine runs nothing else), for the cpu preset's gd run with the
   continual classifier, shortened to 2 tasks x 60 steps, on a simulated 3-node cluster
@@ -53,7 +56,7 @@ from distcl.models import build_unet
 from distcl.runtime.cluster import environment
 from distcl.runtime.samplers import SamplerPool
 
-P3 = ["runtime.num_samplers=1"]
+P3 = ["runtime.num_samplers=1", "train.teacher_steps=2"]  # the cpu preset's gd as measured before 2026-12-03
 SHORT = ["data.num_tasks=2", "train.max_steps=60"]
 THREADS = P3 + ["data.num_tasks=2", "train.max_steps=150"]
 PARTS = ("smoke", "p3", "nodes", "eval", "threads")
@@ -180,13 +183,18 @@ def main() -> None:
     if "p3" in parts:
         runs["p3_inline"] = timed_run("cpu", p3 + ["runtime.backend=inline"], work / "p3-inline")
         runs["p3_ray"] = timed_run("cpu", p3, work / "p3-ray")
-        results["p3_run"] = "cpu preset, gd, 1 sampler actor" + (", 2 tasks x 60 steps" if args.short else "")
+        results["p3_run"] = "cpu preset, gd with 2 teacher steps, 1 sampler actor" + (
+            ", 2 tasks x 60 steps" if args.short else ""
+        )
         results["p3_ray_over_inline"] = runs["p3_ray"]["wall_s"] / runs["p3_inline"]["wall_s"]
     if "nodes" in parts:
         runs["three_nodes"] = on_three_nodes(P3 + SHORT + ON_NODES, work / "three-nodes")
         results["driver_cpu_share"] = runs["three_nodes"]["driver_cpu_s"] / runs["three_nodes"]["machine_cpu_s"]
     if "threads" in parts:
-        results["threads"] = {"run": "cpu preset, gd, 1 sampler actor, 2 tasks x 150 steps", **thread_runs(work)}
+        results["threads"] = {
+            "run": "cpu preset, gd with 2 teacher steps, 1 sampler actor, 2 tasks x 150 steps",
+            **thread_runs(work),
+        }
     if "eval" in parts:
         results["eval"] = eval_scaling()
         results["eval_scaling_2_over_1"] = results["eval"]["one_sampler_s"] / results["eval"]["two_samplers_s"]
