@@ -17,7 +17,7 @@ from benchmarks.quality import table
 from distcl.config import PRESETS
 from distcl.sweep import load_sweep
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -340,6 +340,8 @@ def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
         if best is not None
         else f"No setting has {seeds} seeds yet."
     )
+    preset = PRESETS["cpu"]["train"]
+    chosen = (preset["replay_lambda"], preset["teacher_steps"])
     if best is not None:
         tied = table[(table["rank sum"] == best["rank sum"]) & (table.fid > best.fid)]
         verdict += (
@@ -349,9 +351,6 @@ def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
             if len(tied)
             else "."
         )
-    preset = PRESETS["cpu"]["train"]
-    chosen = (preset["replay_lambda"], preset["teacher_steps"])
-    if best is not None:
         same = chosen == (best["lambda"], best["teacher steps"])
         which = "this one" if same else "not this one"
         verdict += f" The `cpu` preset's gd: lambda {chosen[0]:g} with {chosen[1]} steps ({which})."
