@@ -47,7 +47,8 @@ def finished_params(run_dir: Path, params: list[str]) -> Optional[dict]:
 def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     """A completed trial's metrics (and their real-data floor) in quality.parquet's long form, with each task's
     median training step time as metric ``step_s``; ``wall_s`` from the trial's start to its last metrics
-    (NaN for a trial resumed after an interruption); ``machine`` dated by the trial's last metrics."""
+    (NaN for a trial resumed after an interruption); ``machine``: the hosts its starts name (this one for a
+    trial started before they were logged), dated by the trial's last metrics."""
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     real = run_dir / "real_metrics.parquet"
     rows = pd.concat([metrics, pd.read_parquet(real)] if real.is_file() else [metrics], ignore_index=True)
@@ -60,7 +61,10 @@ def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     steps = log.groupby("task").step_s.median().rename("value").reset_index().assign(metric="step_s")
     steps = steps.assign(strategy=metrics.strategy.iloc[0], seed=metrics.seed.iloc[0])
     rows = pd.concat([rows, steps], ignore_index=True)[["strategy", "seed", "task", "metric", "value"]]
-    rows = rows.assign(wall_s=wall, machine=machine(datetime.date.fromtimestamp(ended)), tag=tag, preset=preset)
+    day = datetime.date.fromtimestamp(ended)
+    hosts = list(dict.fromkeys(line.split(maxsplit=2)[2] for line in starts if len(line.split(maxsplit=2)) == 3))
+    where = f"{' then '.join(hosts)}; {day.isoformat()}" if hosts else machine(day)
+    rows = rows.assign(wall_s=wall, machine=where, tag=tag, preset=preset)
     return rows.assign(wall_s=rows.wall_s.where(rows.strategy != REAL_DATA))  # the floor took no run of its own
 
 

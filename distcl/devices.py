@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -18,6 +20,24 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' requested but no CUDA device is available (allowed here: auto, cpu)")
     return torch.device(name)
+
+
+def describe_host() -> str:
+    """This machine in one line: CPU model, cores, memory, GPU (if any), Python and torch versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from ray.tune import ExperimentAnalysis
 
+from distcl.devices import describe_host
+
 pytestmark = pytest.mark.slow
 
 SWEEP = {
@@ -47,7 +49,10 @@ def _inner_pid(outer: subprocess.Popen) -> int:
 
 
 def _starts(run_dir: Path) -> int:
-    return len((run_dir / "trial_starts.log").read_text().splitlines())
+    """How often the trial started; each start names the host it ran on."""
+    lines = (run_dir / "trial_starts.log").read_text().splitlines()
+    assert all(line.endswith(f" {describe_host()}") for line in lines), lines
+    return len(lines)
 
 
 def _weights(run_dir: Path) -> dict[str, int]:
@@ -96,8 +101,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert len(trials) == 4 and set(trials.status) == {"completed"}
     assert {"train.replay_lambda", "seed", "fid_task0", "fid_task1", "fid_final", "fid_auc"} <= set(trials.columns)
     for run_dir in map(Path, trials.run_dir):
+        starts = _starts(run_dir)
         if run_dir.name in completed:
-            assert _starts(run_dir) == 1, f"{run_dir.name} finished before the interruption but was rerun"
+            assert starts == 1, f"{run_dir.name} finished before the interruption but was rerun"
         if run_dir.name in done_on_disk:  # also one whose end Tune had not recorded yet: restarted, it retrains nothing
             assert _weights(run_dir) == done_on_disk[run_dir.name], f"{run_dir.name} was retrained"
     summary = pd.read_parquet(out / "summary.parquet")

@@ -23,6 +23,7 @@ import ray
 import yaml
 from ray import tune
 
+from distcl.devices import describe_host
 from distcl.launch import run
 from distcl.runtime.cluster import cluster_capacity, join_cluster
 from distcl.runtime.pipeline import layout_needs
@@ -54,8 +55,8 @@ def run_trial(config: dict[str, Any], sweep: SweepConfig, out: str) -> None:
     if cfg.device == "auto" and not ray.get_gpu_ids():  # the trial holds no GPU: it must not use one
         cfg = replace(cfg, device="cpu")
     directory.mkdir(parents=True, exist_ok=True)
-    with (directory / "trial_starts.log").open("a") as starts:  # one line per (re)start of the trial
-        starts.write(f"{trial_id} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    with (directory / "trial_starts.log").open("a") as starts:  # one line per (re)start: id, time, host
+        starts.write(f"{trial_id} {time.strftime('%Y-%m-%dT%H:%M:%S')} {describe_host()}\n")
     fids: list[float] = []
 
     def report(k: int, metrics: dict[str, float]) -> None:
