@@ -12,7 +12,8 @@ a time.
         --set replay_sampler.iterations=1000
 
 Writes benchmarks/results/quality.parquet (long form: strategy, seed, task, metric, value, wall_s, machine,
-tag) and benchmarks/results/quality_fid.png (FID against task, mean and spread over the seeds done).
+tag); ``python -m benchmarks.readme_results`` makes the README's tables and plots from it. The three-seed
+benchmark of every strategy runs on ``distcl tune`` instead (tuning/benchmark.yaml, benchmarks/sweep_results.py).
 Runs go through the in-process backend (``--ray`` for the Ray runtime): the numbers are the same.
 """
 
@@ -91,8 +92,6 @@ def main() -> None:
             write_quality(results, path)  # after every run: an interrupted benchmark keeps what it finished
             print(f"{strategy} seed {seed}: {wall:.0f}s")
     print(table(results))
-    plot(results, RESULTS / "quality_fid.png")
-    plot_samples(results, Path(args.runs), RESULTS / "quality_samples.png")
 
 
 def table(results: pd.DataFrame) -> str:
@@ -118,59 +117,6 @@ def table(results: pd.DataFrame) -> str:
     order = {s: i for i, s in enumerate((*choices(Strategy), REAL_DATA))}
     agg = agg.reset_index().sort_values(["tag", "strategy"], key=lambda c: c.map(order) if c.name == "strategy" else c)
     return agg.to_markdown(index=False, floatfmt=".3f")
-
-
-def plot(results: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    fid = results[(results.metric == "fid") & (results.tag == "default")]
-    for strategy in STRATEGIES:
-        sub = fid[fid.strategy == strategy]
-        if sub.empty:
-            continue
-        stats = sub.groupby("task").value.agg(["mean", "min", "max", "count"])
-        ax.plot(stats.index, stats["mean"], marker="o", label=f"{strategy} ({int(stats['count'].max())} seeds)")
-        ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
-    ax.set_xlabel("task")
-    ax.set_ylabel("FID (Fashion-MNIST CNN features)")
-    ax.set_xticks(sorted(fid.task.unique()))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_samples(results: pd.DataFrame, runs: Path, path: Path) -> None:
-    """The final task's 10x10 sample grid of each (tag, strategy) of the first seed, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    seed, last = int(results.seed.min()), int(results.task.max())
-    order = {s: i for i, s in enumerate(STRATEGIES)}
-    pairs = sorted(set(zip(results.tag, results.strategy)), key=lambda p: (p[0] != "default", order[p[1]], p[0]))
-    grids = [
-        (f"{s} ({t})" if t != "default" else s, runs / f"quality-{t}-{s}-{seed}" / "samples" / f"task_{last}.png")
-        for t, s in pairs
-    ]
-    grids = [(name, grid) for name, grid in grids if grid.exists()]
-    if not grids:
-        return
-    fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9))
-    for ax, (name, grid) in zip(axes if len(grids) > 1 else [axes], grids):
-        ax.imshow(plt.imread(grid))
-        ax.set_title(name, fontsize=10)
-        ax.axis("off")
-    fig.suptitle(f"samples after task {last}, seed {seed}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

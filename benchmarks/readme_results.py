@@ -14,7 +14,10 @@ import pandas as pd
 from benchmarks.class_shares import label
 from benchmarks.common import REPO, RESULTS
 from benchmarks.quality import table
-from distcl.config import PRESETS
+from benchmarks.sweep_results import SAMPLE_SEED, SAMPLES
+from distcl.config import PRESETS, Strategy
+from distcl.rundir import REAL_DATA
+from distcl.settings import choices
 from distcl.sweep import load_sweep
 
 README = REPO / "README.md"
@@ -45,10 +48,7 @@ def section() -> str:
             *gd_settings(df),
             *class_share_finding(RESULTS / "class_shares.json"),
             *sampler_finding(df),
-            "![FID against task](benchmarks/results/quality_fid.png)",
-            "",
-            "![final samples](benchmarks/results/quality_samples.png)",
-            "",
+            *figures(df),
             "Machines: " + "; ".join(f"`{t}`: {' and '.join(m.unique())}" for t, m in df.groupby("tag").machine),
             "",
         ]
@@ -329,6 +329,80 @@ def claims(df: pd.DataFrame, tag: str, tuned: str | None = None) -> list[str]:
 
 TUNING = REPO / "tuning"
 GD_TAG = re.compile(r"gd_lambda-replay_lambda=(?P<lam>[\d.]+)-teacher_steps=(?P<steps>\d+)")
+
+
+def strategy_runs(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(tag, strategy, name) of the figures: every strategy of the ``benchmark`` sweep, and gd at the ``cpu``
+    preset's setting."""
+    order = {s: i for i, s in enumerate(choices(Strategy))}
+    bench = sorted(df[df.tag == "benchmark"].strategy.unique(), key=lambda s: order.get(s, len(order)))
+    runs = [("benchmark", s, "gd (lambda 3, 2 steps)" if s == "gd" else s) for s in bench if s != REAL_DATA]
+    tuned = preset_gd_tag(df)
+    if tuned is not None:
+        preset = PRESETS["cpu"]["train"]
+        runs.append((tuned, "gd", f"gd (lambda {preset['replay_lambda']:g}, {preset['teacher_steps']} steps)"))
+    return runs
+
+
+def figures(df: pd.DataFrame) -> list[str]:
+    """quality_fid.png (FID against task, mean ± standard error over seeds) and quality_samples.png (the final
+    sample grids of seed SAMPLE_SEED) of :func:`strategy_runs`, with their README lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = strategy_runs(df)
+    if not runs:
+        return []
+    fid = df[df.metric == "fid"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for tag, strategy, name in runs:
+        per = fid[(fid.tag == tag) & (fid.strategy == strategy)].groupby("task").value
+        mean, se = per.mean(), per.sem().fillna(0)
+        ax.plot(mean.index, mean, marker="o", label=f"{name} ({per.count().max()})")
+        ax.fill_between(mean.index, mean - se, mean + se, alpha=0.15)
+    floor = fid[(fid.tag == "benchmark") & (fid.strategy == REAL_DATA)].groupby("task").value.mean()
+    ax.plot(floor.index, floor, "k--", label="real data (the floor)")
+    ax.set(xlabel="task", ylabel="FID (evaluation CNN features)", xticks=sorted(fid.task.unique()))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="strategy (seeds)", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality_fid.png", dpi=120)
+    plt.close(fig)
+    lines = [
+        "FID after every task, mean ± standard error over the seeds (`benchmark` sweep, gd also at the `cpu` "
+        "preset's setting; the dashed line: real training images of the seen classes scored as samples):",
+        "",
+        "![FID against task](benchmarks/results/quality_fid.png)",
+        "",
+    ]
+    grids = [(name, SAMPLES / f"{tag}-{strategy}.png") for tag, strategy, name in runs]
+    found = [(name, grid) for name, grid in grids if grid.is_file()]
+    if found:
+        fig, axes = plt.subplots(1, len(found), figsize=(2.4 * len(found), 2.8), squeeze=False)
+        for ax, (name, grid) in zip(axes[0], found):
+            ax.imshow(plt.imread(grid), cmap="gray")
+            ax.set_title(name, fontsize=8)
+            ax.axis("off")
+        fig.suptitle(f"samples after the last task, seed {SAMPLE_SEED}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "quality_samples.png", dpi=120)
+        plt.close(fig)
+        missing = [name for name, grid in grids if not grid.is_file()]
+        lines += [
+            f"Samples of seed {SAMPLE_SEED} after the last task"
+            + (
+                f" (not shown: {', '.join(missing)}, whose run directories stayed on the machine they ran on)"
+                if missing
+                else ""
+            )
+            + ":",
+            "",
+            "![final samples](benchmarks/results/quality_samples.png)",
+            "",
+        ]
+    return lines
 
 
 def preset_gd_tag(df: pd.DataFrame) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,8 @@ from distcl.rundir import REAL_DATA, all_tasks_evaluated
 from distcl.sweep import load_sweep
 
 KEYS = ("tag", "strategy", "seed")  # a run in quality.parquet
+SAMPLES = RESULTS / "samples"  # the final sample grid of each folded trial of SAMPLE_SEED: {tag}-{strategy}.png
+SAMPLE_SEED = 42
 
 
 def trial_tag(sweep_name: str, trial: dict, params: list[str]) -> str:
@@ -78,6 +81,15 @@ def keep_machines(new: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     return new.assign(machine=both.machine_old.where(unchanged, both.machine).values)
 
 
+def keep_final_samples(run_dir: Path, tag: str) -> None:
+    """A trial of SAMPLE_SEED: its last task's sample grid as SAMPLES/{tag}-{strategy}.png (the README's figure)."""
+    cfg = load_config(run_dir / "config.yaml")
+    grid = run_dir / "samples" / f"task_{cfg.data.num_tasks - 1}.png"
+    if cfg.seed == SAMPLE_SEED and grid.is_file():
+        SAMPLES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grid, SAMPLES / f"{tag}-{cfg.train.strategy}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path)
@@ -98,6 +110,8 @@ def main() -> None:
             results = results[~stale.values]
         results = pd.concat([results, new], ignore_index=True)
         write_quality(results, path)
+        for run_dir, params in done:
+            keep_final_samples(run_dir, trial_tag(sweep.name, params, list(sweep.params)))
     print(f"{len(done)} of {len(run_dirs)} trials started in {args.sweep_dir} are finished")
     print(table(results[results.tag.str.startswith(sweep.name)]) if not results.empty else "no results yet")
 
