@@ -30,6 +30,7 @@ from distcl.config import RunConfig, Strategy, load_config
 from distcl.launch import run
 from distcl.rundir import REAL_DATA
 from distcl.settings import choices
+from distcl.sweep import fid_auc
 
 STRATEGIES = ("finetune", "joint", "gr", "gd")
 TEACHER = {"gr": ["train.teacher_steps=2"], "gd": ["train.teacher_steps=2", "train.replay_lambda=3.0"]}
@@ -95,23 +96,19 @@ def main() -> None:
 
 
 def table(results: pd.DataFrame) -> str:
-    """Final-task FID, KLD, TV and classifier accuracy per (tag, strategy): mean and standard error over seeds;
-    wall time."""
+    """Final-task FID, KLD, TV, classifier accuracy and forgetting per (tag, strategy), and the FID area over
+    tasks (distcl.sweep.fid_auc): mean and standard error over seeds; wall time."""
     last = results[results.task == results.task.max()]
     wide = last.pivot_table(index=["tag", "strategy", "seed"], columns="metric", values="value").reset_index()
     wide = wide.reindex(columns=[*wide.columns, *({"accuracy", "forgetting"} - set(wide.columns))])
     wall = last.groupby(["tag", "strategy", "seed"]).wall_s.first().reset_index()
-    wide = wide.merge(wall, on=["tag", "strategy", "seed"])
+    fid = results[results.metric == "fid"].sort_values("task").groupby(["tag", "strategy", "seed"]).value
+    area = fid.agg(lambda v: fid_auc(list(v))).rename("fid_area").reset_index()
+    wide = wide.merge(wall, on=["tag", "strategy", "seed"]).merge(area, on=["tag", "strategy", "seed"])
+    metrics = ["fid", "kld", "tv", "accuracy", "forgetting", "fid_area"]
     agg = wide.groupby(["tag", "strategy"]).agg(
         seeds=("seed", "count"),
-        fid=("fid", "mean"),
-        fid_se=("fid", "sem"),
-        kld=("kld", "mean"),
-        kld_se=("kld", "sem"),
-        tv=("tv", "mean"),
-        accuracy=("accuracy", "mean"),
-        accuracy_se=("accuracy", "sem"),
-        forgetting=("forgetting", "mean"),
+        **{name: spec for m in metrics for name, spec in ((m, (m, "mean")), (f"{m}_se", (m, "sem")))},
         wall_min=("wall_s", lambda s: s.mean() / 60),
     )
     order = {s: i for i, s in enumerate((*choices(Strategy), REAL_DATA))}

@@ -43,12 +43,14 @@ def section() -> str:
             "`accuracy` and `forgetting` are the continual classifier's (`classifier.enabled`, replay images from "
             "the run's own generator; joint and finetune train the classifier the same way as the generator).",
             "",
+            *machine_spread(df),
             *finding(df),
             *(claims(df, "benchmark", preset_gd_tag(df), teacher_forward_s()) if (df.tag == "benchmark").any() else []),
             *gd_settings(df),
             *class_share_finding(RESULTS / "class_shares.json"),
             *sampler_finding(df),
             *figures(df),
+            *by_task(df),
             "Machines: " + "; ".join(f"`{t}`: {' and '.join(m.unique())}" for t, m in df.groupby("tag").machine),
             "",
         ]
@@ -66,7 +68,8 @@ def section() -> str:
             "progressive-distillation students (v, 16 -> 8 -> 4 -> 2 -> 1 steps, Fashion-MNIST images as x) and by "
             "its one-step PID student (data-free), all from the same x_T; FID and KLD against all 10 test classes. "
             "`iterations`: updates per PD stage (batch 64) or of the PID student (batch 32); `train_s`: distillation "
-            "seconds per stage (PD) or in all (PID).",
+            "seconds per stage (PD) or in all (PID). Scored with the older evaluation (the 28x28 network, as the "
+            "older single-seed runs above): comparable within this table, not with the sweeps' figures.",
             "",
             wide.to_markdown(index=False, floatfmt=".3g"),
             "",
@@ -429,6 +432,76 @@ def teacher_forward_s() -> float | None:
     """One teacher forward of a batch, from throughput.json (None before that benchmark has run)."""
     path = RESULTS / "throughput.json"
     return json.loads(path.read_text())["samplers_needed"]["teacher_forward_s"] if path.exists() else None
+
+
+BY_TASK = RESULTS / "quality_by_task.md"
+
+
+def by_task(df: pd.DataFrame) -> list[str]:
+    """BY_TASK: each metric after every task, mean ± standard error over seeds, of :func:`strategy_runs` and the
+    real-data floor; the README line that links it."""
+    runs = strategy_runs(df)
+    if not runs:
+        return []
+    runs.append(("benchmark", REAL_DATA, REAL_DATA))
+    tasks = sorted(df.task.unique())
+    parts = [
+        "# Split Fashion-MNIST, preset `cpu`: every metric after every task",
+        "",
+        "Mean ± standard error over seeds (seeds in brackets); written by `python -m benchmarks.readme_results` "
+        "from `quality.parquet`.",
+    ]
+    for metric in ["fid", "kld", "tv", "accuracy", "forgetting"]:
+        rows = []
+        for tag, strategy, name in runs:
+            per = df[(df.tag == tag) & (df.strategy == strategy) & (df.metric == metric)].groupby("task").value
+            if per.count().sum() == 0:
+                continue
+            cells = [
+                f"{per.mean()[k]:.3f}{pm(per.sem()[k], '.3f')} ({per.count()[k]})" if k in per.mean() else ""
+                for k in tasks
+            ]
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        parts += [
+            "",
+            f"## {metric}",
+            "",
+            "| strategy | " + " | ".join(f"task {k}" for k in tasks) + " |",
+            "|---" * (len(tasks) + 1) + "|",
+            *rows,
+        ]
+    BY_TASK.write_text("\n".join(parts) + "\n")
+    return [
+        f"Every metric after every task, mean ± standard error: [`{BY_TASK.relative_to(REPO)}`]"
+        f"({BY_TASK.relative_to(REPO)}).",
+        "",
+    ]
+
+
+def machine_spread(df: pd.DataFrame) -> list[str]:
+    """How far the machines' metrics of one model recipe lie apart: task 0 trains the same model for every
+    strategy of a seed, so its FID and KLD differ only by the machine (CPU float paths and the evaluation network,
+    trained and cached on each machine); over the sweeps' runs (those with a real-data row)."""
+    sweeps = set(df[df.strategy == REAL_DATA].tag)
+    first = df[(df.task == 0) & df.metric.isin(["fid", "kld"]) & (df.strategy != REAL_DATA) & df.tag.isin(sweeps)]
+    first = first.assign(host=first.machine.str.rsplit("; ", n=1).str[0])
+    per = first.groupby(["seed", "metric", "host"]).value
+    if (per.max() - per.min()).max() > 1e-9:
+        return []  # one machine scored a seed's task 0 differently across runs: not the comparison described here
+    spread = per.first().groupby(["seed", "metric"]).agg(lambda v: v.max() - v.min()).unstack("metric")
+    hosts = first.groupby("seed").host.nunique()
+    spread = spread[hosts > 1]
+    if spread.empty:
+        return []
+    seeds = ", ".join(f"{fid:.2f} (seed {seed})" for seed, fid in spread.fid.items())
+    return [
+        "Machines: task 0 trains the same model for every strategy of a seed, and one machine scores it the same "
+        f"in every run; across the {first.host.nunique()} machines the sweeps ran on, its FID differs by {seeds} "
+        f"and its KLD by at most {spread.kld.max():.3f} (CPU float paths, and the evaluation network, which each "
+        "machine trains and caches for itself): small next to the gaps between strategies, but runs of one table "
+        "row are not all scored by the same network (their machines are listed below).",
+        "",
+    ]
 
 
 def preset_gd_tag(df: pd.DataFrame) -> str | None:
