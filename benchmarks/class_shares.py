@@ -22,14 +22,16 @@ import torch
 from benchmarks.common import REPO, RESULTS, machine
 from distcl.backend import InlineBackend
 from distcl.config import load_config
-from distcl.data import build_scenario, cache_dir, load_dataset
-from distcl.evaluation import Evaluator, metrics_from_chunks
+from distcl.data import build_scenario, cache_dir, load_dataset, to_model_range
+from distcl.evaluation import Evaluator, LoadedNets, metrics_from_chunks
 from distcl.models import load_unet
 from distcl.rundir import all_tasks_evaluated, task_dir
 
 
 def class_shares(run_dir: Path) -> dict:
-    """The run's final-task shares of generated and test images per task, and the recomputed FID and KLD."""
+    """The run's final-task shares per task: of its generated samples and of the test images as the evaluation
+    network labels them (both taken through the model's resolution), next to the test images' true share; the
+    recomputed FID and KLD."""
     cfg = load_config(run_dir / "config.yaml")
     cpu = torch.device("cpu")
     last = cfg.data.num_tasks - 1
@@ -46,6 +48,7 @@ def class_shares(run_dir: Path) -> dict:
         [r.labels for r in sorted(results, key=lambda r: r.chunk.start) if r.chunk.kind == "generated"]
     )
     saved = pd.read_parquet(run_dir / "metrics.parquet").query("task == @last").set_index("metric").value
+    labelled = LoadedNets(evaluator.nets, cpu).labels(to_model_range(test.images, size))  # the floor
     shares = []
     for k, classes in enumerate(scenario.tasks):
         classes_t = torch.tensor(classes)
@@ -55,6 +58,7 @@ def class_shares(run_dir: Path) -> dict:
                 "classes": scenario.task_names(k),
                 "generated": float(torch.isin(generated, classes_t).float().mean()),
                 "test": float(torch.isin(test.labels, classes_t).float().mean()),
+                "test_labelled": float(torch.isin(labelled, classes_t).float().mean()),
             }
         )
     return {
@@ -90,9 +94,12 @@ def main() -> None:
             f"\n{label(run)}: FID {run['fid']:.3f} (saved {run['fid_saved']:.3f}), "
             f"KLD {run['kld']:.3f} (saved {run['kld_saved']:.3f}), {run['samples']} samples"
         )
-        print("| task | classes | generated | test |\n|---|---|---|---|")
+        print("| task | classes | generated | test, labelled | test |\n|---|---|---|---|---|")
         for s in run["shares"]:
-            print(f"| {s['task']} | {', '.join(s['classes'])} | {s['generated']:.3f} | {s['test']:.3f} |")
+            print(
+                f"| {s['task']} | {', '.join(s['classes'])} | {s['generated']:.3f} | {s['test_labelled']:.3f} | "
+                f"{s['test']:.3f} |"
+            )
     write_runs(args.results, runs)
 
 
