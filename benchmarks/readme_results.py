@@ -551,6 +551,16 @@ def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
         f"{r.kld:.3f}{pm(r.kld_se, '.3f')} | {'' if pd.isna(r['rank sum']) else format(r['rank sum'], 'g')} |"
         for _, r in table.iterrows()
     ]
+    floor = df[(df.strategy == REAL_DATA) & (df.task == df.task.max()) & df.tag.str.fullmatch(GD_TAG.pattern)]
+    floor = floor[floor.metric.isin(["fid", "kld"])].pivot_table(
+        index=["tag", "seed"], columns="metric", values="value"
+    )
+    if len(floor):  # the metrics' floor: the same for every setting of a seed (real images, one network)
+        per_seed = floor.groupby(level="seed").mean()
+        lines.append(
+            f"| real data | - | {len(per_seed)} | {per_seed.fid.mean():.1f}{pm(per_seed.fid.sem(), '.1f')} | "
+            f"{per_seed.kld.mean():.3f}{pm(per_seed.kld.sem(), '.3f')} | |"
+        )
     missing = table[table.seeds < seeds]
     verdict = (
         f"Best of the settings with {seeds} seeds by mean final FID and KLD together (the sum of the two ranks): "
