@@ -555,7 +555,7 @@ def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
     floor = floor[floor.metric.isin(["fid", "kld"])].pivot_table(
         index=["tag", "seed"], columns="metric", values="value"
     )
-    if len(floor):  # the metrics' floor: the same for every setting of a seed (real images, one network)
+    if len(floor):  # the metrics' floor: the same real images for every setting of a seed
         per_seed = floor.groupby(level="seed").mean()
         lines.append(
             f"| real data | - | {len(per_seed)} | {per_seed.fid.mean():.1f}{pm(per_seed.fid.sem(), '.1f')} | "
