@@ -38,6 +38,13 @@ def section() -> str:
             "images scored as samples, each metric's floor) label samples with a network trained at the model's "
             "16x16 (88.2 % there) and seed every evaluation sample by (seed, task, sample index). " + older_runs(df),
             "",
+            "To make them again: `distcl tune tuning/benchmark.yaml` and `distcl tune tuning/gd_lambda.yaml` "
+            "(`--resume DIR` after any interruption), `python -m benchmarks.sweep_results DIR` for each sweep "
+            "directory, then `python -m benchmarks.readme_results` (this section, its plots and "
+            "`benchmarks/results/quality_by_task.md`). We ran each file in pieces, two at a time on the 2 cores: "
+            "a piece is a copy of the file with fewer `params` values and the same `name` (a run's tag is the "
+            "sweep's name and its params other than strategy and seed, so the pieces fold into the same rows).",
+            "",
             table(df),
             "",
             "`accuracy` and `forgetting` are the continual classifier's (`classifier.enabled`, replay images from "
