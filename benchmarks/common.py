@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import pandas as pd
+import scipy.stats
 
 from distcl.devices import describe_host
 
@@ -17,6 +21,22 @@ RESULTS = REPO / "benchmarks" / "results"
 def machine(day: datetime.date | None = None) -> str:
     """This machine (distcl.devices.describe_host) and ``day`` (default: today)."""
     return f"{describe_host()}; {(day or datetime.date.today()).isoformat()}"
+
+
+def machine_type(stamp: str) -> str:
+    """A :func:`machine` stamp without its date: the kind of machine (CPU model, cores, memory, GPU, versions)."""
+    return stamp.rsplit("; ", 1)[0]
+
+
+def paired_test(diffs: Sequence[float], level: float = 0.95) -> Optional[int]:
+    """Two-sided paired t-test of per-seed differences: +1 (mean significantly above 0), -1 (below), 0 (within
+    noise: |mean| <= t_{(1+level)/2, n-1} * se, se = sd / sqrt(n)); None for fewer than 2 differences."""
+    diffs = np.asarray(diffs, dtype=float)
+    if len(diffs) < 2:
+        return None
+    mean, se = diffs.mean(), diffs.std(ddof=1) / np.sqrt(len(diffs))
+    bound = scipy.stats.t.ppf((1 + level) / 2, len(diffs) - 1) * se
+    return 1 if mean > bound else -1 if mean < -bound else 0
 
 
 QUALITY_ORDER = ["tag", "strategy", "seed", "task", "metric"]  # a row of quality.parquet

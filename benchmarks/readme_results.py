@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.class_shares import label
-from benchmarks.common import REPO, RESULTS
+from benchmarks.common import REPO, RESULTS, machine_type, paired_test
 from benchmarks.quality import table
-from benchmarks.sweep_results import SAMPLE_SEED, SAMPLES
+from benchmarks.sweep_results import SAMPLE_SEED, SAMPLES, trial_tag
 from distcl.config import PRESETS, Strategy
 from distcl.rundir import REAL_DATA
 from distcl.settings import choices
@@ -38,12 +38,14 @@ def section() -> str:
             "images scored as samples, each metric's floor) label samples with a network trained at the model's "
             "16x16 (88.2 % there) and seed every evaluation sample by (seed, task, sample index). " + older_runs(df),
             "",
-            "To make them again: `distcl tune tuning/benchmark.yaml` and `distcl tune tuning/gd_lambda.yaml` "
-            "(`--resume DIR` after any interruption), `python -m benchmarks.sweep_results DIR` for each sweep "
+            "To make them again: `distcl tune tuning/benchmark.yaml`, `distcl tune tuning/gd_lambda.yaml` and "
+            "`distcl tune tuning/partial_uniform.yaml` (`--resume DIR` after any interruption), "
+            "`python -m benchmarks.sweep_results DIR` for each sweep "
             "directory, then `python -m benchmarks.readme_results` (this section, its plots and "
             "`benchmarks/results/quality_by_task.md`). We ran each file in pieces, two at a time on the 2 cores: "
             "a piece is a copy of the file with fewer `params` values and the same `name` (a run's tag is the "
-            "sweep's name and its params other than strategy and seed, so the pieces fold into the same rows).",
+            "sweep's name and its params other than strategy and seed, so the pieces fold into the same rows). The "
+            "older single-seed tags come from `python -m benchmarks.quality` (its docstring has their commands).",
             "",
             table(df),
             "",
@@ -55,7 +57,8 @@ def section() -> str:
             *(claims(df, "benchmark", preset_gd_tag(df), teacher_forward_s()) if (df.tag == "benchmark").any() else []),
             *gd_settings(df),
             *class_share_finding(RESULTS / "class_shares.json"),
-            *cause_finding(df),
+            *cause_finding(df, RESULTS / "class_shares.json"),
+            *partial_finding(df),
             *sampler_finding(df),
             *figures(df),
             *by_task(df),
@@ -266,69 +269,80 @@ CLAIMS = [  # (the paper's claim, metric, better strategy, other strategy, lower
 ]
 
 
+VERDICT = {1: "holds", -1: "does not hold at this scale", 0: "within noise", None: "one seed: no verdict"}
+
+
+def verdict(gaps: pd.Series) -> str:
+    """VERDICT of per-seed gaps (positive: the claim's way); within noise says how many seeds went the claim's
+    way."""
+    found = paired_test(gaps)
+    return f"within noise ({(gaps > 0).sum()} of {len(gaps)} seeds the paper's way)" if found == 0 else VERDICT[found]
+
+
 def claims(df: pd.DataFrame, tag: str, tuned: str | None = None, forward_s: float | None = None) -> list[str]:
-    """The paper's claims, one row each, from the final task of the runs tagged ``tag``: means, standard errors,
-    and a verdict: holds / does not hold at this scale (the difference beyond 2 combined standard errors, one way
-    or the other), within noise, one seed (no verdict), or not tested (a strategy missing); ``forward_s``: one
-    teacher forward of a batch (throughput.json), the cost gd adds to gr's step in the paper. With ``tuned`` (the
-    tag of gd's runs at the ``cpu`` preset's setting) the claims about gd again, gd's runs taken from there."""
+    """The paper's claims, one row each, from the final task of the runs tagged ``tag``: means ± standard errors
+    and a verdict from a paired t-test over the seeds both sides have (benchmarks.common.paired_test, 95 %):
+    holds, does not hold at this scale, within noise, one seed, or not tested (a strategy missing); the step
+    cost against ``forward_s`` (one teacher forward of a batch, throughput.json). With ``tuned`` (the tag of gd's
+    runs at the ``cpu`` preset's setting) the claims about gd again, gd's runs taken from there."""
     last = df[df.task == df.task.max()]
     per = last.pivot_table(index=["tag", "strategy", "seed"], columns="metric", values="value")
 
-    def stats(strategy: str, metric: str, gd_tag: str = tag) -> tuple[float, float, int]:
+    def seeds(strategy: str, metric: str, gd_tag: str) -> pd.Series:
+        """The strategy's value of ``metric`` per seed (gd's from ``gd_tag``)."""
         key = (gd_tag if strategy == "gd" else tag, strategy)
-        values = per.loc[key, metric].dropna() if key in per.index.droplevel("seed") else pd.Series()
-        return float(values.mean()), float(values.sem()) if len(values) > 1 else float("nan"), len(values)
+        return per.loc[key, metric].dropna() if key in per.index.droplevel("seed") else pd.Series(dtype=float)
+
+    def shown(name: str, values: pd.Series) -> str:
+        return f"{name} {values.mean():.3f}{pm(values.sem(), '.3f')} ({len(values)})"
 
     def versus(metric: str, better: str, other: str, lower: bool, gd_tag: str) -> tuple[str, str]:
-        (m1, s1, n1), (m2, s2, n2) = stats(better, metric, gd_tag), stats(other, metric, gd_tag)
-        if not (n1 and n2):
-            verdict = "not tested"
-        elif min(n1, n2) < 2:
-            verdict = "one seed: no verdict"
-        else:
-            gap, noise = (m2 - m1) if lower else (m1 - m2), 2 * (s1**2 + s2**2) ** 0.5
-            verdict = "holds" if gap > noise else "does not hold at this scale" if gap < -noise else "within noise"
-        return f"{better} {m1:.3f} ± {s1:.3f} ({n1}), {other} {m2:.3f} ± {s2:.3f} ({n2})", verdict
+        a, b = seeds(better, metric, gd_tag), seeds(other, metric, gd_tag)
+        if a.empty or b.empty:
+            return "", "not tested"
+        gaps = (b - a if lower else a - b).dropna()  # paired by seed
+        return f"{shown(better, a)}, {shown(other, b)}", verdict(gaps)
 
     def near_joint(gd_tag: str) -> tuple[str, str]:
-        """gd nearer joint than finetune: d = (finetune - gd) - (gd - joint) beyond 2 of its standard errors."""
-        (gd, s_gd, n_gd), (joint, s_j, n_j), (finetune, s_f, n_f) = (
-            stats(s, "fid", gd_tag) for s in ("gd", "joint", "finetune")
-        )
-        if not (n_gd and n_j and n_f):
+        """gd nearer joint than finetune on FID: d = (finetune - gd) - (gd - joint) > 0, paired by seed."""
+        gd, joint, finetune = (seeds(s, "fid", gd_tag) for s in ("gd", "joint", "finetune"))
+        if gd.empty or joint.empty or finetune.empty:
             return "", "not tested"
-        d, noise = finetune + joint - 2 * gd, 2 * (s_f**2 + s_j**2 + 4 * s_gd**2) ** 0.5
-        verdict = "holds" if d > noise else "does not hold at this scale" if d < -noise else "within noise"
+        d = (finetune + joint - 2 * gd).dropna()
         return (
-            f"gd {gd:.3f} ± {s_gd:.3f} ({n_gd}), joint {joint:.3f} ± {s_j:.3f} ({n_j}), finetune {finetune:.3f} "
-            f"± {s_f:.3f} ({n_f}): (finetune - gd) - (gd - joint) = {d:.1f} ± {noise / 2:.1f}",
-            verdict if min(n_gd, n_j, n_f) > 1 else "one seed: no verdict",
+            f"{shown('gd', gd)}, {shown('joint', joint)}, {shown('finetune', finetune)}: (finetune - gd) - "
+            f"(gd - joint) = {d.mean():.1f}{pm(d.sem(), '.1f')}",
+            verdict(d),
         )
 
     def step_cost() -> tuple[str, str]:
-        """gd's median step minus gr's, seed by seed where both ran on one machine, against one teacher forward of
-        a batch (``forward_s``): holds unless beyond it by 2 standard errors."""
+        """gd's median step minus gr's, seed by seed where both ran on one machine type, against one teacher
+        forward of a batch: holds when not significantly above it (3 such seeds at least)."""
         steps = last[(last.tag == tag) & (last.metric == "step_s")]
-        steps = steps.assign(host=steps.machine.str.rsplit("; ", n=1).str[0])  # the machine without its date
-        gd, gr = (steps[steps.strategy == s].set_index("seed")[["value", "host"]] for s in ("gd", "gr"))
+        steps = steps.assign(kind=steps.machine.map(machine_type))
+        gd, gr = (steps[steps.strategy == s].set_index("seed")[["value", "kind"]] for s in ("gd", "gr"))
         pairs = gd.merge(gr, left_index=True, right_index=True, suffixes=("_gd", "_gr"))
-        pairs = pairs[pairs.host_gd == pairs.host_gr]
-        diff = (pairs.value_gd - pairs.value_gr) * 1000
-        if len(diff) < 2 or forward_s is None:
-            return f"{len(diff)} seed(s) with gd and gr on one machine", "not tested"
-        mean, se, forward = diff.mean(), diff.sem(), forward_s * 1000
-        return (
-            "gd - gr per step (median, inline, same seed and machine): "
+        diff = ((pairs.value_gd - pairs.value_gr) * 1000)[pairs.kind_gd == pairs.kind_gr]
+        if diff.empty or forward_s is None:
+            return "no seed with gd and gr on one machine type", "not tested"
+        forward = forward_s * 1000
+        measured = (
+            "gd - gr per step (median, inline, same seed and machine type): "
             + ", ".join(f"{v:.0f} ms (seed {seed})" for seed, v in diff.items())
-            + f", mean {mean:.0f} ± {se:.0f} ms; one teacher forward of the batch: {forward:.0f} ms "
-            "(`throughput.json`, another machine); other work shared the 2 cores during some trials",
-            "holds" if mean <= forward + 2 * se else "does not hold at this scale",
+            + f"; one teacher forward of the batch: {forward:.0f} ms (`throughput.json`, another machine type); "
+            "other work shared the 2 cores during some trials"
         )
+        if len(diff) < 3:
+            return measured, f"{len(diff)} seed(s) on one machine type: no verdict"
+        more = paired_test(diff - forward)
+        return measured, "does not hold at this scale" if more == 1 else "holds"
 
     rows = [(text, lambda g, c=claim: versus(*c, g), "gd" in claim[1:3]) for text, *claim in CLAIMS]
     rows.append(("gd comes close to joint training (nearer joint than finetune on FID)", near_joint, True))
-    cells = [(text, " | ".join(fn(tag)), " | ".join(fn(tuned)) if about_gd else "- | -") for text, fn, about_gd in rows]
+    cells = [
+        (text, " | ".join(fn(tag)), " | ".join(fn(tuned)) if about_gd and tuned is not None else "- | -")
+        for text, fn, about_gd in rows
+    ]
     cells.append(
         (
             "gd costs about one teacher forward per replay item more than gr (step time, last task)",
@@ -336,10 +350,15 @@ def claims(df: pd.DataFrame, tag: str, tuned: str | None = None, forward_s: floa
             "- | - (gr ran with 2 teacher steps)",
         )
     )
+    rule = (
+        "A verdict is a two-sided paired t-test over the seeds (95 %, n - 1 degrees of freedom: with 3 seeds the "
+        'mean difference must exceed 4.3 standard errors); "within noise" says 3 seeds cannot tell, not that the '
+        "claim fails."
+    )
     if tuned is None:
         header = ["| claim (Masip et al.) | measured | verdict |", "|---|---|---|"]
         lines = [f"| {text} | {first} |" for text, first, _ in cells]
-        intro = f"The paper's claims, runs tagged `{tag}` (final task, mean ± standard error (seeds)):"
+        intro = f"The paper's claims, runs tagged `{tag}` (final task, mean ± standard error (seeds)). {rule}"
     else:
         header = [
             "| claim (Masip et al.) | measured, gd as in the paper | verdict | measured, gd as the `cpu` preset | "
@@ -348,14 +367,21 @@ def claims(df: pd.DataFrame, tag: str, tuned: str | None = None, forward_s: floa
         ]
         lines = [f"| {text} | {first} | {second} |" for text, first, second in cells]
         preset = PRESETS["cpu"]["train"]
+        lam, steps = benchmark_gd()
         intro = (
             f"The paper's claims, runs tagged `{tag}` (final task, mean ± standard error (seeds)). Their gd has "
-            f"the paper's lambda 3 with 2 teacher steps; the last two columns take gd's runs from `{tuned}` "
-            f"instead (the `cpu` preset's gd since the sweep: lambda {preset['replay_lambda']:g} with "
+            f"the paper's lambda {lam:g} with {steps} teacher steps; the last two columns take gd's runs from "
+            f"`{tuned}` instead (the `cpu` preset's gd since the sweep: lambda {preset['replay_lambda']:g} with "
             f"{preset['teacher_steps']} steps, the same seeds and evaluation; chosen as the best of the sweep on "
-            "these seeds, so its figures lean optimistic):"
+            f"these seeds, so its figures lean optimistic). {rule}"
         )
     return [intro, "", *header, *lines, ""]
+
+
+def benchmark_gd() -> tuple[float, int]:
+    """(lambda, teacher steps) of gd in the ``benchmark`` sweep (tuning/benchmark.yaml)."""
+    train = load_sweep(TUNING / "benchmark.yaml").trial_config({"train.strategy": "gd"}).train
+    return train.replay_lambda, train.teacher_steps
 
 
 TUNING = REPO / "tuning"
@@ -367,7 +393,9 @@ def strategy_runs(df: pd.DataFrame) -> list[tuple[str, str, str]]:
     preset's setting."""
     order = {s: i for i, s in enumerate(choices(Strategy))}
     bench = sorted(df[df.tag == "benchmark"].strategy.unique(), key=lambda s: order.get(s, len(order)))
-    runs = [("benchmark", s, "gd (lambda 3, 2 steps)" if s == "gd" else s) for s in bench if s != REAL_DATA]
+    lam, steps = benchmark_gd()
+    gd = f"gd (lambda {lam:g}, {steps} steps)"
+    runs = [("benchmark", s, gd if s == "gd" else s) for s in bench if s != REAL_DATA]
     tuned = preset_gd_tag(df)
     if tuned is not None:
         preset = PRESETS["cpu"]["train"]
@@ -402,8 +430,9 @@ def figures(df: pd.DataFrame) -> list[str]:
     fig.savefig(RESULTS / "quality_fid.png", dpi=120)
     plt.close(fig)
     lines = [
-        "FID after every task, mean ± standard error over the seeds (`benchmark` sweep, gd also at the `cpu` "
-        "preset's setting; the dashed line: real training images of the seen classes scored as samples):",
+        "FID after every task, mean ± standard error over the seeds (the `benchmark` sweep"
+        + (", gd also at the `cpu` preset's setting" if preset_gd_tag(df) is not None else "")
+        + "; the dashed line: real training images of the seen classes scored as samples):",
         "",
         "![FID against task](benchmarks/results/quality_fid.png)",
         "",
@@ -424,7 +453,7 @@ def figures(df: pd.DataFrame) -> list[str]:
         lines += [
             f"Samples of seed {SAMPLE_SEED} after the last task"
             + (
-                f" (not shown: {', '.join(missing)}, whose run directories stayed on the machine they ran on)"
+                f" (not shown: {', '.join(missing)}: no grid of theirs under `{SAMPLES.relative_to(REPO)}`)"
                 if missing
                 else ""
             )
@@ -453,11 +482,12 @@ def by_task(df: pd.DataFrame) -> list[str]:
         return []
     runs.append(("benchmark", REAL_DATA, REAL_DATA))
     tasks = sorted(df.task.unique())
+    presets = ", ".join(sorted(df[df.tag == "benchmark"].preset.unique()))
     parts = [
-        "# Split Fashion-MNIST, preset `cpu`: every metric after every task",
+        f"# Split Fashion-MNIST, preset `{presets}`: every metric after every task",
         "",
-        "Mean ± standard error over seeds (seeds in brackets); written by `python -m benchmarks.readme_results` "
-        "from `quality.parquet`.",
+        "Mean ± standard error over seeds (the number of seeds in parentheses); written by "
+        "`python -m benchmarks.readme_results` from `quality.parquet`.",
     ]
     for metric in ["fid", "kld", "tv", "accuracy", "forgetting"]:
         rows = []
@@ -465,10 +495,8 @@ def by_task(df: pd.DataFrame) -> list[str]:
             per = df[(df.tag == tag) & (df.strategy == strategy) & (df.metric == metric)].groupby("task").value
             if per.count().sum() == 0:
                 continue
-            cells = [
-                f"{per.mean()[k]:.3f}{pm(per.sem()[k], '.3f')} ({per.count()[k]})" if k in per.mean() else ""
-                for k in tasks
-            ]
+            mean, se, n = per.mean(), per.sem(), per.count()
+            cells = [f"{mean[k]:.3f}{pm(se[k], '.3f')} ({n[k]})" if k in mean else "" for k in tasks]
             rows.append(f"| {name} | " + " | ".join(cells) + " |")
         parts += [
             "",
@@ -487,12 +515,13 @@ def by_task(df: pd.DataFrame) -> list[str]:
 
 
 def machine_spread(df: pd.DataFrame) -> list[str]:
-    """How far the machines' metrics of one model recipe lie apart: task 0 trains the same model for every
+    """How far the machine types' metrics of one model recipe lie apart: task 0 trains the same model for every
     strategy of a seed, so its FID and KLD differ only by the machine (CPU float paths and the evaluation network,
     trained and cached on each machine); over the sweeps' runs (those with a real-data row)."""
     sweeps = set(df[df.strategy == REAL_DATA].tag)
     first = df[(df.task == 0) & df.metric.isin(["fid", "kld"]) & (df.strategy != REAL_DATA) & df.tag.isin(sweeps)]
-    first = first.assign(host=first.machine.str.rsplit("; ", n=1).str[0])
+    first = first[~first.machine.str.contains(" then ")]  # a trial resumed on another machine type: neither
+    first = first.assign(host=first.machine.map(machine_type))
     per = first.groupby(["seed", "metric", "host"]).value
     if (per.max() - per.min()).max() > 1e-9:
         return []  # one machine scored a seed's task 0 differently across runs: not the comparison described here
@@ -503,19 +532,20 @@ def machine_spread(df: pd.DataFrame) -> list[str]:
         return []
     seeds = ", ".join(f"{fid:.2f} (seed {seed})" for seed, fid in spread.fid.items())
     return [
-        "Machines: task 0 trains the same model for every strategy of a seed, and one machine scores it the same "
-        f"in every run; across the {first.host.nunique()} machines the sweeps ran on, its FID differs by {seeds} "
-        f"and its KLD by at most {spread.kld.max():.3f} (CPU float paths, and the evaluation network, which each "
-        "machine trains and caches for itself): small next to the gaps between strategies, but runs of one table "
-        "row are not all scored by the same network (their machines are listed below).",
+        "Machines: task 0 trains the same model for every strategy of a seed, and one machine type scores it the "
+        f"same in every run; across the {first.host.nunique()} machine types the sweeps ran on, its FID differs by "
+        f"{seeds} and its KLD by at most {spread.kld.max():.3f} (CPU float paths, and the evaluation network, "
+        "which each machine trains and caches for itself): small next to the gaps between strategies, but runs of "
+        "one table row are not all scored by the same network (their machines are listed below).",
         "",
     ]
 
 
 def preset_gd_tag(df: pd.DataFrame) -> str | None:
     """The tag of the gd_lambda sweep's runs at the ``cpu`` preset's gd setting, if any are folded."""
-    preset = PRESETS["cpu"]["train"]
-    tag = f"gd_lambda-replay_lambda={float(preset['replay_lambda'])}-teacher_steps={preset['teacher_steps']}"
+    preset, sweep = PRESETS["cpu"]["train"], load_sweep(TUNING / "gd_lambda.yaml")
+    setting = {"train.replay_lambda": float(preset["replay_lambda"]), "train.teacher_steps": preset["teacher_steps"]}
+    tag = trial_tag(sweep.name, setting, list(sweep.params))
     return tag if (df.tag == tag).any() else None
 
 
@@ -524,17 +554,16 @@ def pm(se: float, fmt: str) -> str:
     return "" if pd.isna(se) else f" ± {se:{fmt}}"
 
 
-def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
-    """gd's lambda x teacher steps (sweep ``gd_lambda``; lambda 3 with 2 steps: the ``benchmark`` sweep's gd), the
-    final task's FID and KLD, mean ± standard error; the settings with ``seeds`` seeds ranked by the sum of their
-    ranks on mean FID and on mean KLD (ties: the lower FID)."""
+def gd_setting_table(df: pd.DataFrame) -> pd.DataFrame:
+    """gd's final FID and KLD (mean, standard error, seeds) per lambda and teacher steps: the gd_lambda sweep's
+    tags, and the ``benchmark`` sweep's gd at its setting; sorted by teacher steps, then lambda."""
     last = df[(df.strategy == "gd") & (df.task == df.task.max()) & df.metric.isin(["fid", "kld"])]
     rows = []
     for tag, runs in last.groupby("tag"):
         match = GD_TAG.fullmatch(tag)
         if match is None and tag != "benchmark":
             continue
-        lam, steps = (float(match["lam"]), int(match["steps"])) if match else (3.0, 2)
+        lam, steps = (float(match["lam"]), int(match["steps"])) if match else benchmark_gd()
         per = runs.pivot_table(index="seed", columns="metric", values="value")
         rows.append(
             {
@@ -546,9 +575,16 @@ def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
                 "kld_se": per.kld.sem(),
             }
         )
-    if not rows:
+    return pd.DataFrame(rows).sort_values(["teacher steps", "lambda"]) if rows else pd.DataFrame()
+
+
+def gd_settings(df: pd.DataFrame, seeds: int = 3) -> list[str]:
+    """gd's lambda x teacher steps (sweep ``gd_lambda``; lambda 3 with 2 steps: the ``benchmark`` sweep's gd), the
+    final task's FID and KLD, mean ± standard error; the settings with ``seeds`` seeds ranked by the sum of their
+    ranks on mean FID and on mean KLD (ties: the lower FID)."""
+    table = gd_setting_table(df)
+    if table.empty:
         return []
-    table = pd.DataFrame(rows).sort_values(["teacher steps", "lambda"])
     done = table[table.seeds >= seeds]
     rank = (done.fid.rank() + done.kld.rank()).rename("rank sum")
     table = table.join(rank)
@@ -647,25 +683,64 @@ def finding(df: pd.DataFrame) -> list[str]:
     ]
 
 
-def cause_finding(df: pd.DataFrame) -> list[str]:
-    """Why gd with the paper's lambda 3 lost the newest task here (#14's question), candidate by candidate, its
-    numbers from the results (only when the older and the sweep's lambda 3 runs are both there)."""
-    last = df[(df.task == df.task.max()) & df.metric.isin(["fid", "kld"])]
-    per = last.groupby(["tag", "strategy", "metric"]).value
-    mean, se = per.mean(), per.sem()
-    if ("default", "gd", "kld") not in mean or ("benchmark", "gd", "kld") not in mean:
+def cause_finding(df: pd.DataFrame, shares_path: Path) -> list[str]:
+    """Why gd with the paper's lambda 3 seemed to lose the newest task (#14's question), candidate by candidate,
+    its numbers from the results (only when the older evaluation's and the sweep's gd and finetune runs, and the
+    class shares of the paper's and the preset's gd, are all there)."""
+    last = df[(df.task == df.task.max()) & (df.metric == "kld")]
+    per = last.groupby(["tag", "strategy"]).value
+    mean, se, n = per.mean(), per.sem(), per.count()
+    runs = [(tag, s) for tag in ("default", "benchmark") for s in ("gd", "finetune")]
+    preset = PRESETS["cpu"]["train"]
+    paper, tuned = benchmark_gd(), (preset["replay_lambda"], preset["teacher_steps"])
+    shares = gd_share_means(json.loads(shares_path.read_text())["runs"]) if shares_path.exists() else None
+    if any(r not in mean for r in runs) or shares is None or not {paper, tuned} <= set(shares.index):
         return []
+
+    def kld(tag: str, strategy: str) -> str:
+        return f"{mean[tag, strategy]:.3f}{pm(se[tag, strategy], '.3f')} ({n[tag, strategy]} seed(s))"
+
+    table = gd_setting_table(df)
+    best = table[table.seeds == table.seeds.max()].sort_values("fid").iloc[0]
     return [
-        "Why gd with the paper's lambda 3 seemed to lose the newest task, candidate by candidate. The metric: in "
-        "part; labelled by the 28x28 network its final KLD was "
-        f"{mean['default', 'gd', 'kld']:.2f} (one seed, `default`), by the network trained at 16x16 "
-        f"{mean['benchmark', 'gd', 'kld']:.3f}{pm(se['benchmark', 'gd', 'kld'], '.3f')} (`benchmark`, 3 seeds), "
-        f"against finetune's {mean['benchmark', 'finetune', 'kld']:.3f}. The replay weight: what remains; the "
-        "class shares above show the first task's classes kept at the newest's expense at lambda 3 and a balance "
-        "at lambda 0.3, and the lambda table gives lambda 0.3 the best final FID: the `cpu` preset's gd now uses "
-        "it. A fresh Adam per task and 2,000 images per class: not tested (distcl starts a new Adam at every task, "
-        "as the reference does: Avalanche 0.3.1, which it pins, resets the optimizer at each experience; the data "
-        "budget is the same for every strategy).",
+        f"Why gd with the paper's lambda {paper[0]:g} seemed to lose the newest task, candidate by candidate. The "
+        f"metric, in part: gd's final KLD was {kld('default', 'gd')} labelled by the 28x28 network (`default`) and "
+        f"is {kld('benchmark', 'gd')} labelled by the network trained at 16x16 (`benchmark`), while finetune's "
+        f"went from {kld('default', 'finetune')} to {kld('benchmark', 'finetune')}. The replay weight, for what "
+        f"remains: at lambda {paper[0]:g} ({paper[1]} steps) the first task's classes take "
+        f"{shares.loc[paper, 'first']:.2f} of the final samples and the newest task's "
+        f"{shares.loc[paper, 'newest']:.2f}; at lambda {tuned[0]:g} ({tuned[1]} steps) "
+        f"{shares.loc[tuned, 'first']:.2f} and {shares.loc[tuned, 'newest']:.2f} (0.2 each in the test images), "
+        f"and of the lambda table's settings with the most seeds lambda {best['lambda']:g} with "
+        f"{best['teacher steps']:.0f} steps has the lowest mean final FID. A fresh Adam per task and 2,000 images "
+        "per class: not tested (distcl starts a new Adam at every task, as the reference does: Avalanche 0.3.1, "
+        "which it pins, resets the optimizer at each experience; the data budget is the same for every strategy).",
+        "",
+    ]
+
+
+def partial_finding(df: pd.DataFrame) -> list[str]:
+    """Partial generation's two forms side by side: the ``benchmark`` sweep's (``train.partial_t: grid``) and the
+    reference's (tag ``partial_uniform``), final FID and KLD with a paired verdict per metric (lower is better)."""
+    last = df[(df.task == df.task.max()) & (df.strategy == "partial_generation") & df.metric.isin(["fid", "kld"])]
+    per = last.pivot_table(index=["tag", "seed"], columns="metric", values="value")
+    if not {"benchmark", "partial_uniform"} <= set(per.index.get_level_values("tag")):
+        return []
+    grid, uniform = per.loc["benchmark"], per.loc["partial_uniform"]
+
+    def metric(name: str) -> str:
+        gaps = (grid[name] - uniform[name]).dropna()  # positive: the reference's form is better
+        found = {1: "the reference's form is better", -1: "the grid form is better", 0: "within noise"}
+        return (
+            f"{name.upper()} {uniform[name].mean():.3f}{pm(uniform[name].sem(), '.3f')} ({len(uniform)}) against "
+            f"{grid[name].mean():.3f}{pm(grid[name].sem(), '.3f')} ({len(grid)}): "
+            f"{found.get(paired_test(gaps), 'one seed: no verdict')}"
+        )
+
+    return [
+        "Partial generation as in the reference (`train.partial_t: uniform`, tag `partial_uniform`) against "
+        "distcl's grid form (`benchmark`), final task, paired by seed: "
+        f"{metric('fid')}; {metric('kld')}.",
         "",
     ]
 
@@ -685,7 +760,7 @@ def class_share_finding(path: Path) -> list[str]:
     ]
     floors = {r["seed"]: r for r in runs if "test_labelled" in r["shares"][0]}  # one run of each seed is enough
     rows += [
-        f"| test images, labelled by the network, seed {seed} | "
+        f"| test images, labelled by the network, seed {seed} ({machine_type(r['machine']).split(',')[0]}) | "
         + " | ".join(f"{s['test_labelled']:.3f} ({', '.join(s['classes'])})" for s in r["shares"])
         + " | - | - |"
         for seed, r in sorted(floors.items())
@@ -708,8 +783,9 @@ def class_share_finding(path: Path) -> list[str]:
     ]
 
 
-def lambda_shares(runs: list[dict]) -> list[str]:
-    """gd's first and newest task's shares by lambda (means over the seeds there), or what is missing."""
+def gd_share_means(runs: list[dict]) -> pd.DataFrame:
+    """gd's first and newest task's shares of the final samples, means over the seeds measured (``seeds``), per
+    (lambda, teacher steps) of the class-shares runs."""
     gd = pd.DataFrame(
         [
             {
@@ -720,13 +796,19 @@ def lambda_shares(runs: list[dict]) -> list[str]:
             }
             for r in runs
             if r["strategy"] == "gd"
-        ]
+        ],
+        columns=["lambda", "steps", "first", "newest"],
     )
-    if gd.empty or gd["lambda"].nunique() < 2:
-        return ["The lambda sweep (`tuning/gd_lambda.yaml`) measures what a smaller lambda gives: not run yet.", ""]
-    means = gd.groupby(["lambda", "steps"]).agg(
+    return gd.groupby(["lambda", "steps"]).agg(
         first=("first", "mean"), newest=("newest", "mean"), seeds=("first", "size")
     )
+
+
+def lambda_shares(runs: list[dict]) -> list[str]:
+    """gd's first and newest task's shares by lambda (means over the seeds there), or what is missing."""
+    means = gd_share_means(runs)
+    if means.index.get_level_values("lambda").nunique() < 2:
+        return ["The lambda sweep (`tuning/gd_lambda.yaml`) measures what a smaller lambda gives: not run yet.", ""]
     parts = [
         f"lambda {lam:g} ({steps} steps): first task {m['first']:.3f}, newest {m['newest']:.3f} "
         f"({int(m['seeds'])} seed(s))"

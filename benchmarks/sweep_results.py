@@ -20,10 +20,12 @@ from typing import Optional
 
 import pandas as pd
 
-from benchmarks.common import RESULTS, machine, write_quality
+from benchmarks.common import RESULTS, write_quality
 from benchmarks.quality import table
 from distcl.config import load_config
+from distcl.devices import describe_host
 from distcl.rundir import REAL_DATA, all_tasks_evaluated
+from distcl.runtime.tune import TRIAL_STARTS, trial_start
 from distcl.sweep import load_sweep
 
 KEYS = ("tag", "strategy", "seed")  # a run in quality.parquet
@@ -55,8 +57,8 @@ def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     real = run_dir / "real_metrics.parquet"
     rows = pd.concat([metrics, pd.read_parquet(real)] if real.is_file() else [metrics], ignore_index=True)
-    starts = (run_dir / "trial_starts.log").read_text().splitlines()
-    started = datetime.datetime.fromisoformat(starts[0].split()[1]).timestamp()
+    starts = [trial_start(line) for line in (run_dir / TRIAL_STARTS).read_text().splitlines()]
+    started = datetime.datetime.fromisoformat(starts[0][1]).timestamp()
     # a resumed trial's span holds the time it was stopped: no wall time for it
     ended = (run_dir / "metrics.parquet").stat().st_mtime
     wall = ended - started if len(starts) == 1 else float("nan")
@@ -64,9 +66,8 @@ def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     steps = log.groupby("task").step_s.median().rename("value").reset_index().assign(metric="step_s")
     steps = steps.assign(strategy=metrics.strategy.iloc[0], seed=metrics.seed.iloc[0])
     rows = pd.concat([rows, steps], ignore_index=True)[["strategy", "seed", "task", "metric", "value"]]
-    day = datetime.date.fromtimestamp(ended)
-    hosts = list(dict.fromkeys(line.split(maxsplit=2)[2] for line in starts if len(line.split(maxsplit=2)) == 3))
-    where = f"{' then '.join(hosts)}; {day.isoformat()}" if hosts else machine(day)
+    hosts = dict.fromkeys(host or describe_host() for _, _, host in starts)  # unlogged: this machine's
+    where = f"{' then '.join(hosts)}; {datetime.date.fromtimestamp(ended).isoformat()}"
     rows = rows.assign(wall_s=wall, machine=where, tag=tag, preset=preset)
     return rows.assign(wall_s=rows.wall_s.where(rows.strategy != REAL_DATA))  # the floor took no run of its own
 

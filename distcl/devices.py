@@ -33,11 +33,26 @@ def describe_host() -> str:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {gpu}; Python {platform.python_version()}, "
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {gpu_names()}; Python {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
+
+
+def gpu_names() -> str:
+    """The machine's GPUs ("NVIDIA H200", "2x NVIDIA H200", "no GPU"): from the NVIDIA driver's /proc files where
+    they exist, so a process that holds no GPU starts no CUDA context; else through torch when it sees any."""
+    models = [
+        line.split(":", 1)[1].strip()
+        for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information"))
+        for line in info.read_text().splitlines()
+        if line.startswith("Model:")
+    ]
+    if not models and torch.cuda.is_available():  # no NVIDIA driver files (another vendor, a bare container)
+        models = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if not models:
+        return "no GPU"
+    return models[0] if len(models) == 1 else ", ".join(f"{models.count(m)}x {m}" for m in dict.fromkeys(models))
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:

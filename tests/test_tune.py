@@ -15,6 +15,7 @@ import yaml
 from ray.tune import ExperimentAnalysis
 
 from distcl.devices import describe_host
+from distcl.runtime.tune import TRIAL_STARTS, trial_start
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +51,9 @@ def _inner_pid(outer: subprocess.Popen) -> int:
 
 def _starts(run_dir: Path) -> int:
     """How often the trial started; each start names the host it ran on."""
-    lines = (run_dir / "trial_starts.log").read_text().splitlines()
-    assert all(line.endswith(f" {describe_host()}") for line in lines), lines
-    return len(lines)
+    starts = [trial_start(line) for line in (run_dir / TRIAL_STARTS).read_text().splitlines()]
+    assert all(host == describe_host() for _, _, host in starts), starts
+    return len(starts)
 
 
 def _weights(run_dir: Path) -> dict[str, int]:

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pandas as pd
 import ray
@@ -47,6 +47,15 @@ def trial_dir(out: Path, sweep: SweepConfig, values: dict[str, Any], trial_id: s
     return Path(out) / "runs" / (slug if sweep.search == "grid" else f"{slug}-{trial_id}")
 
 
+TRIAL_STARTS = "trial_starts.log"  # in a trial's run directory: one line per (re)start, "id time host"
+
+
+def trial_start(line: str) -> tuple[str, str, Optional[str]]:
+    """(trial id, ISO time, host) of a line of TRIAL_STARTS; host None in lines written before hosts were."""
+    trial_id, when, *host = line.split(maxsplit=2)
+    return trial_id, when, host[0] if host else None
+
+
 def run_trial(config: dict[str, Any], sweep: SweepConfig, out: str) -> None:
     """Tune's trainable: the continual run of ``config`` (param values), ``tune.report`` after every task."""
     trial_id = tune.get_context().get_trial_id()
@@ -55,7 +64,7 @@ def run_trial(config: dict[str, Any], sweep: SweepConfig, out: str) -> None:
     if cfg.device == "auto" and not ray.get_gpu_ids():  # the trial holds no GPU: it must not use one
         cfg = replace(cfg, device="cpu")
     directory.mkdir(parents=True, exist_ok=True)
-    with (directory / "trial_starts.log").open("a") as starts:  # one line per (re)start: id, time, host
+    with (directory / TRIAL_STARTS).open("a") as starts:
         starts.write(f"{trial_id} {time.strftime('%Y-%m-%dT%H:%M:%S')} {describe_host()}\n")
     fids: list[float] = []
 

@@ -1,0 +1,32 @@
+"""The statistics behind the README's verdicts and machine stamps (benchmarks.common, distcl.runtime.tune)."""
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from benchmarks.common import machine_type, paired_test
+from distcl.runtime.tune import trial_start
+
+
+def test_paired_test_needs_the_t_quantile_of_n_minus_1_degrees_of_freedom():
+    # mean 2, sd 1, se 1/sqrt(3): t = 3.46 < t_0.975(2) = 4.30 -> within noise, though a normal 1.96 would pass
+    assert paired_test([1.0, 2.0, 3.0]) == 0
+    assert paired_test([10.0, 11.0, 12.0]) == 1
+    assert paired_test([-10.0, -11.0, -12.0]) == -1
+    assert paired_test([5.0]) is None and paired_test([]) is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_paired_test_agrees_with_scipys_one_sample_t_test(seed):
+    rng = np.random.default_rng(seed)
+    diffs = rng.normal(rng.uniform(-2, 2), 1.0, size=int(rng.integers(2, 8)))
+    result = scipy.stats.ttest_1samp(diffs, 0.0)
+    expected = int(np.sign(result.statistic)) if result.pvalue < 0.05 else 0
+    assert paired_test(diffs) == expected
+
+
+def test_trial_start_lines_with_and_without_a_host():
+    host = "AMD EPYC, 2 cores, 24 GiB, no GPU; Python 3.11.7, torch 2.14.1"
+    assert trial_start(f"ab_00001 2026-12-03T13:36:45 {host}") == ("ab_00001", "2026-12-03T13:36:45", host)
+    assert trial_start("ab_00001 2026-12-03T12:21:06") == ("ab_00001", "2026-12-03T12:21:06", None)
+    assert machine_type(f"{host}; 2026-12-03") == host
