@@ -36,7 +36,8 @@ def section() -> str:
             "numbers). From `benchmarks/results/quality.parquet` (`python -m benchmarks.quality`, "
             "`python -m benchmarks.sweep_results`). The sweeps' runs (tags with a `real data` row: real training "
             "images scored as samples, each metric's floor) label samples with a network trained at the model's "
-            "16x16 (88.2 % there) and seed every evaluation sample by (seed, task, sample index). " + older_runs(df),
+            "16x16 (88.2 % there on the Intel machines, 88.4 % on the AMD one: each trains its own) and seed every "
+            "evaluation sample by (seed, task, sample index). " + older_runs(df),
             "",
             "To make them again: `distcl tune tuning/benchmark.yaml`, `distcl tune tuning/gd_lambda.yaml` and "
             "`distcl tune tuning/partial_uniform.yaml` (`--resume DIR` after any interruption), "
