@@ -1,8 +1,10 @@
 """Fast-sampling benchmark: FID and KLD (all 10 classes) of a teacher's DDIM at 1, 2, 4, 8 and 16 steps, of its
 progressive-distillation students at every stage (16 -> 8 -> 4 -> 2 -> 1 steps) and of its PID one-step student,
-all sampled from the same seeds and scored by the same evaluator.
+all sampled from the same seeds and scored by the same evaluator, with the floor (``real data``: real training images
+of every class scored as samples).
 
     python -m benchmarks.fast_sampling      # teacher: the quality benchmark's joint run (all classes), seed 42
+    python -m benchmarks.fast_sampling --teacher runs/sweeps/benchmark/runs/seed=42_strategy=joint/task_4
 
 Writes benchmarks/results/fast_sampling.parquet (method, steps, metric, value, train_s, iterations: updates per
 PD stage or of PID, machine, teacher) and
@@ -22,13 +24,14 @@ import torch
 from benchmarks.common import RESULTS, machine
 from benchmarks.quality import strategy_run
 from distcl.config import PIDConfig, ProgressiveConfig, load_config
-from distcl.data import build_scenario, cache_dir, load_dataset
+from distcl.data import build_scenario, cache_dir, load_dataset, select
 from distcl.devices import resolve_device
 from distcl.distill import distill, fit_inline
 from distcl.evaluation import Evaluator, generate
 from distcl.launch import run
 from distcl.models import load_pipeline_parts
 from distcl.pid import load_pid_student
+from distcl.rundir import REAL_DATA
 from distcl.seeding import seeded_generator
 
 DDIM_STEPS = (1, 2, 4, 8, 16)
@@ -114,6 +117,12 @@ def main() -> None:
     distill("pid", teacher_dir, work / "pid", pid_cfg, fit)
     pid_s = time.perf_counter() - start
     score("pid", 1, load_pid_student(work / "pid", device).sample(n, seeds()), pid_s)
+    last = cfg.data.num_tasks - 1  # the floor: real training images of every class scored as samples
+    floor = evaluator.real_data(select(scenario.train, scenario.seen_classes(last), None), test, size, cfg.seed, last)
+    rows.extend(
+        {"method": REAL_DATA, "steps": 0, "metric": m, "value": v, "train_s": 0.0, "iterations": 0}
+        for m, v in floor.items()
+    )
 
     results = pd.DataFrame(rows).assign(machine=machine(), teacher=str(teacher_dir))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -135,9 +144,11 @@ def plot(results: pd.DataFrame, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     fid = results[results.metric == "fid"]
-    for method, sub in fid.groupby("method"):
+    for method, sub in fid[fid.method != REAL_DATA].groupby("method"):
         sub = sub.sort_values("steps")
         ax.plot(sub.steps, sub.value, marker="o", label=method)
+    for value in fid[fid.method == REAL_DATA].value:
+        ax.axhline(value, color="k", linestyle="--", label="real data (the floor)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sampling steps (network evaluations)")
     ax.set_ylabel("FID (Fashion-MNIST CNN features)")
