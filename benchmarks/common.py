@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,10 +44,34 @@ def paired_test(diffs: Sequence[float], level: float = 0.95) -> Optional[int]:
 QUALITY_ORDER = ["tag", "strategy", "seed", "task", "metric"]  # a row of quality.parquet
 
 
-def write_quality(results: pd.DataFrame, path: Path) -> None:
-    """Write quality.parquet's rows sorted by QUALITY_ORDER (folding the same runs again gives the same file) and
-    atomically (an interrupted write leaves the previous file)."""
+@contextlib.contextmanager
+def quality_results(path: Path):
+    """``with quality_results(path) as results: results.rows = ...``: quality.parquet's rows (empty if none), read
+    and, when ``rows`` was assigned, written back under an exclusive lock on ``path``.lock, so the benchmark
+    scripts that fold runs into it take turns and none loses another's rows; written sorted by QUALITY_ORDER
+    (folding the same runs again gives the same file) and atomically (an interrupted write leaves the previous
+    file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    results.sort_values(QUALITY_ORDER, kind="stable").reset_index(drop=True).to_parquet(tmp)
-    os.replace(tmp, path)
+    with open(path.with_name(f"{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        holder = QualityRows(pd.read_parquet(path) if path.exists() else pd.DataFrame())
+        yield holder
+        if holder.changed:
+            tmp = path.with_name(f".{path.name}.tmp")
+            holder.rows.sort_values(QUALITY_ORDER, kind="stable").reset_index(drop=True).to_parquet(tmp)
+            os.replace(tmp, path)
+
+
+class QualityRows:
+    """The rows :func:`quality_results` read; assigning ``rows`` marks them to be written back."""
+
+    def __init__(self, rows: pd.DataFrame):
+        self._rows, self.changed = rows, False
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: pd.DataFrame) -> None:
+        self._rows, self.changed = rows, True

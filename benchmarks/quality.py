@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import RESULTS, machine, write_quality
+from benchmarks.common import RESULTS, machine, quality_results
 from distcl.config import RunConfig, Strategy, load_config
 from distcl.launch import run
 from distcl.rundir import REAL_DATA
@@ -71,28 +71,31 @@ def main() -> None:
     args = parser.parse_args()
 
     path = RESULTS / "quality.parquet"
-    results = pd.read_parquet(path) if path.exists() else pd.DataFrame()
     for seed in args.seeds:
         for strategy in args.strategies:
-            pair = (
-                (results.strategy == strategy) & (results.seed == seed) & (results.tag == args.tag)
-                if not results.empty
-                else pd.Series(dtype=bool)
-            )
-            if (pair & (results.metric == "accuracy")).any():
-                print(f"skip {strategy} seed {seed} ({args.tag}): done")
-                continue
-            results = results[~pair] if pair.any() else results  # a run from before the classifier: redone
+            with quality_results(path) as results:
+                done = results.rows[run_of(results.rows, args.tag, strategy, seed)]
+                if not done.empty and (done.metric == "accuracy").any():
+                    print(f"skip {strategy} seed {seed} ({args.tag}): done")
+                    continue
             cfg, out = strategy_run(strategy, seed, args.tag, args.preset, args.overrides, args.ray, args.runs)
             start = time.perf_counter()
             metrics_path = run(cfg, out)
             wall = time.perf_counter() - start
             rows = pd.read_parquet(metrics_path)[["strategy", "seed", "task", "metric", "value"]]
             rows = rows.assign(wall_s=wall, machine=machine(), tag=args.tag, preset=args.preset)
-            results = pd.concat([results, rows], ignore_index=True)
-            write_quality(results, path)  # after every run: an interrupted benchmark keeps what it finished
+            with quality_results(path) as results:  # after every run: an interrupted benchmark keeps what it did
+                kept = results.rows[~run_of(results.rows, args.tag, strategy, seed)]  # one from before: redone
+                results.rows = pd.concat([kept, rows], ignore_index=True)
             print(f"{strategy} seed {seed}: {wall:.0f}s")
-    print(table(results))
+    print(table(results.rows))
+
+
+def run_of(results: pd.DataFrame, tag: str, strategy: str, seed: int) -> pd.Series:
+    """The rows of one run (tag, strategy, seed) of the results."""
+    if results.empty:
+        return pd.Series(False, index=results.index)
+    return (results.tag == tag) & (results.strategy == strategy) & (results.seed == seed)
 
 
 def table(results: pd.DataFrame) -> str:

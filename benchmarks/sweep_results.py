@@ -5,8 +5,8 @@ and seed, with each run's ``real data`` rows (the metrics' floor); trials alread
 
     python -m benchmarks.sweep_results runs/sweeps/benchmark      # then: python -m benchmarks.readme_results
 
-The results file is read, changed and replaced: folds of two sweeps at once take turns under one lock
-(``flock /tmp/fold.lock python -m benchmarks.sweep_results DIR``), or one of them loses its rows.
+The results file is read, changed and replaced under a lock (benchmarks.common.quality_results): folds of two
+sweeps at once, or a fold beside ``benchmarks.quality``, take turns.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional
 
 import pandas as pd
 
-from benchmarks.common import RESULTS, write_quality
+from benchmarks.common import RESULTS, quality_results
 from benchmarks.quality import table
 from distcl.config import load_config
 from distcl.devices import describe_host
@@ -100,19 +100,19 @@ def main() -> None:
     run_dirs = sorted(d for d in (args.sweep_dir / "runs").glob("*") if (d / "config.yaml").is_file())
     done = [(d, params) for d in run_dirs if (params := finished_params(d, list(sweep.params))) is not None]
     new = [trial_rows(d, trial_tag(sweep.name, params, list(sweep.params)), sweep.preset) for d, params in done]
-    path = args.results
-    results = pd.read_parquet(path) if path.exists() else pd.DataFrame()
-    if new:
-        new = pd.concat(new, ignore_index=True).drop_duplicates(list(KEYS) + ["task", "metric"])  # real data: per seed
-        if not results.empty:  # trials folded in before (or a strategy's real-data rows) are replaced
-            new = keep_machines(new, results)
-            runs = new[list(KEYS)].drop_duplicates()
-            stale = results.merge(runs, on=list(KEYS), how="left", indicator=True)["_merge"] == "both"
-            results = results[~stale.values]
-        results = pd.concat([results, new], ignore_index=True)
-        write_quality(results, path)
-        for run_dir, params in done:
-            keep_final_samples(run_dir, trial_tag(sweep.name, params, list(sweep.params)))
+    with quality_results(args.results) as results:
+        if new:
+            new = pd.concat(new, ignore_index=True).drop_duplicates([*KEYS, "task", "metric"])  # real data: per seed
+            kept = results.rows
+            if not kept.empty:  # trials folded in before (or a strategy's real-data rows) are replaced
+                new = keep_machines(new, kept)
+                runs = new[list(KEYS)].drop_duplicates()
+                stale = kept.merge(runs, on=list(KEYS), how="left", indicator=True)["_merge"] == "both"
+                kept = kept[~stale.values]
+            results.rows = pd.concat([kept, new], ignore_index=True)
+    for run_dir, params in done:
+        keep_final_samples(run_dir, trial_tag(sweep.name, params, list(sweep.params)))
+    results = results.rows
     print(f"{len(done)} of {len(run_dirs)} trials started in {args.sweep_dir} are finished")
     print(table(results[results.tag.str.startswith(sweep.name)]) if not results.empty else "no results yet")
 

@@ -1,10 +1,15 @@
-"""The statistics behind the README's verdicts and machine stamps (benchmarks.common, distcl.runtime.tune)."""
+"""The benchmark scripts' shared pieces: the statistics behind the README's verdicts, machine stamps, and the
+locked read-change-write of quality.parquet (benchmarks.common, distcl.runtime.tune)."""
+
+import threading
+import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 
-from benchmarks.common import machine_type, paired_test
+from benchmarks.common import machine_type, paired_test, quality_results
 from distcl.runtime.tune import trial_start
 
 
@@ -30,3 +35,28 @@ def test_trial_start_lines_with_and_without_a_host():
     assert trial_start(f"ab_00001 2026-12-03T13:36:45 {host}") == ("ab_00001", "2026-12-03T13:36:45", host)
     assert trial_start("ab_00001 2026-12-03T12:21:06") == ("ab_00001", "2026-12-03T12:21:06", None)
     assert machine_type(f"{host}; 2026-12-03") == host
+
+
+def _row(tag: str, seed: int) -> pd.DataFrame:
+    return pd.DataFrame([{"tag": tag, "strategy": "gd", "seed": seed, "task": 0, "metric": "fid", "value": 1.0}])
+
+
+def test_quality_results_folds_from_two_threads_keep_both_and_write_sorted(tmp_path):
+    path = tmp_path / "quality.parquet"
+    with quality_results(path) as results:  # read only: nothing written
+        assert results.rows.empty
+    assert not path.exists()
+
+    def fold(tag: str, seed: int, hold_s: float) -> None:
+        with quality_results(path) as results:
+            rows = results.rows
+            time.sleep(hold_s)  # the other fold waits for the lock instead of reading the same old rows
+            results.rows = pd.concat([rows, _row(tag, seed)], ignore_index=True)
+
+    first = threading.Thread(target=fold, args=("b", 69, 0.5))
+    first.start()
+    time.sleep(0.1)
+    fold("a", 42, 0.0)
+    first.join()
+    written = pd.read_parquet(path)
+    assert list(zip(written.tag, written.seed)) == [("a", 42), ("b", 69)]
