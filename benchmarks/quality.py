@@ -28,6 +28,7 @@ import pandas as pd
 from benchmarks.common import RESULTS, machine, quality_results
 from distcl.config import RunConfig, Strategy, load_config
 from distcl.launch import run
+from distcl.report import load_metrics
 from distcl.rundir import REAL_DATA
 from distcl.settings import choices
 from distcl.sweep import fid_auc
@@ -82,8 +83,7 @@ def main() -> None:
             start = time.perf_counter()
             metrics_path = run(cfg, out)
             wall = time.perf_counter() - start
-            real = metrics_path.with_name("real_metrics.parquet")  # the floor: real images scored as samples
-            rows = pd.concat([pd.read_parquet(f) for f in (metrics_path, real) if f.is_file()], ignore_index=True)
+            rows = load_metrics(metrics_path.parent)  # with the floor: real images scored as samples
             rows = rows[["strategy", "seed", "task", "metric", "value"]].assign(
                 wall_s=wall, machine=machine(), tag=args.tag, preset=args.preset
             )

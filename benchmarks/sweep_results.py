@@ -24,6 +24,7 @@ from benchmarks.common import RESULTS, quality_results
 from benchmarks.quality import table
 from distcl.config import load_config
 from distcl.devices import describe_host
+from distcl.report import load_metrics
 from distcl.rundir import REAL_DATA, all_tasks_evaluated
 from distcl.runtime.tune import TRIAL_STARTS, trial_start
 from distcl.sweep import load_sweep
@@ -54,9 +55,7 @@ def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     median training step time as metric ``step_s``; ``wall_s`` from the trial's start to its last metrics
     (NaN for a trial resumed after an interruption); ``machine``: the hosts its starts name (this one for a
     trial started before they were logged), dated by the trial's last metrics."""
-    metrics = pd.read_parquet(run_dir / "metrics.parquet")
-    real = run_dir / "real_metrics.parquet"
-    rows = pd.concat([metrics, pd.read_parquet(real)] if real.is_file() else [metrics], ignore_index=True)
+    rows = load_metrics(run_dir)  # the metrics, then their real-data floor
     starts = [trial_start(line) for line in (run_dir / TRIAL_STARTS).read_text().splitlines()]
     started = datetime.datetime.fromisoformat(starts[0][1]).timestamp()
     # a resumed trial's span holds the time it was stopped: no wall time for it
@@ -64,7 +63,7 @@ def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     wall = ended - started if len(starts) == 1 else float("nan")
     log = pd.read_parquet(run_dir / "train_log.parquet")  # the median step time of each task (metric "step_s")
     steps = log.groupby("task").step_s.median().rename("value").reset_index().assign(metric="step_s")
-    steps = steps.assign(strategy=metrics.strategy.iloc[0], seed=metrics.seed.iloc[0])
+    steps = steps.assign(strategy=rows.strategy.iloc[0], seed=rows.seed.iloc[0])
     rows = pd.concat([rows, steps], ignore_index=True)[["strategy", "seed", "task", "metric", "value"]]
     hosts = dict.fromkeys(host or describe_host() for _, _, host in starts)  # unlogged: this machine's
     where = f"{' then '.join(hosts)}; {datetime.date.fromtimestamp(ended).isoformat()}"
