@@ -46,7 +46,8 @@ def section() -> str:
             "`benchmarks/results/quality_by_task.md`). We ran each file in pieces, two at a time on the 2 cores: "
             "a piece is a copy of the file with fewer `params` values and the same `name` (a run's tag is the "
             "sweep's name and its params other than strategy and seed, so the pieces fold into the same rows). The "
-            "older single-seed tags come from `python -m benchmarks.quality` (its docstring has their commands).",
+            "older single-seed tags come from `python -m benchmarks.quality` (its docstring has their commands); the "
+            "step-cost claim from `python -m benchmarks.step_cost`.",
             "",
             table(df),
             "",
@@ -55,7 +56,7 @@ def section() -> str:
             "",
             *machine_spread(df),
             *finding(df),
-            *(claims(df, "benchmark", preset_gd_tag(df), teacher_forward_s()) if (df.tag == "benchmark").any() else []),
+            *(claims(df, "benchmark", preset_gd_tag(df), step_cost()) if (df.tag == "benchmark").any() else []),
             *gd_settings(df),
             *class_share_finding(RESULTS / "class_shares.json"),
             *cause_finding(df, RESULTS / "class_shares.json"),
@@ -291,11 +292,11 @@ def verdict(gaps: pd.Series) -> str:
     return f"within noise ({(gaps > 0).sum()} of {len(gaps)} seeds the paper's way)" if found == 0 else VERDICT[found]
 
 
-def claims(df: pd.DataFrame, tag: str, tuned: str | None = None, forward_s: float | None = None) -> list[str]:
+def claims(df: pd.DataFrame, tag: str, tuned: str | None = None, cost: dict | None = None) -> list[str]:
     """The paper's claims, one row each, from the final task of the runs tagged ``tag``: means ± standard errors
     and a verdict from a paired t-test over the seeds both sides have (benchmarks.common.paired_test, 95 %):
     holds, does not hold at this scale, within noise, one seed, or not tested (a strategy missing); the step
-    cost against ``forward_s`` (one teacher forward of a batch, throughput.json). With ``tuned`` (the tag of gd's
+    cost from ``cost`` (benchmarks/results/step_cost.json). With ``tuned`` (the tag of gd's
     runs at the ``cpu`` preset's setting) the claims about gd again, gd's runs taken from there."""
     last = df[df.task == df.task.max()]
     per = last.pivot_table(index=["tag", "strategy", "seed"], columns="metric", values="value")
@@ -328,25 +329,23 @@ def claims(df: pd.DataFrame, tag: str, tuned: str | None = None, forward_s: floa
         )
 
     def step_cost() -> tuple[str, str]:
-        """gd's median step minus gr's, seed by seed where both ran on one machine type, against one teacher
-        forward of a batch: holds when not significantly above it (3 such seeds at least)."""
-        steps = last[(last.tag == tag) & (last.metric == "step_s")]
-        steps = steps.assign(kind=steps.machine.map(machine_type))
-        gd, gr = (steps[steps.strategy == s].set_index("seed")[["value", "kind"]] for s in ("gd", "gr"))
-        pairs = gd.merge(gr, left_index=True, right_index=True, suffixes=("_gd", "_gr"))
-        diff = ((pairs.value_gd - pairs.value_gr) * 1000)[pairs.kind_gd == pairs.kind_gr]
-        if diff.empty or forward_s is None:
-            return "no seed with gd and gr on one machine type", "not tested"
-        forward = forward_s * 1000
+        """gd's step minus gr's against one teacher forward of the batch, seed by seed on one machine
+        (benchmarks/step_cost.py): holds when not significantly above it."""
+        if cost is None:
+            return "not measured (`python -m benchmarks.step_cost`)", "not tested"
         measured = (
-            "gd - gr per step (median, inline, same seed and machine type): "
-            + ", ".join(f"{v:.0f} ms (seed {seed})" for seed, v in diff.items())
-            + f"; one teacher forward of the batch: {forward:.0f} ms (`throughput.json`, another machine type); "
-            "other work shared the 2 cores during some trials"
+            f"gd - gr per step ({cost['run']}; `benchmarks/results/step_cost.json`): "
+            + ", ".join(
+                f"{(r['gd_step_s'] - r['gr_step_s']) * 1000:.1f} ms (making the replay: "
+                f"{(r['gd_replay_s'] - r['gr_replay_s']) * 1000:.1f} ms) against one teacher forward of the batch "
+                f"{r['teacher_forward_s'] * 1000:.1f} ms (seed {r['seed']})"
+                for r in cost["seeds"]
+            )
+            + f"; {cost['machine']}"
         )
-        if len(diff) < 3:
-            return measured, f"{len(diff)} seed(s) on one machine type: no verdict"
-        more = paired_test(diff - forward)
+        more = paired_test([r["gd_step_s"] - r["gr_step_s"] - r["teacher_forward_s"] for r in cost["seeds"]])
+        if more is None:
+            return measured, "one seed: no verdict"
         return measured, "does not hold at this scale" if more == 1 else "holds"
 
     rows = [(text, lambda g, c=claim: versus(*c, g), "gd" in claim[1:3]) for text, *claim in CLAIMS]
@@ -357,7 +356,7 @@ def claims(df: pd.DataFrame, tag: str, tuned: str | None = None, forward_s: floa
     ]
     cells.append(
         (
-            "gd costs about one teacher forward per replay item more than gr (step time, last task)",
+            "gd costs about one teacher forward per replay item more than gr (step time)",
             " | ".join(step_cost()),
             "- | - (gr ran with 2 teacher steps)",
         )
@@ -477,10 +476,10 @@ def figures(df: pd.DataFrame) -> list[str]:
     return lines
 
 
-def teacher_forward_s() -> float | None:
-    """One teacher forward of a batch, from throughput.json (None before that benchmark has run)."""
-    path = RESULTS / "throughput.json"
-    return json.loads(path.read_text())["samplers_needed"]["teacher_forward_s"] if path.exists() else None
+def step_cost() -> dict | None:
+    """benchmarks/results/step_cost.json (None before benchmarks.step_cost has run)."""
+    path = RESULTS / "step_cost.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 BY_TASK = RESULTS / "quality_by_task.md"
