@@ -6,10 +6,10 @@ inline step makes its replay, so gd's step holds the teacher's target forward th
 it spent making its replay, from each run's train log (a row every step), and, between the two runs in the same
 process, one teacher forward of a training batch (the first run's task-0 model; the median of FORWARDS).
 
-    python -m benchmarks.step_cost            # about 10 minutes on 2 cores
+    python -m benchmarks.step_cost            # about 3 minutes a seed on 2 cores
 
 Writes benchmarks/results/step_cost.json: per seed the step and replay medians of both and the forward, and the
-machine.
+machine. A seed already there, measured on this machine type, is kept (the script resumes).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, machine_type
 from distcl.config import load_config
 from distcl.launch import run
 from distcl.models import load_unet
 from distcl.rundir import task_dir
 
-SEEDS = (42, 69, 1714)
+SEEDS = (42, 69, 1714, 1, 2, 3)
 STEPS = 150
 FORWARDS = 30
 RUN = [
@@ -69,8 +69,13 @@ def teacher_forward_s(cfg, teacher_dir: Path) -> float:
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="distcl-step-cost-"))
-    rows = []
+    here, description = machine(), f"cpu preset, inline, 2 teacher steps, 2 tasks x {STEPS} steps; task 1's median step"
+    old = json.loads(PATH.read_text()) if PATH.exists() else {}
+    same = old.get("run") == description and machine_type(old.get("machine", "")) == machine_type(here)
+    rows = old["seeds"] if same else []
     for i, seed in enumerate(SEEDS):
+        if any(r["seed"] == seed for r in rows):
+            continue
         order = ("gd", "gr") if i % 2 == 0 else ("gr", "gd")
         row = {"seed": seed, "order": "/".join(order)}
         for strategy in order:
@@ -88,13 +93,8 @@ def main() -> None:
             f"{row['teacher_forward_s'] * 1000:.1f} ms",
             flush=True,
         )
-    results = {
-        "run": f"cpu preset, inline, 2 teacher steps, 2 tasks x {STEPS} steps; task 1's median step",
-        "seeds": rows,
-        "machine": machine(),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    PATH.write_text(json.dumps(results, indent=2))
+        RESULTS.mkdir(parents=True, exist_ok=True)  # after every seed: an interrupted run keeps what it measured
+        PATH.write_text(json.dumps({"run": description, "seeds": rows, "machine": here}, indent=2))
 
 
 if __name__ == "__main__":
