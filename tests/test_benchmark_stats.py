@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 
 from benchmarks.common import machine_type, paired_test, quality_results
+from benchmarks.readme_results import claims
 from distcl.runtime.tune import trial_start
 
 
@@ -60,3 +61,31 @@ def test_quality_results_folds_from_two_threads_keep_both_and_write_sorted(tmp_p
     first.join()
     written = pd.read_parquet(path)
     assert list(zip(written.tag, written.seed)) == [("a", 42), ("b", 69)]
+
+
+def step_cost_verdict(extra_forwards: list[float]) -> str:
+    """The claims table's step-cost verdict for seeds whose gd replay took ``extra_forwards`` teacher forwards
+    (of 30 ms) more than gr's."""
+    seeds = [
+        {
+            "seed": i,
+            "gd_replay_s": 0.05 + 0.03 * f,
+            "gr_replay_s": 0.05,
+            "teacher_forward_s": 0.03,
+            "gd_step_s": 0.25 + 0.03 * f,
+            "gr_step_s": 0.25,
+        }
+        for i, f in enumerate(extra_forwards)
+    ]
+    cost = {"run": "test", "seeds": seeds, "machine": "a machine; 2026-12-03"}
+    empty = pd.DataFrame(columns=["tag", "strategy", "seed", "task", "metric", "value", "machine"])
+    (row,) = [line for line in claims(empty, "benchmark", None, cost) if "teacher forward per replay item" in line]
+    return row.rstrip(" |").rsplit(" | ", 1)[1]
+
+
+def test_the_step_cost_holds_only_when_significantly_between_half_and_one_and_a_half_forwards():
+    assert step_cost_verdict([0.9, 1.0, 1.1, 1.05, 0.95]) == "holds"
+    assert step_cost_verdict([2.9, 3.0, 3.1]) == "does not hold at this scale"
+    assert step_cost_verdict([0.1, 0.2, 0.15]) == "does not hold at this scale"
+    assert step_cost_verdict([0.2, 1.0, 1.9]) == "within noise"
+    assert step_cost_verdict([1.0]) == "one seed: no verdict"
