@@ -1,7 +1,9 @@
 """Which classes a run's final generator draws (#14: does gd at lambda 3 lose the newest task?): the final task's
 evaluation of each given run, made again inline (the same seeded samples, so the same FID and KLD as its
 metrics.parquet, checked), and the share of its samples that the evaluation classifier labels as each task's
-classes, next to the share the test images have.
+classes, next to the share the test images have; and the same samples scored by the network of the older
+evaluation (trained at 28x28, the model's samples and the test images taken through the model's size and
+resized to 28 by the network: ``fid_28``, ``kld_28``), the metric before #14's fix.
 
     python -m benchmarks.class_shares runs/sweeps/benchmark/runs/*    # -> benchmarks/results/class_shares.json
 
@@ -27,6 +29,8 @@ from distcl.evaluation import Evaluator, LoadedNets, metrics_from_chunks
 from distcl.models import load_unet
 from distcl.rundir import all_tasks_evaluated, task_dir
 
+OLD_SIZE = 28  # the older evaluation's network: trained on 28x28 images, whatever the model's size
+
 
 def class_shares(run_dir: Path) -> dict:
     """The run's final-task shares per task: of its generated samples and of the test images as the evaluation
@@ -39,11 +43,20 @@ def class_shares(run_dir: Path) -> dict:
     size = model.config.sample_size
     dataset = load_dataset(cfg.data, cfg.cache_dir, size)
     scenario = build_scenario(dataset, cfg.data, cfg.seed, size)
-    evaluator = Evaluator(cfg.eval, dataset, size, cache_dir(cfg.cache_dir), cpu, progress=False)
     test = scenario.test_split(last)
-    job = evaluator.job(last, cfg.seed, cfg.model, model.state_dict(), test, size)
-    results = InlineBackend(cpu).evaluate(job, False)
-    metrics, _ = metrics_from_chunks(results, test.labels, scenario.num_classes)
+
+    def evaluate(evaluator: Evaluator) -> tuple[dict, list]:
+        """The run's final evaluation (its seeded samples) scored by ``evaluator``'s network."""
+        job = evaluator.job(last, cfg.seed, cfg.model, model.state_dict(), test, size)
+        results = InlineBackend(cpu).evaluate(job, False)
+        return metrics_from_chunks(results, test.labels, scenario.num_classes)[0], results
+
+    evaluator = Evaluator(cfg.eval, dataset, size, cache_dir(cfg.cache_dir), cpu, progress=False)
+    metrics, results = evaluate(evaluator)
+    older = Evaluator(
+        cfg.eval, load_dataset(cfg.data, cfg.cache_dir, OLD_SIZE), OLD_SIZE, cache_dir(cfg.cache_dir), cpu, False
+    )
+    metrics_28, _ = evaluate(older)
     generated = torch.cat(
         [r.labels for r in sorted(results, key=lambda r: r.chunk.start) if r.chunk.kind == "generated"]
     )
@@ -72,6 +85,8 @@ def class_shares(run_dir: Path) -> dict:
         "kld": metrics["kld"],
         "fid_saved": float(saved["fid"]),
         "kld_saved": float(saved["kld"]),
+        "fid_28": metrics_28["fid"],
+        "kld_28": metrics_28["kld"],
         "shares": shares,
     }
 
@@ -92,7 +107,8 @@ def main() -> None:
     for run in runs:
         print(
             f"\n{label(run)}: FID {run['fid']:.3f} (saved {run['fid_saved']:.3f}), "
-            f"KLD {run['kld']:.3f} (saved {run['kld_saved']:.3f}), {run['samples']} samples"
+            f"KLD {run['kld']:.3f} (saved {run['kld_saved']:.3f}), {run['samples']} samples; by the "
+            f"{OLD_SIZE}x{OLD_SIZE} network: FID {run['fid_28']:.3f}, KLD {run['kld_28']:.3f}"
         )
         print("| task | classes | generated | test, labelled | test |\n|---|---|---|---|---|")
         for s in run["shares"]:
