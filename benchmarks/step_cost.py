@@ -1,5 +1,5 @@
 """What gd's replay costs over gr's (the paper: about one teacher forward per replay item), from the train logs of
-short runs side by side on this machine. For each seed, one inline run of gd and one of gr (the cpu preset with
+short runs side by side on this machine's CPU. For each seed, one inline run of gd and one of gr (the cpu preset with
 the benchmark sweep's 2 teacher steps, 2 tasks x STEPS steps, the continual classifier off, a small evaluation;
 which strategy goes first alternates with the seed), the median step time of task 1 (the one with replay: the
 inline step makes its replay, so gd's step holds the teacher's target forward that gr's does not) and of the time
@@ -34,6 +34,7 @@ STEPS = 150
 FORWARDS = 30
 RUN = [
     "runtime.backend=inline",
+    "device=cpu",  # where the teacher forward is timed too
     "train.teacher_steps=2",
     "data.num_tasks=2",
     f"train.max_steps={STEPS}",
