@@ -543,7 +543,7 @@ def machine_spread(df: pd.DataFrame) -> list[str]:
     """How far the machine types' metrics of one model recipe lie apart: task 0 trains the same model for every
     strategy of a seed, so its FID and KLD differ only by the machine (CPU float paths and the evaluation network,
     trained and cached on each machine); over the sweeps' runs (those with a real-data row)."""
-    sweeps = set(df[df.strategy == REAL_DATA].tag)
+    sweeps = set(df[df.strategy == REAL_DATA].tag) - {DATA_BUDGET_TAGS[1]}  # that one trains on other data
     first = df[(df.task == 0) & df.metric.isin(["fid", "kld"]) & (df.strategy != REAL_DATA) & df.tag.isin(sweeps)]
     first = first[~first.machine.str.contains(" then ")]  # a trial resumed on another machine type: neither
     first = first.assign(host=first.machine.map(machine_type))
@@ -739,11 +739,35 @@ def cause_finding(df: pd.DataFrame, shares_path: Path) -> list[str]:
         f"{shares.loc[paper, 'newest']:.2f}; at lambda {tuned[0]:g} ({tuned[1]} steps) "
         f"{shares.loc[tuned, 'first']:.2f} and {shares.loc[tuned, 'newest']:.2f} (0.2 each in the test images), "
         f"and of the lambda table's settings with the most seeds lambda {best['lambda']:g} with "
-        f"{best['teacher steps']:.0f} steps has the lowest mean final FID. A fresh Adam per task and 2,000 images "
-        "per class: not tested (distcl starts a new Adam at every task, as the reference does: Avalanche 0.3.1, "
-        "which it pins, resets the optimizer at each experience; the data budget is the same for every strategy).",
+        f"{best['teacher steps']:.0f} steps has the lowest mean final FID. {data_budget(df)} A fresh Adam per "
+        "task: not tested (distcl starts a new Adam at every task, as the reference does: Avalanche 0.3.1, which it "
+        "pins, resets the optimizer at each experience).",
         "",
     ]
+
+
+DATA_BUDGET_TAGS = ("paper-gd-2000", "paper-gd-6000")  # benchmarks.quality runs: the paper's gd, 2,000 / 6,000 a class
+
+
+def data_budget(df: pd.DataFrame) -> str:
+    """The paper's gd with the ``cpu`` preset's 2,000 training images a class against all 6,000 (the same 500 steps
+    a task), final FID and KLD per seed, from DATA_BUDGET_TAGS (one machine, side by side)."""
+    last = df[(df.task == df.task.max()) & df.tag.isin(DATA_BUDGET_TAGS) & (df.strategy == "gd")]
+    per = last[last.metric.isin(["fid", "kld"])].pivot_table(index=["seed", "tag"], columns="metric", values="value")
+    seeds = [seed for seed in per.index.get_level_values("seed").unique() if len(per.loc[seed]) == 2]
+    if not seeds:
+        return "2,000 images per class (against all 6,000): not tested."
+    few, all_ = DATA_BUDGET_TAGS
+    pairs = ", ".join(
+        f"seed {seed}: FID {per.loc[(seed, few), 'fid']:.1f} against {per.loc[(seed, all_), 'fid']:.1f}, KLD "
+        f"{per.loc[(seed, few), 'kld']:.3f} against {per.loc[(seed, all_), 'kld']:.3f}"
+        for seed in seeds
+    )
+    return (
+        "2,000 images per class against all 6,000 (the paper's gd, 500 steps a task either way, tags "
+        f"`{few}` and `{all_}`, run side by side on one machine): {pairs}"
+        f"{' (one seed: no verdict)' if len(seeds) == 1 else ''}."
+    )
 
 
 def both_networks(runs: list[dict]) -> str:
