@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.stats
 
 from distcl.devices import describe_host
+from distcl.rundir import REAL_DATA
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -39,6 +40,13 @@ def paired_test(diffs: Sequence[float], level: float = 0.95) -> Optional[int]:
     mean, se = diffs.mean(), diffs.std(ddof=1) / np.sqrt(len(diffs))
     bound = scipy.stats.t.ppf((1 + level) / 2, len(diffs) - 1) * se
     return 1 if mean > bound else -1 if mean < -bound else 0
+
+
+def stamped(rows: pd.DataFrame, wall_s: float, machine: str, tag: str, preset: str) -> pd.DataFrame:
+    """A run's rows for quality.parquet: its wall time (none on its real-data floor, which took no run of its own),
+    the machine it ran on, its tag and preset."""
+    rows = rows.assign(wall_s=wall_s, machine=machine, tag=tag, preset=preset)
+    return rows.assign(wall_s=rows.wall_s.where(rows.strategy != REAL_DATA))
 
 
 QUALITY_ORDER = ["tag", "strategy", "seed", "task", "metric"]  # a row of quality.parquet

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import RESULTS, machine, quality_results
+from benchmarks.common import RESULTS, machine, quality_results, stamped
 from distcl.config import RunConfig, Strategy, load_config
 from distcl.launch import run
 from distcl.report import load_metrics
@@ -84,10 +84,9 @@ def main() -> None:
             metrics_path = run(cfg, out)
             wall = time.perf_counter() - start
             rows = load_metrics(metrics_path.parent)  # with the floor: real images scored as samples
-            rows = rows[["strategy", "seed", "task", "metric", "value"]].assign(
-                wall_s=wall, machine=machine(), tag=args.tag, preset=args.preset
+            rows = stamped(
+                rows[["strategy", "seed", "task", "metric", "value"]], wall, machine(), args.tag, args.preset
             )
-            rows = rows.assign(wall_s=rows.wall_s.where(rows.strategy != REAL_DATA))  # the floor took no run
             with quality_results(path) as results:  # after every run: an interrupted benchmark keeps what it did
                 old = run_of(results.rows, args.tag, strategy, seed) | run_of(results.rows, args.tag, REAL_DATA, seed)
                 kept = results.rows[~old]  # a run from before (and its seed's floor): replaced

@@ -893,64 +893,35 @@ REPLAY_SAMPLERS = {  # tag -> what the sampler is (gd at the cpu preset's settin
 
 
 def sampler_finding(df: pd.DataFrame) -> list[str]:
-    """The fast replay sampler rows against gd with the teacher's own DDIM: at the ``cpu`` preset's gd (tags
-    replay-*, scored as the sweeps are) when they are there, else the older single-seed rows (tags sampler-*)."""
+    """The fast replay sampler rows (tags replay-*, scored as the sweeps are) against the ``cpu`` preset's gd with
+    the teacher's own DDIM, seed 42; empty until both are folded."""
     last = df[(df.task == df.task.max()) & (df.strategy == "gd")]
     tuned = preset_gd_tag(df)
     replay = [tag for tag in REPLAY_SAMPLERS if tag in set(last.tag)]
-    if replay and tuned is not None:
-        seed = 42
-        runs = last[last.seed == seed]
-        wide = runs.pivot_table(index="tag", columns="metric", values="value")
-        wall = (runs.groupby("tag").wall_s.first() / 60).to_dict()
-        preset = PRESETS["cpu"]["train"]
-        base = wide.loc[tuned]
-        lines = [
-            f"Fast replay samplers (`replay_sampler.method`) in the `cpu` preset's gd (lambda "
-            f"{preset['replay_lambda']:g}), seed {seed}: x0_hat drawn by a student distilled data-free from each "
-            f"teacher after its task, the targets still by the teacher. Against the teacher's own "
-            f"{preset['teacher_steps']}-step DDIM ({preset['teacher_steps']} + 1 forwards per item; FID "
-            f"{base.fid:.1f}, KLD {base.kld:.3f}, classifier accuracy {base.accuracy:.3f}, "
-            f"{wall.get(tuned, float('nan')):.1f} min):",
-            "",
-        ]
-        for tag in replay:
-            r = wide.loc[tag]
-            lines.append(
-                f"- `{tag}`, {REPLAY_SAMPLERS[tag]}: FID {r.fid:.1f}, KLD {r.kld:.3f}, accuracy {r.accuracy:.3f}, "
-                f"{wall.get(tag, float('nan')):.1f} min (distillation included)."
-            )
-        return lines + ["", "One seed each; wall times include other work sharing the 2 cores.", ""]
-    wide = last.pivot_table(index="tag", columns="metric", values="value")
-    rows = [tag for tag in ("sampler-progressive2", "sampler-pid") if tag in wide.index]
-    if not rows or "default" not in wide.index:
+    if not replay or tuned is None:
         return []
-    base = wide.loc["default"]
-    wall = (last.groupby("tag").wall_s.first() / 60).to_dict()
-    names = {
-        "sampler-progressive2": "a 2-step progressive student (2 + 1 forwards per item, the cost of the "
-        "2-step DDIM teacher)",
-        "sampler-pid": "a one-step PID student (1 + 1 forwards per item)",
-    }
+    seed = 42
+    runs = last[last.seed == seed]
+    wide = runs.pivot_table(index="tag", columns="metric", values="value")
+    wall = (runs.groupby("tag").wall_s.first() / 60).to_dict()
+    preset = PRESETS["cpu"]["train"]
+    base = wide.loc[tuned]
     lines = [
-        f"Fast replay samplers (`replay_sampler.method`, gd with lambda 3, x0_hat drawn by the student, "
-        f"targets by the teacher; the older evaluation). Against the teacher's own 2-step DDIM (FID "
-        f"{base.fid:.1f}, KLD {base.kld:.2f}, classifier accuracy {base.accuracy:.2f}):",
+        f"Fast replay samplers (`replay_sampler.method`) in the `cpu` preset's gd (lambda "
+        f"{preset['replay_lambda']:g}), seed {seed}: x0_hat drawn by a student distilled data-free from each "
+        f"teacher after its task, the targets still by the teacher. Against the teacher's own "
+        f"{preset['teacher_steps']}-step DDIM ({preset['teacher_steps']} + 1 forwards per item; FID "
+        f"{base.fid:.1f}, KLD {base.kld:.3f}, classifier accuracy {base.accuracy:.3f}, "
+        f"{wall.get(tuned, float('nan')):.1f} min):",
         "",
     ]
-    for tag in rows:
+    for tag in replay:
         r = wide.loc[tag]
-        lines.append(f"- `{tag}`, {names[tag]}: FID {r.fid:.1f}, KLD {r.kld:.2f}, accuracy {r.accuracy:.2f}.")
-    return lines + [
-        "",
-        "Each teacher is distilled data-free before the next task, at the budgets in `benchmarks/quality.py`'s "
-        "docstring (progressive: 300 updates per stage, 8 -> 4 -> 2 steps; PID: 1000 updates; batch 64). That "
-        f"costs wall time: the PID run took {wall.get('sampler-pid', float('nan')):.1f} min against "
-        f"{wall.get('lambda1', float('nan')):.1f} for gd lambda 1 without distillation, while the progressive run "
-        "shared the cores with tests. At equal sampler cost the progressive sampler is the better "
-        "replay; the one-step PID sampler is cheaper and still better than the teacher's 2-step DDIM. One seed.",
-        "",
-    ]
+        lines.append(
+            f"- `{tag}`, {REPLAY_SAMPLERS[tag]}: FID {r.fid:.1f}, KLD {r.kld:.3f}, accuracy {r.accuracy:.3f}, "
+            f"{wall.get(tag, float('nan')):.1f} min (distillation included)."
+        )
+    return lines + ["", "One seed each; wall times include other work sharing the 2 cores.", ""]
 
 
 def fast_finding(wide: pd.DataFrame) -> list[str]:

@@ -20,12 +20,12 @@ from typing import Optional
 
 import pandas as pd
 
-from benchmarks.common import RESULTS, quality_results
+from benchmarks.common import RESULTS, quality_results, stamped
 from benchmarks.quality import table
 from distcl.config import load_config
 from distcl.devices import describe_host
 from distcl.report import load_metrics
-from distcl.rundir import REAL_DATA, all_tasks_evaluated
+from distcl.rundir import all_tasks_evaluated
 from distcl.runtime.tune import TRIAL_STARTS, trial_start
 from distcl.sweep import load_sweep
 
@@ -67,8 +67,7 @@ def trial_rows(run_dir: Path, tag: str, preset: str) -> pd.DataFrame:
     rows = pd.concat([rows, steps], ignore_index=True)[["strategy", "seed", "task", "metric", "value"]]
     hosts = dict.fromkeys(host or describe_host() for _, _, host in starts)  # unlogged: this machine's
     where = f"{' then '.join(hosts)}; {datetime.date.fromtimestamp(ended).isoformat()}"
-    rows = rows.assign(wall_s=wall, machine=where, tag=tag, preset=preset)
-    return rows.assign(wall_s=rows.wall_s.where(rows.strategy != REAL_DATA))  # the floor took no run of its own
+    return stamped(rows, wall, where, tag, preset)
 
 
 def keep_machines(new: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
