@@ -192,7 +192,48 @@ def thin_driver_table(t: dict) -> list[str]:
         f"{t['eval_scaling_2_over_1']:.2f} ({ev['one_sampler_s']:.1f} s / {ev['two_samplers_s']:.1f} s), FID "
         f"{ev['metrics_one']['fid']:.3f} and {ev['metrics_two']['fid']:.3f} | >= 1.8 | {where('eval')} |",
         *threads,
+        *cores_rows(t, where("cores")),
     ]
+
+
+def cores_rows(t: dict, machine: str) -> list[str]:
+    """The rows of the ``cores`` part: a gd step as the Ray run's two processes take it and as the inline run does,
+    and a first task's step on 1 and 2 threads (milliseconds)."""
+    if "cores" not in t:
+        return []
+    c = t["cores"]
+
+    def ms(key: str) -> str:
+        return f"{1000 * c[key]:.0f}"
+
+    turns = f"median step times, {c['rounds']} rounds of {c['window_s']:.0f} s windows taking turns"
+    pipelined = max(c["beside_train_s"], c["beside_replay_s"])
+    return [
+        f"| one gd step ({c['run']}; {turns}): the Train worker's step on 1 thread alone / beside the sampler's "
+        "replay on 1 thread; one replay batch alone / beside the step; the inline step (the replay batch, then the "
+        f"step) in one process on 2 threads | {ms('train_alone_train_s')} / {ms('beside_train_s')} ms; "
+        f"{ms('replay_alone_replay_s')} / {ms('beside_replay_s')} ms; {ms('inline_2_threads_inline_s')} ms: the two "
+        f"processes take a step per {1000 * pipelined:.0f} ms, {pipelined / c['inline_2_threads_inline_s']:.2f} x "
+        f"the inline step | - | {machine} |",
+        f"| a first task's step (no replay; {turns}): 1 thread (the Train worker's) / 2 threads (the inline run's) | "
+        f"{ms('first_task_1_thread_first_s')} / {ms('first_task_2_threads_first_s')} ms | - | {machine} |",
+    ]
+
+
+def cores_finding(t: dict) -> str:
+    """What the ``cores`` rows say of p3 (nothing when they were not measured)."""
+    if "cores" not in t:
+        return ""
+    c = t["cores"]
+    pipelined = max(c["beside_train_s"], c["beside_replay_s"]) / c["inline_2_threads_inline_s"]
+    first = c["first_task_1_thread_first_s"] / c["first_task_2_threads_first_s"]
+    return (
+        f"Taken apart (the last two rows), the two processes' gd step is {pipelined:.2f} x the inline run's step on 2 "
+        f"threads, a first task's step on one thread {first:.2f} x the inline one: the layout gains at most that in "
+        "the gd tasks (in the whole runs' train logs the two runs' gd step medians overlap) and loses in task 0, "
+        "and with the start-up's 20 to 25 s the ratio stays near 1, within this "
+        "machine's drift of it. "
+    )
 
 
 def first_replay(run: dict, machine: str) -> list[str]:
@@ -257,9 +298,13 @@ def thin_driver_note(t: dict) -> str:
         "train logs of 2026-12-03, its replay arriving within 3 ms) has about twice the sampler's work by a count of"
         " forwards (the student's forward and backward, a backward taken as two forwards, on B data and B replay "
         "items against the teacher's 2 DDIM steps and target on B), so the sampler's core idles once its replay is "
-        "ahead and the evaluation is done, and in task 0 (no teacher) the worker trains alone. Tried by hand on "
+        "ahead and the evaluation is done, and in task 0 (no teacher) the worker trains alone. "
+        f"{cores_finding(t)}Tried by hand on "
         "2026-12-03 and not kept: the Train worker on 2 threads in task 0 only, 830 to 1000 items/s against 850 on "
-        "1 (no clear gain); 2 threads throughout, slower (the `threads` row); two Train workers of half a CPU each "
+        "1 (no clear gain), and again in one-task runs of the cpu preset (500 steps, 1 and 2 threads taking turns, "
+        "two runs each): median step 146 and 143 ms against 161 and 165 ms, about 10 s of a whole run's 750 (not "
+        "worth a Train worker borrowing the sampler's CPU); 2 threads throughout, slower (the `threads` row); "
+        "two Train workers of half a CPU each "
         "beside the sampler (three one-thread processes on the 2 cores; 2 tasks x 150 steps, with a one-worker "
         "baseline run just before): 120.6 s against 104.3 s, 208.9 against 151.4 CPU s (the second worker's "
         "start-up, DDP's all-reduce, half batches); two Train workers of 1 CPU each, each making its own replay "

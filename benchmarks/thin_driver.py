@@ -23,6 +23,13 @@ measured before and after compare.
   wall times of the cpu preset's gd run on 2 tasks x 150 steps, 1 sampler actor, with 1 and with 2 worker
   threads, and with 2 under OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep at once instead of spinning), one after
   the other.
+- cores (part ``cores``, no goal): whether this machine's cores work apart, at the cpu preset's gd (2 teacher
+  steps, batch 64): median seconds of the Train worker's gd step (the student on B data and B replay items)
+  and of making one replay batch, each in a process of 1 torch thread, alone and then both at once (as the Ray
+  run's Train worker and sampler actor); of the inline run's step (the replay batch, then the gd step) in one
+  process on 2 threads; and of a first task's step (no replay) on 1 thread (the Train worker's) and on 2 (the
+  inline run's). The conditions take turns in short windows, round after round. The Ray layout takes a gd step
+  per max(step, replay) of the two at once.
 - eval_scaling_2_over_1 (part ``eval``): wall time of one evaluation at the ``paper`` model size (the 42.9 M UNet,
   randomly initialised: the cost does not depend on the weights) of 200 samples x 10 DDIM steps and 500 test
   images, on 1 sampler actor / on 2 (1 CPU each); both metrics are written, and must be equal.
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import tempfile
@@ -41,6 +49,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import ray
 import torch
@@ -52,14 +61,17 @@ from distcl.config import load_config
 from distcl.data import cache_dir, load_dataset, select
 from distcl.evaluation import Evaluator, metrics_from_chunks
 from distcl.launch import run
-from distcl.models import build_unet
+from distcl.models import build_scheduler, build_unet
+from distcl.replay import Teacher, make_replay
 from distcl.runtime.cluster import environment
 from distcl.runtime.samplers import SamplerPool
+from distcl.seeding import seeded_generator
+from distcl.training import continual_terms, optimise
 
 P3 = ["runtime.num_samplers=1", "train.teacher_steps=2"]  # the cpu preset's gd as measured before 2026-12-03
 SHORT = ["data.num_tasks=2", "train.max_steps=60"]
 THREADS = P3 + ["data.num_tasks=2", "train.max_steps=150"]
-PARTS = ("smoke", "p3", "nodes", "eval", "threads")
+PARTS = ("smoke", "p3", "nodes", "eval", "threads", "cores")
 ON_NODES = ["classifier.enabled=true", "runtime.sampler_resource=sampler_slot", "runtime.worker_resource=trainer_slot"]
 
 
@@ -118,6 +130,93 @@ def thread_runs(work: Path) -> dict:
         with environment(env):
             runs[name] = timed_run("cpu", THREADS + extra, work / name)
     return runs
+
+
+CORES_ROUNDS, CORES_WINDOW_S = 8, 3.0  # rounds of every condition, seconds of each timed window
+CORES_CONDITIONS = {  # name: {process: kind} run at once for one window
+    "train_alone": {"one": "train"},
+    "replay_alone": {"other": "replay"},
+    "beside": {"one": "train", "other": "replay"},
+    "inline_2_threads": {"two": "inline"},
+    "first_task_1_thread": {"one": "first"},
+    "first_task_2_threads": {"two": "first"},
+}
+CORES_THREADS = {"one": 1, "other": 1, "two": 2}  # torch threads of each process
+
+
+def timing_process(threads: int, commands, out) -> None:
+    """On ``threads`` torch threads, at the cpu preset's gd (2 teacher steps): for each (kind, seconds) command,
+    ``kind`` (train: the gd step on a fixed replay batch; replay: making a replay batch; inline: both, one after
+    the other; first: a first task's step, no replay) repeated for ``seconds``, its step times put on ``out``;
+    None ends it. Ready (every kind warmed up) when it puts an empty list."""
+    torch.set_num_threads(threads)
+    cfg = load_config(preset="cpu", overrides=P3)
+    student, scheduler = build_unet(cfg.model), build_scheduler(cfg.model)
+    teacher = Teacher(build_unet(cfg.model).eval(), scheduler, cfg.train.teacher_steps)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.train.lr)
+    B, size = cfg.train.batch_size, student.config.sample_size
+    x0 = torch.randn(B, 1, size, size, generator=seeded_generator(0, "x0"))
+    count = 0
+
+    def replay():
+        return make_replay(teacher, "gd", B, seeded_generator(0, "replay", count))
+
+    def train(batch) -> None:
+        terms = lambda step: continual_terms(  # noqa: E731
+            student, x0, batch, task=1, train_cfg=cfg.train, scheduler=scheduler, generator=seeded_generator(1, step)
+        )
+        optimise(student, optimizer, terms, count + 1, start=count, grad_clip=cfg.train.grad_clip, progress=False)
+
+    fixed = replay()
+    work = {
+        "train": lambda: train(fixed),
+        "replay": replay,
+        "inline": lambda: train(replay()),
+        "first": lambda: train(None),
+    }
+    for kind in work.values():
+        kind()
+    out.put([])
+    for kind, seconds in iter(commands.get, None):
+        times, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            began = time.perf_counter()
+            work[kind]()
+            count += 1
+            times.append(time.perf_counter() - began)
+        out.put(times)
+
+
+def cores() -> dict:
+    """Median step seconds of each of CORES_CONDITIONS, the conditions taking turns in CORES_ROUNDS rounds (the
+    machine's speed drifts: each round sees every condition within a few seconds)."""
+    ctx = multiprocessing.get_context("spawn")
+    queues = {name: (ctx.Queue(), ctx.Queue()) for name in CORES_THREADS}
+    procs = [
+        ctx.Process(target=timing_process, args=(CORES_THREADS[name], commands, out))
+        for name, (commands, out) in queues.items()
+    ]
+    for proc in procs:
+        proc.start()
+    for _, out in queues.values():
+        out.get()
+    times: dict[str, list[float]] = {}
+    for _ in range(CORES_ROUNDS):
+        for name, condition in CORES_CONDITIONS.items():
+            for process, kind in condition.items():
+                queues[process][0].put((kind, CORES_WINDOW_S))
+            for process, kind in condition.items():
+                times.setdefault(f"{name}/{kind}", []).extend(queues[process][1].get())
+    for commands, _ in queues.values():
+        commands.put(None)
+    for proc in procs:
+        proc.join()
+    return {
+        "run": "cpu preset, gd with 2 teacher steps, batch 64",
+        "rounds": CORES_ROUNDS,
+        "window_s": CORES_WINDOW_S,
+        **{f"{key.replace('/', '_')}_s": float(np.median(values)) for key, values in times.items()},
+    }
 
 
 def eval_seconds(job, test_labels: torch.Tensor, samplers: int) -> tuple[float, dict]:
@@ -195,6 +294,8 @@ def main() -> None:
             "run": "cpu preset, gd with 2 teacher steps, 1 sampler actor, 2 tasks x 150 steps",
             **thread_runs(work),
         }
+    if "cores" in parts:
+        results["cores"] = cores()
     if "eval" in parts:
         results["eval"] = eval_scaling()
         results["eval_scaling_2_over_1"] = results["eval"]["one_sampler_s"] / results["eval"]["two_samplers_s"]
