@@ -212,7 +212,7 @@ def cores() -> dict:
     for proc in procs:
         proc.join()
     return {
-        "run": "cpu preset, gd with 2 teacher steps, batch 64",
+        "run": f"cpu preset, gd with 2 teacher steps, batch {load_config(preset='cpu', overrides=P3).train.batch_size}",
         "rounds": CORES_ROUNDS,
         "window_s": CORES_WINDOW_S,
         **{f"{key.replace('/', '_')}_s": float(np.median(values)) for key, values in times.items()},
