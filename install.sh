@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install distcl and what it needs, from nothing, into a project virtual environment (.venv/):
 # Debian's Fashion-MNIST package (when apt is there), PyTorch + torchvision (torch-fidelity needs
-# torchvision), and the project with its test extras. Works with Debian/Ubuntu's own python3 (PEP 668:
+# torchvision), and the project with its test and MLflow extras. Works with Debian/Ubuntu's own python3 (PEP 668:
 # nothing is installed into the system Python; python3-venv is apt-installed where it is missing) and
 # with any other Python >= 3.10 (PYTHON=/path/to/python3 ./install.sh). Puts a `distcl` link into a
 # directory on PATH (~/.local/bin, else /usr/local/bin where writable). Idempotent: a second run
@@ -46,7 +46,7 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # .venv: an installed torch is kept).
 TORCH=("torch>=2.1" "torchvision>=0.16")
 "${PIP[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH[@]}"
-"${PIP[@]}" -e ".[test]"
+"${PIP[@]}" -e ".[test,mlflow]"
 
 # On a machine with an NVIDIA driver, a torch that can use it, or one line naming the driver that torch needs
 # (nothing is reinstalled behind the user's back: a CPU-only torch keeps working).

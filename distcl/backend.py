@@ -8,13 +8,14 @@ import copy
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from distcl.config import RunConfig
+from distcl.console import StepLines
 from distcl.data import DataStream, Files, Scenario
 from distcl.devices import resolve_device
 from distcl.distill import Fit, fit_inline
@@ -33,7 +34,7 @@ from distcl.solver import (
     train_solver_task,
 )
 from distcl.teachers import load_teacher
-from distcl.training import make_optimizer, steps_per_task, train_task
+from distcl.training import OnStep, make_optimizer, steps_per_task, train_task
 
 TEACHER_STRATEGIES = REPLAY_ITEM_STRATEGIES + ("lwf",)
 
@@ -53,11 +54,15 @@ class TaskSpec:
     progress: bool = True
 
     @property
+    def steps(self) -> int:
+        return steps_per_task(len(self.images.paths if isinstance(self.images, Files) else self.images), self.cfg.train)
+
+    @property
     def has_teacher(self) -> bool:
         return self.init_dir is not None and self.cfg.train.strategy in TEACHER_STRATEGIES
 
 
-def train_task_inline(spec: TaskSpec) -> list[dict]:
+def train_task_inline(spec: TaskSpec, on_step: Optional[OnStep] = None) -> list[dict]:
     """Task k in this process: replay made by the teacher on the trainer's own device (the reference's way)."""
     cfg, k = spec.cfg, spec.task
     strategy = cfg.train.strategy
@@ -73,13 +78,14 @@ def train_task_inline(spec: TaskSpec) -> list[dict]:
         DataStream(spec.images, cfg.train.batch_size, cfg.seed, k),
         replay,
         task=k,
-        steps=steps_per_task(len(spec.images), cfg.train),
+        steps=spec.steps,
         train_cfg=cfg.train,
         scheduler=spec.scheduler,
         noise_seed=noise_seed(cfg.seed, k),
         device=spec.student.device,
         ema=ema,
         lwf_teacher=teacher if strategy == "lwf" else None,
+        on_step=on_step,
         progress=spec.progress,
         precision=cfg.runtime.precision,
     )
@@ -158,12 +164,13 @@ class Backend(Protocol):
 
 
 class InlineBackend:
-    """Every piece of the run in this process, on ``device`` (the reference's way)."""
+    """Every piece of the run in this process, on ``device`` (the reference's way); without progress bars, a
+    task's progress lines go to ``log`` (distcl.console.StepLines)."""
 
     overlaps = False  # one process: each step has every core
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, log: Callable[[str], None] = print):
+        self.device, self.log = device, log
         self.distill_fit = partial(fit_inline, device=device)
         self.eval_worker = EvalWorker(device)
 
@@ -174,7 +181,7 @@ class InlineBackend:
         """Nothing to prepare: every task's images are in memory."""
 
     def train_task(self, spec: TaskSpec) -> list[dict]:
-        return train_task_inline(spec)
+        return train_task_inline(spec, None if spec.progress else StepLines(f"task {spec.task}", spec.steps, self.log))
 
     def train_classifier(self, spec: ClassifierSpec) -> tuple[dict[str, torch.Tensor], list[dict]]:
         replay = None

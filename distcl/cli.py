@@ -1,9 +1,9 @@
 """The ``distcl`` command line.
 
     distcl run [CONFIG] [--preset smoke|cpu|paper] [--out DIR] [--set key.sub=value ...] [--data-dir DIR]
-               [--address RAY_ADDRESS] [--inline]
+               [--address RAY_ADDRESS] [--inline] [--mlflow [URI]]
     distcl report OUT
-    distcl tune SWEEP.yaml --out DIR      a Ray Tune sweep (tuning/*.yaml); distcl tune --resume DIR continues one
+    distcl tune SWEEP.yaml --out DIR [--mlflow [URI]]   a Ray Tune sweep (tuning/*.yaml); --resume DIR continues one
     distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...] [--workers W] [--inline]
     distcl sample --model DIR --out grid.png [--num 100] [--steps 10] [--device auto]
     distcl cluster local [cluster.yaml] [--idle-timeout-s 15] [--max-node-cpus C] [--max-nodes-per-type N]
@@ -20,9 +20,22 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from distcl.config import DEVICES, PRESETS, RuntimeConfig, load_config
+from distcl.config import DEVICES, PRESETS, RuntimeConfig, load_config, tracking_uri
+from distcl.console import line_buffered
 from distcl.settings import ConfigError
 from distcl.sweep import load_sweep
+
+LOCAL_MLFLOW = "sqlite:///mlflow.db"  # MLflow's local store without a server (`mlflow ui` reads it from here)
+
+
+def add_mlflow_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const=LOCAL_MLFLOW,
+        metavar="URI",
+        help=f"track in MLflow (tracking.mlflow); URI default {LOCAL_MLFLOW} (./mlflow.db)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     run.add_argument("--inline", action="store_true", help="no Ray: one process, replay made on the trainer")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (the default when not on a terminal)")
+    add_mlflow_flag(run)
     tune = sub.add_parser("tune", help="a Ray Tune sweep over run-config fields (see tuning/)")
     tune.add_argument("sweep", nargs="?", help="sweep file (fields of distcl.sweep.SweepConfig)")
     tune.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
     tune.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR (finished trials kept)")
     tune.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+    add_mlflow_flag(tune)
     distill = sub.add_parser("distill", help="distil a teacher checkpoint into a fast sampler")
     methods = distill.add_subparsers(dest="method", required=True)
     for method, help_text, settings in (
@@ -102,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    line_buffered()  # each line reaches a file or pipe when it is printed
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
@@ -148,6 +164,8 @@ def _run(args) -> int:
         overrides.append(f"runtime.address={args.address}")
     if args.inline:
         overrides.append("runtime.backend=inline")
+    if args.mlflow:
+        overrides.append(f"tracking.mlflow={args.mlflow}")
 
     def work() -> int:
         cfg = load_config(args.config, args.preset, overrides)
@@ -169,6 +187,8 @@ def _tune(args) -> int:
             sweep = load_sweep(args.sweep)
             if args.address:
                 sweep.base.setdefault("runtime", {})["address"] = args.address
+            if args.mlflow:
+                sweep.base.setdefault("tracking", {})["mlflow"] = tracking_uri(args.mlflow)
             out = Path(args.out or Path("runs") / "sweeps" / sweep.name)
         from distcl.runtime.tune import run_sweep
 

@@ -197,7 +197,7 @@ class EvalConfig:
     eta: Eta = 0.0
     batch_size: Count = 500
     feature_extractor: FeatureExtractor = "auto"  # else the Fashion-MNIST CNN
-    classifier_epochs: Count = 2  # training of the cached Fashion-MNIST evaluation classifier
+    classifier_epochs: Count = 2  # epochs of the cached evaluation network (at least eval_net.MIN_STEPS steps)
 
 
 @settings
@@ -275,6 +275,15 @@ class RuntimeConfig:
 
 
 @settings
+class TrackingConfig:
+    """Where the run is tracked (distcl.tracking): an MLflow tracking URI (``sqlite:///PATH``, ``http://HOST:PORT``,
+    ``databricks``), None: not tracked. Not part of the results: it may change between resumes."""
+
+    mlflow: Optional[Text] = None
+    experiment: Optional[Text] = None  # None: the run's (or the sweep's) name
+
+
+@settings
 class RunConfig:
     name: Text = "distcl"
     seed: Annotated[Int, Ge(0)] = 42
@@ -287,6 +296,7 @@ class RunConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     replay_sampler: ReplaySamplerConfig = field(default_factory=ReplaySamplerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
@@ -445,7 +455,17 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         return str(Path(path).expanduser().resolve()) if path is not None else None
 
     cfg.data.data_dir, cfg.cache_dir = absolute(cfg.data.data_dir), absolute(cfg.cache_dir)
+    cfg.tracking.mlflow = tracking_uri(cfg.tracking.mlflow)
     return cfg
+
+
+def tracking_uri(uri: Optional[str]) -> Optional[str]:
+    """An MLflow tracking URI with a local store's path absolute: ``sqlite:///rel.db`` and a bare path ``x.db``
+    become ``sqlite:////abs/x.db``; server and other URIs unchanged."""
+    if uri is None or ("://" in uri and not uri.startswith("sqlite:///")):
+        return uri
+    path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+    return f"sqlite:///{path}"
 
 
 def apply_overrides(merged: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -19,8 +19,10 @@ import torch
 
 from distcl.backend import Backend, ClassifierSpec, InlineBackend, TaskSpec
 from distcl.config import RunConfig
+from distcl.console import time_left
 from distcl.data import Scenario, build_scenario, cache_dir, load_dataset, select
 from distcl.devices import configure_numerics, resolve_device
+from distcl.eval_net import accuracy_warning
 from distcl.evaluation import (
     Evaluator,
     metrics_from_chunks,
@@ -60,14 +62,15 @@ def run_continual(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
+    on_start: Optional[Callable[[], None]] = None,
 ) -> Path:
     """Run (or resume) all tasks of ``cfg`` into ``out`` on ``backend`` (default: this process); returns the
-    metrics table's path. ``on_task(k, metrics)`` is called after task k is evaluated, in task order, also for
-    tasks a resumed run finds done. With ``classifier.enabled`` the classifier's task k follows the
-    generator's."""
+    metrics table's path. ``on_start()`` is called once OUT holds the run (its config checked and written),
+    before any training; ``on_task(k, metrics)`` after task k is evaluated, in task order, also for tasks a
+    resumed run finds done. With ``classifier.enabled`` the classifier's task k follows the generator's."""
     out = Path(out).resolve()  # it travels to Ray workers, whose working directory is not the caller's
     with out_lock(out):
-        return _run_tasks(cfg, out, backend, progress, log, on_task)
+        return _run_tasks(cfg, out, backend, progress, log, on_task, on_start)
 
 
 def _run_tasks(
@@ -77,6 +80,7 @@ def _run_tasks(
     progress: bool,
     log: Callable[[str], None],
     on_task: Optional[Callable[[int, dict[str, float]], None]],
+    on_start: Optional[Callable[[], None]],
 ) -> Path:
     device = resolve_device(cfg.device)
     configure_numerics(cfg.runtime.precision, cfg.runtime.deterministic)
@@ -84,15 +88,19 @@ def _run_tasks(
     dataset = load_dataset(cfg.data, cfg.cache_dir, fresh.config.sample_size)
     scenario = build_scenario(dataset, cfg.data, cfg.seed, fresh.config.sample_size)
     prepare_out(cfg, out)
+    if on_start is not None:
+        on_start()
     names = [scenario.task_names(k) for k in range(len(scenario.tasks))]
     (out / "tasks.json").write_text(json.dumps({"tasks": scenario.tasks, "classes": names}, indent=2))
     evaluator = Evaluator(cfg.eval, dataset, scenario.sample_size, cache_dir(cfg.cache_dir), device, progress)
     (out / "evaluator.json").write_text(json.dumps(evaluator.describe(), indent=2))
-    run = ContinualRun(cfg, out, scenario, backend or InlineBackend(device), evaluator, device, progress, log)
+    run = ContinualRun(cfg, out, scenario, backend or InlineBackend(device, log), evaluator, device, progress, log)
     log(
         f"[distcl] {cfg.name}: tasks {scenario.tasks}, strategy {cfg.train.strategy}, "
         f"evaluation classifier test accuracy {evaluator.classifier_accuracy:.4f}"
     )
+    if (warning := accuracy_warning(evaluator.classifier_accuracy)) is not None:
+        log(warning)
     log(f"[distcl] classes per task: {scenario.describe()}")
     log(f"[distcl] devices: {run.backend.devices()}, precision {cfg.runtime.precision}")
     run.backend.begin(scenario, [k for k in range(cfg.data.num_tasks) if not task_dir(out, k).exists()])
@@ -173,6 +181,8 @@ class ContinualRun:
     log: Callable[[str], None]
     saving_lock: threading.Lock = field(default_factory=threading.Lock)
     stopped: bool = False
+    began: float = field(default_factory=time.perf_counter)  # this process's start: the run's clock
+    trained: int = 0  # tasks trained by this process
 
     @contextmanager
     def saving(self):
@@ -189,7 +199,8 @@ class ContinualRun:
 
     def train(self, k: int) -> None:
         """The student starts as the model after task k-1 (task 0: the seeded initialisation); its teacher, for
-        the strategies that have one, is that model (its fast replay sampler distilled first when asked)."""
+        the strategies that have one, is that model (its fast replay sampler distilled first when asked). Its line
+        says when the run's training will end, at this process's rate per task so far."""
         cfg, out, start = self.cfg, self.out, time.perf_counter()
         if k == 0:
             with seeded_init(cfg.seed):
@@ -205,9 +216,12 @@ class ContinualRun:
         rows = self.backend.train_task(spec)
         append_rows(out / "train_log.parquet", rows, k)
         save_checkpoint(student, scheduler, task_dir(out, k))
+        self.trained += 1
+        left = time_left(time.perf_counter() - self.began, self.trained, cfg.data.num_tasks - k - 1)
         self.log(
             f"[distcl] task {k} {self.scenario.tasks[k]}: trained {rows[-1]['step'] + 1} steps in "
-            f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}"
+            f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}; "
+            f"run: {k + 1}/{cfg.data.num_tasks} tasks trained, {left}"
         )
 
     def train_classifier(self, k: int) -> None:

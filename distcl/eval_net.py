@@ -22,6 +22,9 @@ from distcl.models import seeded_init
 from distcl.training import optimise
 
 CNN_EXTRACTOR = "distcl-cnn"
+BATCH = 128
+MIN_STEPS = 600  # the network's optimizer steps at least: a small folder's epochs are a few steps each
+RELIABLE_ACCURACY = 0.8  # below this test accuracy, the class-histogram metrics (KLD, TV, gen_in_seen) mislead
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -121,15 +124,17 @@ def train_classifier(
     progress: bool = True,
 ) -> tuple[EvalClassifier, float]:
     """Adam (lr 2e-3, cosine decay to 0), batch 128, cross-entropy on the images in [-1, 1] taken to ``size``
-    (None: their own) as the model's samples are; returns the net and its test accuracy at that size."""
+    (None: their own) as the model's samples are, for :func:`training_steps`; returns the net and its test
+    accuracy at that size."""
     generator = torch.Generator().manual_seed(seed)
     size = size or train.images.shape[-1]
     with seeded_init(seed):
         net = EvalClassifier(train.images.shape[1], num_classes, size).to(device)
     x, y = to_model_range(train.images, size), train.labels
-    per_epoch = math.ceil(len(y) / 128)
+    per_epoch = math.ceil(len(y) / BATCH)
+    steps = training_steps(len(y), epochs)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * per_epoch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     order: dict[int, torch.Tensor] = {}  # {epoch: its permutation}, drawn in epoch order from ``generator``
 
     def step_terms(step: int) -> dict[str, torch.Tensor]:
@@ -137,14 +142,14 @@ def train_classifier(
         if epoch not in order:
             order.clear()
             order[epoch] = torch.randperm(len(y), generator=generator)
-        idx = order[epoch][i * 128 : (i + 1) * 128]
+        idx = order[epoch][i * BATCH : (i + 1) * BATCH]
         return {"loss": F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))}
 
     optimise(
         net,
         optimizer,
         step_terms,
-        epochs * per_epoch,
+        steps,
         after_step=schedule.step,
         log_every=per_epoch,
         progress=progress,
@@ -153,6 +158,23 @@ def train_classifier(
     net.eval()
     predictions = classify(net, to_model_range(test.images, size))
     return net, float((predictions == test.labels).float().mean())
+
+
+def training_steps(n: int, epochs: int) -> int:
+    """max(epochs x ceil(n / 128), MIN_STEPS): ``epochs`` passes over ``n`` training images, and at least
+    MIN_STEPS steps (a folder of 300 images: 200 epochs; Fashion-MNIST's 60,000 at 2 epochs: 938)."""
+    return max(epochs * math.ceil(n / BATCH), MIN_STEPS)
+
+
+def accuracy_warning(accuracy: float) -> Optional[str]:
+    """One line when the network labels its own test images too poorly for the class-histogram metrics."""
+    if accuracy >= RELIABLE_ACCURACY:
+        return None
+    return (
+        f"[distcl] warning: the evaluation network's test accuracy is {accuracy:.4f} (< {RELIABLE_ACCURACY}): "
+        "kld, tv and gen_in_seen are unreliable for this data; compare them with the real-data floor "
+        "(strategy 'real data' in real_metrics.parquet, distcl report)"
+    )
 
 
 @torch.no_grad()
@@ -168,10 +190,14 @@ def load_or_train_classifier(
 ) -> tuple[EvalClassifier, float, Path]:
     """The evaluation classifier of ``dataset`` (all its training images) at the model's sample ``size`` (the
     resolution its samples have: a 16x16 model's samples are labelled by a network that learnt 16x16 images),
-    cached by the data's fingerprint, the size and ``epochs``; runs that start together on a machine wait for the
-    one that trains it."""
+    cached by the data's fingerprint, the size and ``epochs`` (and the steps, where MIN_STEPS raised them: the
+    key of a network trained for its epochs is the same as before the floor); runs that start together on a
+    machine wait for the one that trains it."""
     size = size or dataset.train.images.shape[-1]
-    path = cache / f"eval_net_{dataset.source}_{dataset.fingerprint()}_s{size}_e{epochs}.pt"
+    n = len(dataset.train.labels)
+    steps = training_steps(n, epochs)
+    floor = "" if steps == epochs * math.ceil(n / BATCH) else f"_n{steps}"
+    path = cache / f"eval_net_{dataset.source}_{dataset.fingerprint()}_s{size}_e{epochs}{floor}.pt"
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / f"{path.name}.lock", "w") as lock:

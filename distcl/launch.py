@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from distcl.config import DataConfig, RunConfig, RuntimeConfig, apply_overrides
+from distcl.console import run_log
 from distcl.continual import run_continual
 from distcl.data import load_dataset, to_model_range
 from distcl.devices import resolve_device
@@ -22,14 +23,43 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
+    parent_run: Optional[str] = None,
 ) -> Path:
     """Run ``cfg`` on its ``runtime.backend``: Ray (distcl.runtime.pipeline) or this process
-    (distcl.continual.run_continual); the metrics table's path."""
-    if cfg.runtime.backend == "ray":
-        from distcl.runtime.pipeline import run as run_on_ray  # Ray is imported only when asked for
+    (distcl.continual.run_continual); the metrics table's path. The console's lines also go to OUT/run.log; with
+    ``tracking.mlflow``, each task is logged to the run's MLflow run (a child of ``parent_run``) when it is
+    evaluated (distcl.tracking)."""
+    with run_log(out, f"{cfg.name} ({cfg.runtime.backend})"):
+        tracker = None
+        if cfg.tracking.mlflow is not None:
+            from distcl.tracking import RunTracker  # mlflow is imported only when asked for
 
-        return run_on_ray(cfg, out, progress=progress, log=log, on_task=on_task)
-    return run_continual(cfg, out, progress=progress, log=log, on_task=on_task)
+            tracker = RunTracker(cfg, out, parent_run, log)  # the store checked before the run writes anything
+
+        def start() -> None:
+            if tracker is not None:
+                log(f"[distcl] tracked in MLflow: {cfg.tracking.mlflow}, run {tracker.start()}")
+
+        def after_task(k: int, metrics: dict[str, float]) -> None:
+            if tracker is not None:
+                tracker.task_done(k)
+            if on_task is not None:
+                on_task(k, metrics)
+
+        try:
+            if cfg.runtime.backend == "ray":
+                from distcl.runtime.pipeline import run as run_on_ray  # Ray is imported only when asked for
+
+                metrics = run_on_ray(cfg, out, progress=progress, log=log, on_task=after_task, on_start=start)
+            else:
+                metrics = run_continual(cfg, out, progress=progress, log=log, on_task=after_task, on_start=start)
+        except BaseException as err:
+            if tracker is not None:
+                tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        if tracker is not None:
+            tracker.end("FINISHED")
+        return metrics
 
 
 def distill_teacher(

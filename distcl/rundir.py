@@ -9,12 +9,15 @@ lock that lets one driver hold it.
     OUT/metrics.parquet             long form: run, seed, strategy, task, metric, value
     OUT/real_metrics.parquet        the same metrics of real images of the seen classes (strategy "real data")
     OUT/train_log.parquet, classifier_log.parquet, evaluator.json, .lock
+    OUT/run.log                     the console of every start (distcl.console)
+    OUT/tracking.json               the MLflow run tracking OUT (distcl.tracking)
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +29,11 @@ import torch
 import yaml
 
 from distcl.config import RunConfig
+from distcl.console import RUN_LOG
 from distcl.settings import ConfigError, from_dict
 
 REAL_DATA = "real data"  # the strategy name of the metrics' floor: real images scored as samples
+TRACKING_FILE = "tracking.json"  # the MLflow run that tracks OUT (distcl.tracking)
 
 
 def task_dir(out: Path, k: int) -> Path:
@@ -105,9 +110,8 @@ def out_lock(out: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if created and [p.name for p in out.iterdir()] == [".lock"]:
-            (out / ".lock").unlink()
-            out.rmdir()
+        if created and {p.name for p in out.iterdir()} <= {".lock", RUN_LOG}:  # only the lock and its console
+            shutil.rmtree(out)
         raise
     finally:
         del _HELD_LOCKS[out]
@@ -134,12 +138,12 @@ def prepare_out(cfg: RunConfig, out: Path) -> None:
 
 
 def _results_config(resolved: dict) -> dict:
-    """The fields results depend on: all but ``runtime``, plus the number of Train workers (1 inline) and the
-    precision."""
+    """The fields results depend on: all but ``runtime`` and ``tracking``, plus the number of Train workers (1
+    inline) and the precision."""
     runtime = resolved.get("runtime", {})
     workers = runtime.get("num_workers", 1) if runtime.get("backend", "ray") == "ray" else 1
     return {
-        **{k: v for k, v in resolved.items() if k != "runtime"},
+        **{k: v for k, v in resolved.items() if k not in ("runtime", "tracking")},
         "runtime.num_workers": workers,
         "runtime.precision": runtime.get("precision", "fp32"),
     }

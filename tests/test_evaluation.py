@@ -1,11 +1,21 @@
+import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
-from distcl.config import EvalConfig, ModelConfig
-from distcl.data import cache_dir, read_idx_source, select, to_model_range
-from distcl.eval_net import CNN_EXTRACTOR, classify, load_or_train_classifier
+from distcl.cli import main
+from distcl.config import DataConfig, EvalConfig, ModelConfig
+from distcl.data import cache_dir, load_dataset, read_idx_source, select, to_model_range
+from distcl.eval_net import (
+    CNN_EXTRACTOR,
+    MIN_STEPS,
+    RELIABLE_ACCURACY,
+    classify,
+    load_or_train_classifier,
+    training_steps,
+)
 from distcl.evaluation import (
     EvalChunk,
     EvalJob,
@@ -22,6 +32,7 @@ from distcl.evaluation import (
 )
 from distcl.models import build_unet
 from distcl.solver import SolverCNN
+from tests.image_data import write_shapes
 
 
 def test_class_histogram_metrics():
@@ -173,3 +184,42 @@ def test_the_continual_classifier_predicts_the_test_images_in_chunks_as_in_one_b
     results = list(reversed([worker.run(job, c) for c in job.chunks()]))
     expected = solver(to_model_range(test.images, 16)).argmax(1)
     assert torch.equal(solver_predictions(results), expected)
+
+
+def test_the_fashion_mnist_network_trains_for_its_epochs_under_its_old_key(classifier, splits):
+    _, _, path = classifier
+    assert training_steps(len(splits.train.labels), EvalConfig().classifier_epochs) == 2 * 469 > MIN_STEPS
+    assert path.name == f"eval_net_fashion_mnist_{splits.fingerprint()}_s16_e2.pt"  # no step suffix: as before
+
+
+SMALL_FOLDER = ["--inline", "--no-progress", "--set", "data.source=image_folder", "--set", "model.preset=tiny"]
+SMALL_FOLDER += [
+    a
+    for o in ("data.tasks=[[c0, c1], [c2, c3], [c4, c5]]", "train.max_steps=3", "eval.num_samples=60", "eval.steps=2")
+    for a in ("--set", o)
+]
+
+
+def test_the_evaluation_network_learns_a_small_separable_folder(tmp_path, capsys):
+    folder = write_shapes(tmp_path / "shapes")  # 6 classes x 60 images: 54 a class to learn from
+    out = tmp_path / "run"
+    args = [*SMALL_FOLDER, "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "data.num_tasks=3"]
+    assert main(["run", "--data-dir", str(folder), "--out", str(out), *args]) == 0
+    assert json.loads((out / "evaluator.json").read_text())["classifier_test_accuracy"] >= 0.97
+    assert "warning" not in capsys.readouterr().out
+    floor = pd.read_parquet(out / "real_metrics.parquet").pivot(index="task", columns="metric", values="value")
+    assert (floor.gen_in_seen >= 0.97).all() and (floor.kld <= 0.05).all(), floor
+
+
+def test_a_folder_whose_classes_cannot_be_told_apart_is_warned_about_once(tmp_path, capsys):
+    folder = write_shapes(tmp_path / "shapes", separable=False)
+    data = load_dataset(DataConfig(source="image_folder", data_dir=str(folder)), None, 16)
+    _, accuracy, path = load_or_train_classifier(tmp_path / "cache", data, 2, torch.device("cpu"), 16, progress=False)
+    assert accuracy < RELIABLE_ACCURACY and path.name.endswith(f"_s16_e2_n{MIN_STEPS}.pt")  # 54 x 6 images: 3 a batch
+    out = tmp_path / "run"
+    args = [*SMALL_FOLDER, "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "train.max_steps=1"]
+    assert main(["run", "--data-dir", str(folder), "--out", str(out), *args]) == 0
+    console = capsys.readouterr().out
+    assert console.count("[distcl] warning: the evaluation network's test accuracy is") == 1
+    assert f"is {accuracy:.4f} (< {RELIABLE_ACCURACY}): kld, tv and gen_in_seen are unreliable" in console
+    assert "real_metrics.parquet" in console

@@ -1,5 +1,6 @@
 """Sweeps on Ray Tune, end to end: a sweep interrupted with Ctrl-C (SIGINT) and resumed reruns no trial that Tune
-saw finish, retrains no finished run, and writes both tables with two seeds per config."""
+saw finish, retrains no finished run, and writes both tables with two seeds per config; tracked in MLflow, the
+sweep is a parent run and each trial a child run, each task logged once."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from distcl.devices import describe_host
@@ -71,7 +73,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     sweep_file.write_text(yaml.safe_dump(SWEEP))
     cmd = [sys.executable, "-m", "distcl.cli", "tune"]
     log = (tmp_path / "first.log").open("w")
-    first = _private([*cmd, str(sweep_file), "--out", str(out)], stdout=log, stderr=subprocess.STDOUT)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _private([*cmd, str(sweep_file), "--out", str(out), "--mlflow", uri], stdout=log, stderr=subprocess.STDOUT)
     pid = _inner_pid(first)
     runs = out / "runs"
     deadline = time.time() + 300
@@ -113,3 +116,21 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert (out / "final_fid.png").stat().st_size > 0
     config = json.loads(json.dumps(yaml.safe_load((Path(trials.run_dir[0]) / "config.yaml").read_text())))
     assert config["train"]["max_steps"] == 3 and config["data"]["num_tasks"] == 2
+
+    # tracked in MLflow (the resume took the URI from sweep.yaml): one parent run, each trial a child of it, each
+    # task's metrics once although trials were interrupted and resumed
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags["distcl.sweep"] == "tiny" and parent.info.status == "FINISHED"
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == parent.info.run_id
+    children = {Path(r.data.tags["distcl.out"]).name: r for r in runs if r is not parent}
+    assert len(children) == 4 and {r.data.tags["mlflow.parentRunId"] for r in children.values()} == {parent.info.run_id}
+    for run_dir in map(Path, trials.run_dir):
+        child = children[run_dir.name]
+        assert child.info.status == "FINISHED"
+        assert child.data.params["train.replay_lambda"] in ("0.5", "3.0") and child.data.params["seed"] in ("42", "69")
+        fid = pd.read_parquet(run_dir / "metrics.parquet").query("metric == 'fid'")
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "fid"))
+        assert logged == sorted(zip(fid.task, fid.value))

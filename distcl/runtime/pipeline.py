@@ -204,6 +204,7 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
+    on_start: Optional[Callable[[], None]] = None,
 ) -> Path:
     """``distcl run`` on Ray (arguments as distcl.continual.run_continual)."""
     cfg = connect(cfg)
@@ -212,7 +213,7 @@ def run(
     with out_lock(out):  # before the Train workers write into OUT/ray_train
         backend = RayBackend(cfg, out, log)
         try:
-            metrics = run_continual(cfg, out, backend, progress=progress, log=log, on_task=on_task)
+            metrics = run_continual(cfg, out, backend, progress=progress, log=log, on_task=on_task, on_start=on_start)
         finally:
             backend.close()
         shutil.rmtree(out / "ray_train", ignore_errors=True)  # every task is saved: its checkpoints are not needed

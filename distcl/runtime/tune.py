@@ -56,11 +56,13 @@ def trial_start(line: str) -> tuple[str, str, Optional[str]]:
     return trial_id, when, host[0] if host else None
 
 
-def run_trial(config: dict[str, Any], sweep: SweepConfig, out: str) -> None:
-    """Tune's trainable: the continual run of ``config`` (param values), ``tune.report`` after every task."""
+def run_trial(config: dict[str, Any], sweep: SweepConfig, out: str, parent_run: Optional[str] = None) -> None:
+    """Tune's trainable: the continual run of ``config`` (param values), ``tune.report`` after every task; tracked,
+    a child of the sweep's MLflow run ``parent_run``, in the sweep's experiment."""
     trial_id = tune.get_context().get_trial_id()
     directory = trial_dir(Path(out), sweep, config, trial_id)
     cfg = sweep.trial_config(config, name=f"{sweep.name}-{directory.name}")
+    cfg.tracking.experiment = cfg.tracking.experiment or sweep.name
     if cfg.device == "auto" and not ray.get_gpu_ids():  # the trial holds no GPU: it must not use one
         cfg = replace(cfg, device="cpu")
     directory.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,7 @@ def run_trial(config: dict[str, Any], sweep: SweepConfig, out: str) -> None:
         fids.append(metrics["fid"])
         tune.report({"task": k, **metrics, "fid_auc": fid_auc(fids), "run_dir": str(directory)})
 
-    run(cfg, directory, progress=False, on_task=report)
+    run(cfg, directory, progress=False, on_task=report, parent_run=parent_run)
 
 
 def trial_cpus(sweep: SweepConfig) -> float:
@@ -137,12 +139,13 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
     return space
 
 
-def trainable(sweep: SweepConfig, out: Path):
+def trainable(sweep: SweepConfig, out: Path, parent_run: Optional[str] = None):
     resources = {"cpu": trial_cpus(sweep), "gpu": trial_gpus(sweep, cluster_capacity().total.get("GPU", 0))}
-    return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, out=str(out)), resources)
+    trial = tune.with_parameters(run_trial, sweep=sweep, out=str(out), parent_run=parent_run)
+    return tune.with_resources(trial, resources)
 
 
-def build_tuner(sweep: SweepConfig, out: Path) -> tune.Tuner:
+def build_tuner(sweep: SweepConfig, out: Path, parent_run: Optional[str] = None) -> tune.Tuner:
     scheduler = None
     if sweep.scheduler == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
@@ -152,7 +155,7 @@ def build_tuner(sweep: SweepConfig, out: Path) -> tune.Tuner:
             reduction_factor=sweep.reduction_factor,
         )
     return tune.Tuner(
-        trainable(sweep, out),
+        trainable(sweep, out, parent_run),
         param_space=search_space(sweep),
         tune_config=tune.TuneConfig(
             metric=sweep.metric,
@@ -187,15 +190,30 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
         check_capacity(sweep)
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
+    parent = None
+    if sweep.trial_config({}).tracking.mlflow is not None:
+        from distcl.tracking import SweepTracker  # mlflow is imported only when asked for
+
+        parent = SweepTracker(sweep, out, log)
+        log(f"[distcl] sweep tracked in MLflow: {sweep.trial_config({}).tracking.mlflow}, parent run {parent.run_id}")
+    if not resume:
         tmp = out / ".sweep.yaml.tmp"
         tmp.write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
         os.replace(tmp, saved)
+    parent_run = parent.run_id if parent is not None else None
     if resume:
-        tuner = tune.Tuner.restore(str((out / TUNE_NAME).resolve()), trainable(sweep, out), resume_errored=True)
+        tuner = tune.Tuner.restore(
+            str((out / TUNE_NAME).resolve()), trainable(sweep, out, parent_run), resume_errored=True
+        )
         log(f"[distcl] resuming sweep {sweep.name} from {out}")
     else:
-        tuner = build_tuner(sweep, out)
-    grid = tuner.fit()
+        tuner = build_tuner(sweep, out, parent_run)
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        if parent is not None:
+            parent.tracking.end("FAILED")
+        raise
     num_tasks = sweep.trial_config({}).data.num_tasks
     rows, unreported = [], 0
     for result in grid:
@@ -213,6 +231,8 @@ def run_sweep(sweep: SweepConfig | None, out: Path, resume: bool = False, log: C
     else:
         unfinished = len(grid) - grid.num_terminated - grid.num_errors
     unfinished += sweep.num_trials() - len(grid)  # Ctrl-C before the search made them (Tune returns normally)
+    if parent is not None:
+        parent.tracking.end("KILLED" if unfinished else "FINISHED")
     if unfinished:  # Ctrl-C: Tune saved its state and returned early
         raise KeyboardInterrupt(
             f"{unfinished} of {sweep.num_trials()} trials unfinished (tables written for the others); continue with: "

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -155,21 +156,30 @@ def processes_with(key: str, value: str) -> list[psutil.Process]:
     return list(found.values())
 
 
-def kill(procs: list[psutil.Process], grace_s: float = 0.0) -> None:
-    """SIGTERM then, after ``grace_s``, SIGKILL (at once with 0: a reclaimed machine does not say goodbye)."""
-    if grace_s:
+def _gone(proc: psutil.Process) -> bool:
+    """Ended: no such process, or a zombie (a killed node's workers are orphans that nobody may reap here)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def kill(procs: list[psutil.Process], grace_s: float = 0.0, timeout_s: float = 10.0) -> int:
+    """SIGTERM then, after ``grace_s``, SIGKILL (at once with 0: a reclaimed machine does not say goodbye); waits
+    until they are gone (at most ``timeout_s``). The number of processes that were running and were signalled."""
+    signalled = set()
+    for signal, wait_s in (("terminate", grace_s), ("kill", timeout_s)) if grace_s else (("kill", timeout_s),):
         for p in procs:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, procs = psutil.wait_procs(procs, timeout=grace_s)
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=10)
+            if not _gone(p):
+                try:
+                    getattr(p, signal)()
+                    signalled.add(p.pid)
+                except psutil.Error:
+                    pass
+        deadline = time.monotonic() + wait_s
+        while not all(map(_gone, procs)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return len(signalled)
 
 
 def twin_temp_dir(name: str) -> str:
@@ -222,6 +232,8 @@ def start_twin(
         "PATH": f"{RAY_CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
+    # ``ray start`` does not make the auth token that a local ``ray.init`` makes: a fresh machine has none yet
+    subprocess.run([str(RAY_CLI), "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60, check=True)
     cmd = [
         str(RAY_CLI),
         "start",
@@ -274,8 +286,7 @@ def stop_twin(name: str, grace_s: float = 5.0) -> int:
         procs = processes_with(TWIN_ENV, name)
         if not procs:
             break
-        kill(procs, grace_s)
-        stopped += len(procs)
+        stopped += kill(procs, grace_s)
     shutil.rmtree(twin_temp_dir(name), ignore_errors=True)
     Twin.state_file(name).unlink(missing_ok=True)
     return stopped
@@ -284,9 +295,7 @@ def stop_twin(name: str, grace_s: float = 5.0) -> int:
 def preempt_node(node_id: str) -> int:
     """Kill every process of one fake node at once (its raylet, its workers, its agents), as a cloud that takes a
     spot node back: the number killed."""
-    procs = processes_with(NODE_ENV, node_id)
-    kill(procs)
-    return len(procs)
+    return kill(processes_with(NODE_ENV, node_id))
 
 
 def node_type_of(resources: dict, worker_types: dict) -> Optional[str]:
@@ -336,7 +345,8 @@ def twin_nodes(name: str) -> dict[str, str]:
 
 
 def preempt(name: str, node_type: str) -> str:
-    """Kill one live node of ``node_type`` of the twin ``name`` (as a spot reclaim); what was done."""
+    """Kill one live node of ``node_type`` of the twin ``name`` (as a spot reclaim); what was done. A node none
+    of whose processes was still running raises (``distcl cluster local --preempt`` exits 1)."""
     twin = Twin.load(name)
     if twin is None or not processes_with(TWIN_ENV, name):
         raise ConfigError("--preempt", f"no twin of {name!r} runs (start one: distcl cluster local)")
@@ -348,6 +358,8 @@ def preempt(name: str, node_type: str) -> str:
         up = ", ".join(sorted(set(nodes.values()))) or "none"
         raise ConfigError("--preempt", f"no {node_type!r} node of the twin {name!r} is up (node types up: {up})")
     killed = preempt_node(of_type[0])
+    if killed == 0:  # it went between the look and the kill (the idle timeout): nothing was reclaimed
+        raise RuntimeError(f"node {of_type[0]} ({node_type}) had no process left to kill: nothing reclaimed")
     return f"node {of_type[0]} ({node_type}) reclaimed: {killed} processes killed"
 
 

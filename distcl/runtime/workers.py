@@ -41,6 +41,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distcl.config import RuntimeConfig
+from distcl.console import time_left
 from distcl.devices import configure_numerics
 from distcl.runtime.channel import WorkChannel
 from distcl.runtime.cluster import HEAD_RESOURCE, cluster_capacity
@@ -92,9 +93,10 @@ class OptimisationItem:
     with ``state_dict`` / ``load_state_dict``), the step and the rows from the item's last checkpoint, wraps the
     model for DDP (``prepare_model``) and calls ``fit(model, start, on_step)`` (a distcl.training loop). After
     each step: the planned fault; on rank 0, for a row just read, the line ``describe(row, seconds, steps)``
-    (since the last line; None: no line); a checkpoint of all workers every ``checkpoint_every`` steps. The
-    final state (rank 0's; {} elsewhere) holds the model, the stateful objects, step, rows, recoveries (resumed
-    step, seconds after the checkpoint) and the workers' node ids in rank order."""
+    (since the last line; None: no line) with the elapsed and remaining time (distcl.console.time_left); a
+    checkpoint of all workers every ``checkpoint_every`` steps. The final state (rank 0's; {} elsewhere) holds
+    the model, the stateful objects, step, rows, recoveries (resumed step, seconds after the checkpoint) and the
+    workers' node ids in rank order."""
 
     def __init__(
         self,
@@ -128,7 +130,8 @@ class OptimisationItem:
         if item.world > 1:
             self.worker_nodes = [None] * item.world
             torch.distributed.all_gather_object(self.worker_nodes, self.worker_nodes[0])
-        self.last_line = (time.perf_counter(), self.start)
+        self.began = time.perf_counter()
+        self.last_line = (self.began, self.start)
 
     def run(self, fit: Callable[[torch.nn.Module, int, Callable[[int, list[dict]], None]], list[dict]]) -> dict:
         wrapped = ray.train.torch.prepare_model(self.model, move_to_device=False)
@@ -140,7 +143,8 @@ class OptimisationItem:
             began, first = self.last_line
             line = self.describe(logged[-1], time.perf_counter() - began, step + 1 - first)
             if line is not None:
-                WORKER_LOG.info(f"[distcl] {self.label} step {step + 1}/{self.steps}: {line}")
+                clock = time_left(time.perf_counter() - self.began, step + 1 - self.start, self.steps - step - 1)
+                WORKER_LOG.info(f"[distcl] {self.label} step {step + 1}/{self.steps}: {line}, {clock}")
                 self.last_line = (time.perf_counter(), step + 1)
         if (step + 1) % self.checkpoint_every == 0 and step < self.steps - 1:
             self.item.checkpoint(self.state(step, logged), {"step": step})
