@@ -2,6 +2,7 @@
 
     distcl run [CONFIG] [--preset smoke|cpu|paper] [--out DIR] [--set key.sub=value ...] [--data-dir DIR]
                [--address RAY_ADDRESS] [--inline] [--mlflow [URI]]
+    distcl learn OUT --data-dir NEW [--set key=value ...] [--inline]   NEW's classes as OUT's next task(s)
     distcl report OUT
     distcl tune SWEEP.yaml --out DIR [--mlflow [URI]]   a Ray Tune sweep (tuning/*.yaml); --resume DIR continues one
     distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...] [--workers W] [--inline]
@@ -58,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inline", action="store_true", help="no Ray: one process, replay made on the trainer")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (the default when not on a terminal)")
     add_mlflow_flag(run)
+    learn = sub.add_parser("learn", help="append new classes to a run as its next task(s), the old data gone")
+    learn.add_argument("out", metavar="OUT", help="the run's directory (a distcl run --out)")
+    learn.add_argument("--data-dir", help="the new data: an image folder of new classes (or the standard set's files)")
+    learn.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. --set 'data.tasks=[[Bag, Sandal]]' or --set train.lr=5e-4 (repeatable; see distcl.learn)",
+    )
+    learn.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+    learn.add_argument("--inline", action="store_true", help="no Ray: one process")
+    learn.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_mlflow_flag(learn)
     tune = sub.add_parser("tune", help="a Ray Tune sweep over run-config fields (see tuning/)")
     tune.add_argument("sweep", nargs="?", help="sweep file (fields of distcl.sweep.SweepConfig)")
     tune.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
@@ -121,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "learn":
+        return _learn(args)
     if args.command == "tune":
         return _tune(args)
     if args.command == "distill":
@@ -156,16 +174,22 @@ def _progress(args) -> bool:
 # The commands: parse, then dispatch. The heavy imports (torch, Ray) follow a valid command line.
 
 
-def _run(args) -> int:
+def _face_overrides(args) -> list[str]:
+    """--set items, then the flags that stand for fields (--address, --inline, --mlflow)."""
     overrides = list(args.overrides)
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
     if args.address:
         overrides.append(f"runtime.address={args.address}")
     if args.inline:
         overrides.append("runtime.backend=inline")
     if args.mlflow:
         overrides.append(f"tracking.mlflow={args.mlflow}")
+    return overrides
+
+
+def _run(args) -> int:
+    overrides = _face_overrides(args)
+    if args.data_dir:
+        overrides.insert(len(args.overrides), f"data.data_dir={args.data_dir}")  # after --set, as before
 
     def work() -> int:
         cfg = load_config(args.config, args.preset, overrides)
@@ -176,6 +200,16 @@ def _run(args) -> int:
         return 0
 
     return _guarded("run", work)
+
+
+def _learn(args) -> int:
+    def work() -> int:
+        from distcl.launch import learn
+
+        print(f"[distcl] done: {learn(Path(args.out), args.data_dir, _face_overrides(args), _progress(args))}")
+        return 0
+
+    return _guarded("learn", work)
 
 
 def _tune(args) -> int:

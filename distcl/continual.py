@@ -6,6 +6,7 @@ whose task_<k>/ exists is never retrained, one without metrics is (re-)evaluated
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import deque
@@ -16,23 +17,28 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import yaml
 
 from distcl.backend import Backend, ClassifierSpec, InlineBackend, TaskSpec
 from distcl.config import RunConfig
 from distcl.console import time_left
-from distcl.data import Scenario, build_scenario, cache_dir, load_dataset, select
+from distcl.data import Scenario, Split, build_scenario, cache_dir, load_dataset, select
 from distcl.devices import configure_numerics, resolve_device
 from distcl.eval_net import accuracy_warning
+from distcl.eval_net import train_classifier as train_eval_net
+from distcl.evalstore import ensure_records, floor_reference, record_path, test_split
 from distcl.evaluation import (
     Evaluator,
     metrics_from_chunks,
     save_grid,
     solver_predictions,
 )
+from distcl.learn import append_scenario, task_config_path, trained_tasks
 from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint, seeded_init
 from distcl.rundir import (
     REAL_DATA,
     append_rows,
+    check_same_results,
     classifier_path,
     evaluated_tasks,
     load_classifier,
@@ -43,6 +49,7 @@ from distcl.rundir import (
     task_metrics,
 )
 from distcl.seeding import derive_seed
+from distcl.settings import from_dict
 from distcl.solver import (
     SolverCNN,
     forgetting,
@@ -63,14 +70,17 @@ def run_continual(
     log: Callable[[str], None] = print,
     on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
     on_start: Optional[Callable[[], None]] = None,
+    append: bool = False,
 ) -> Path:
     """Run (or resume) all tasks of ``cfg`` into ``out`` on ``backend`` (default: this process); returns the
-    metrics table's path. ``on_start()`` is called once OUT holds the run (its config checked and written),
-    before any training; ``on_task(k, metrics)`` after task k is evaluated, in task order, also for tasks a
-    resumed run finds done. With ``classifier.enabled`` the classifier's task k follows the generator's."""
+    metrics table's path. With ``append``, ``cfg`` is the config of task(s) added to the run in ``out``
+    (distcl.learn: its data holds only the new classes). ``on_start()`` is called once OUT holds the run (its
+    config checked and written), before any training; ``on_task(k, metrics)`` after task k is evaluated, in task
+    order, also for tasks a resumed run finds done. With ``classifier.enabled`` the classifier's task k follows
+    the generator's."""
     out = Path(out).resolve()  # it travels to Ray workers, whose working directory is not the caller's
     with out_lock(out):
-        return _run_tasks(cfg, out, backend, progress, log, on_task, on_start)
+        return _run_tasks(cfg, out, backend, progress, log, on_task, on_start, append)
 
 
 def _run_tasks(
@@ -81,18 +91,24 @@ def _run_tasks(
     log: Callable[[str], None],
     on_task: Optional[Callable[[int, dict[str, float]], None]],
     on_start: Optional[Callable[[], None]],
+    append: bool,
 ) -> Path:
     device = resolve_device(cfg.device)
     configure_numerics(cfg.runtime.precision, cfg.runtime.deterministic)
     fresh = build_unet(cfg.model, cfg.data.image_channels)  # validates the architecture before anything is written
     dataset = load_dataset(cfg.data, cfg.cache_dir, fresh.config.sample_size)
-    scenario = build_scenario(dataset, cfg.data, cfg.seed, fresh.config.sample_size)
-    prepare_out(cfg, out)
+    if append:
+        scenario = append_scenario(out, cfg, dataset, fresh.config.sample_size)
+        record_task_configs(out, cfg, range(trained_tasks(out), len(scenario.tasks)))
+    else:
+        scenario = build_scenario(dataset, cfg.data, cfg.seed, fresh.config.sample_size)
+        prepare_out(cfg, out)
     if on_start is not None:
         on_start()
     names = [scenario.task_names(k) for k in range(len(scenario.tasks))]
-    (out / "tasks.json").write_text(json.dumps({"tasks": scenario.tasks, "classes": names}, indent=2))
-    evaluator = Evaluator(cfg.eval, dataset, scenario.sample_size, cache_dir(cfg.cache_dir), device, progress)
+    state = {"tasks": scenario.tasks, "classes": names, "class_names": scenario.class_names}
+    (out / "tasks.json").write_text(json.dumps(state, indent=2))
+    evaluator = run_evaluator(cfg, out, dataset, scenario, device, progress)
     (out / "evaluator.json").write_text(json.dumps(evaluator.describe(), indent=2))
     run = ContinualRun(cfg, out, scenario, backend or InlineBackend(device, log), evaluator, device, progress, log)
     log(
@@ -103,10 +119,10 @@ def _run_tasks(
         log(warning)
     log(f"[distcl] classes per task: {scenario.describe()}")
     log(f"[distcl] devices: {run.backend.devices()}, precision {cfg.runtime.precision}")
-    run.backend.begin(scenario, [k for k in range(cfg.data.num_tasks) if not task_dir(out, k).exists()])
+    run.backend.begin(scenario, [k for k in range(len(scenario.tasks)) if not task_dir(out, k).exists()])
     after = AfterTasks(run, evaluated_tasks(out), on_task)
     try:
-        for k in range(cfg.data.num_tasks):
+        for k in range(len(scenario.tasks)):
             if not task_dir(out, k).exists():
                 after.collect(upto=k - 2)  # at most one task's work behind; an error of it raises here
                 run.train(k)
@@ -115,6 +131,61 @@ def _run_tasks(
     finally:
         after.stop()
     return out / "metrics.parquet"
+
+
+EVAL_NET = "eval_net.pt"  # OUT's evaluation network: every task of the run, appended ones too, is scored by it
+
+
+def run_evaluator(
+    cfg: RunConfig, out: Path, dataset, scenario: Scenario, device: torch.device, progress: bool
+) -> Evaluator:
+    """The evaluator of the run in OUT, whose network is OUT/eval_net.pt: at the run's start the cached network of
+    its data (distcl.eval_net), copied there; an append keeps it while it knows every class, else trains it anew
+    on OUT's records of the trained classes (distcl.evalstore) and the new data (distcl.learn)."""
+    saved = out / EVAL_NET
+    cache = cache_dir(cfg.cache_dir)
+    if not saved.is_file():
+        first = Evaluator(cfg.eval, dataset, scenario.sample_size, cache, device, progress)
+        net = torch.load(first.classifier_file, map_location="cpu")
+        save_atomically({**net, "classes": dataset.class_names}, saved)
+    elif torch.load(saved, map_location="cpu")["arch"]["num_classes"] < scenario.num_classes:
+        retrain_eval_net(cfg, out, scenario, device, progress)
+    return Evaluator(cfg.eval, dataset, scenario.sample_size, cache, device, progress, saved=saved)
+
+
+def retrain_eval_net(cfg: RunConfig, out: Path, scenario: Scenario, device: torch.device, progress: bool) -> None:
+    """OUT/eval_net.pt trained anew for the scenario's classes: the trained classes' floor reserves and test images
+    (OUT's records) with the new classes' training and test images."""
+    trained = [c for t in scenario.tasks for c in t if record_path(out, c).is_file()]
+    new = [c for t in scenario.tasks for c in t if c not in trained]
+    old_train, old_test = floor_reference(out, trained), test_split(out, trained)
+    fresh_train, fresh_test = select(scenario.train, new, None), select(scenario.test, new, None)
+    train = Split(torch.cat([old_train.images, fresh_train.images]), torch.cat([old_train.labels, fresh_train.labels]))
+    test = Split(torch.cat([old_test.images, fresh_test.images]), torch.cat([old_test.labels, fresh_test.labels]))
+    net, accuracy = train_eval_net(
+        train, test, scenario.num_classes, cfg.eval.classifier_epochs, device, scenario.sample_size, progress=progress
+    )
+    state = {k: v.cpu() for k, v in net.state_dict().items()}
+    saved = {"state_dict": state, "arch": net.arch, "test_accuracy": accuracy, "classes": scenario.class_names}
+    save_atomically(saved, out / EVAL_NET)
+
+
+def save_atomically(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def record_task_configs(out: Path, cfg: RunConfig, tasks: range) -> None:
+    """OUT/task_configs/task_<k>.yaml of each appended task k; one left by an unfinished learn must be this config
+    (as far as results go: ConfigError naming the fields otherwise)."""
+    for k in tasks:
+        path = task_config_path(out, k)
+        if path.is_file():
+            check_same_results(from_dict(RunConfig, yaml.safe_load(path.read_text())), cfg, f"task {k} in {out}")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 class AfterTasks:
@@ -157,7 +228,7 @@ class AfterTasks:
             self.report(k)
 
     def finish(self) -> None:
-        self.collect(upto=self.run.cfg.data.num_tasks)
+        self.collect(upto=len(self.run.scenario.tasks))
 
     def stop(self) -> None:
         """No saving from now on; the work in flight is abandoned (the backend's close ends its remote calls)."""
@@ -217,11 +288,12 @@ class ContinualRun:
         append_rows(out / "train_log.parquet", rows, k)
         save_checkpoint(student, scheduler, task_dir(out, k))
         self.trained += 1
-        left = time_left(time.perf_counter() - self.began, self.trained, cfg.data.num_tasks - k - 1)
+        num_tasks = len(self.scenario.tasks)
+        left = time_left(time.perf_counter() - self.began, self.trained, num_tasks - k - 1)
         self.log(
             f"[distcl] task {k} {self.scenario.tasks[k]}: trained {rows[-1]['step'] + 1} steps in "
             f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}; "
-            f"run: {k + 1}/{cfg.data.num_tasks} tasks trained, {left}"
+            f"run: {k + 1}/{num_tasks} tasks trained, {left}"
         )
 
     def train_classifier(self, k: int) -> None:
@@ -249,9 +321,12 @@ class ContinualRun:
         )
 
     def evaluate(self, k: int) -> None:
-        """Metrics of the model after task k on the test classes seen so far (and of the continual classifier)."""
+        """Metrics of the model after task k on the test classes seen so far (and of the continual classifier), from
+        OUT's records of those classes (distcl.evalstore), written for the classes that have none."""
         cfg, out, start = self.cfg, self.out, time.perf_counter()
-        test = self.scenario.test_split(k)
+        seen = self.scenario.seen_classes(k)
+        ensure_records(out, self.scenario, seen, cfg.seed, cfg.eval.num_samples)  # OUT keeps what it needs
+        test = test_split(out, seen)
         state = load_unet(task_dir(out, k), cfg.model, channels=cfg.data.image_channels).state_dict()
         solver = load_classifier(out, k) if cfg.classifier.enabled else None
         job = self.evaluator.job(k, cfg.seed, cfg.model, state, test, self.scenario.sample_size, solver)
@@ -259,12 +334,9 @@ class ContinualRun:
         metrics, grid = metrics_from_chunks(results, test.labels, self.scenario.num_classes)
         if cfg.classifier.enabled:
             metrics.update(classifier_metrics(self.scenario, k, out, test.labels, solver_predictions(results)))
-        rows = [
-            {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k, "metric": m, "value": v}
-            for m, v in metrics.items()
-        ]
-        seen = select(self.scenario.train, self.scenario.seen_classes(k), None)
-        floor = self.evaluator.real_data(seen, test, self.scenario.sample_size, cfg.seed, k)
+        run_row = {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k}
+        rows = [{**run_row, "metric": m, "value": v, "evaluator": self.evaluator.net_id} for m, v in metrics.items()]
+        floor = self.evaluator.real_data(floor_reference(out, seen), test, self.scenario.sample_size, cfg.seed, k)
         floor_rows = [{**r, "strategy": REAL_DATA, "value": floor[r["metric"]]} for r in rows if r["metric"] in floor]
         with self.saving():
             save_grid(grid, out / "samples" / f"task_{k}.png")
@@ -280,7 +352,7 @@ def classifier_metrics(
     scenario: Scenario, k: int, out: Path, labels: torch.Tensor, predicted: torch.Tensor
 ) -> dict[str, float]:
     """From the continual classifier's ``predicted`` labels of the test images of every class seen so far (true
-    ``labels``: ``scenario.test_split(k)``'s, in order; the evaluation workers predict them): ``accuracy`` on
+    ``labels``: distcl.evalstore.test_split's, in order; the evaluation workers predict them): ``accuracy`` on
     them, ``forgetting`` (distcl.solver.forgetting) and ``accuracy_task<j>`` (on task j's classes) for j <= k;
     earlier tasks' values come from metrics.parquet."""
 

@@ -4,6 +4,7 @@ are distcl.eval_net's (Inception for FID when its weights are on disk)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
 from dataclasses import dataclass
@@ -283,14 +284,33 @@ class Evaluator:
     """FID / KLD / TV of a generator against the test images of the classes seen so far. The driver's side:
     it chooses the nets and makes each task's :class:`EvalJob`; any backend runs the job's chunks."""
 
-    def __init__(self, eval_cfg, dataset: Dataset, size: int, cache: Path, device: torch.device, progress: bool = True):
+    def __init__(
+        self,
+        eval_cfg,
+        dataset: Dataset,
+        size: int,
+        cache: Path,
+        device: torch.device,
+        progress: bool = True,
+        saved: Optional[Path] = None,
+    ):
+        """The evaluation network is the cached one of ``dataset`` (distcl.eval_net), or the one ``saved`` (a run's
+        own: OUT/eval_net.pt, which appended tasks keep using)."""
         self.cfg = eval_cfg
         self.device = device
         self.progress = progress
         self.dataset = {"source": dataset.source, "fingerprint": dataset.fingerprint(), "classes": dataset.class_names}
-        classifier, self.classifier_accuracy, classifier_path = load_or_train_classifier(
-            cache, dataset, eval_cfg.classifier_epochs, device, size, progress
-        )
+        if saved is None:
+            classifier, self.classifier_accuracy, classifier_path = load_or_train_classifier(
+                cache, dataset, eval_cfg.classifier_epochs, device, size, progress
+            )
+        else:
+            loaded = torch.load(saved, map_location="cpu")
+            classifier, self.classifier_accuracy = load_eval_classifier(loaded).to(device), loaded["test_accuracy"]
+            classifier_path = saved
+            self.dataset["classes"] = loaded.get("classes", self.dataset["classes"])
+        self.classifier_file = Path(classifier_path)
+        self.net_id = hashlib.sha256(self.classifier_file.read_bytes()).hexdigest()[:12]
         inception = inception_weights(cache)
         if eval_cfg.feature_extractor == "inception" and inception is None:
             raise FileNotFoundError(
@@ -347,6 +367,7 @@ class Evaluator:
         return {
             "feature_extractor": self.nets.extractor,
             "classifier_test_accuracy": self.classifier_accuracy,  # at the model's size (classifier.size)
+            "classifier_id": self.net_id,  # the metrics rows' ``evaluator``
             "classifier": self.nets.classifier["arch"],
             "dataset": self.dataset,
         }

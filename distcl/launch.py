@@ -10,11 +10,13 @@ from typing import Callable, Optional
 from distcl.config import DataConfig, RunConfig, RuntimeConfig, apply_overrides
 from distcl.console import run_log
 from distcl.continual import run_continual
-from distcl.data import load_dataset, to_model_range
+from distcl.data import DataError, load_dataset, to_model_range
 from distcl.devices import resolve_device
 from distcl.distill import METHODS, distill, fit_inline
-from distcl.models import load_pipeline_parts
-from distcl.settings import from_dict
+from distcl.learn import append_scenario, learn_config
+from distcl.models import build_unet, load_pipeline_parts
+from distcl.rundir import check_free
+from distcl.settings import ConfigError, from_dict
 
 
 def run(
@@ -24,11 +26,12 @@ def run(
     log: Callable[[str], None] = print,
     on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
     parent_run: Optional[str] = None,
+    append: bool = False,
 ) -> Path:
     """Run ``cfg`` on its ``runtime.backend``: Ray (distcl.runtime.pipeline) or this process
     (distcl.continual.run_continual); the metrics table's path. The console's lines also go to OUT/run.log; with
     ``tracking.mlflow``, each task is logged to the run's MLflow run (a child of ``parent_run``) when it is
-    evaluated (distcl.tracking)."""
+    evaluated (distcl.tracking). With ``append``, ``cfg`` adds task(s) to the run in OUT (:func:`learn`)."""
     with run_log(out, f"{cfg.name} ({cfg.runtime.backend})"):
         tracker = None
         if cfg.tracking.mlflow is not None:
@@ -50,9 +53,9 @@ def run(
             if cfg.runtime.backend == "ray":
                 from distcl.runtime.pipeline import run as run_on_ray  # Ray is imported only when asked for
 
-                metrics = run_on_ray(cfg, out, progress=progress, log=log, on_task=after_task, on_start=start)
+                metrics = run_on_ray(cfg, out, progress, log, after_task, start, append)
             else:
-                metrics = run_continual(cfg, out, progress=progress, log=log, on_task=after_task, on_start=start)
+                metrics = run_continual(cfg, out, None, progress, log, after_task, start, append)
         except BaseException as err:
             if tracker is not None:
                 tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -60,6 +63,22 @@ def run(
         if tracker is not None:
             tracker.end("FINISHED")
         return metrics
+
+
+def learn(out: Path, data_dir: Optional[str], overrides: list[str], progress: bool = True) -> Path:
+    """``distcl learn``: the classes in ``data_dir`` appended to the run in ``out`` as its next task(s)
+    (distcl.learn), on the backend its config asks for. Bad input (a kept field changed, NEW missing, empty or
+    unreadable, a class trained already, OUT not a run or in use) is refused before OUT is touched."""
+    out = Path(out).resolve()
+    cfg = learn_config(out, data_dir, overrides)
+    check_free(out)
+    size = build_unet(cfg.model, cfg.data.image_channels).config.sample_size
+    try:
+        dataset = load_dataset(cfg.data, cfg.cache_dir, size)
+    except DataError as err:
+        raise ConfigError("--data-dir", str(err)) from None
+    append_scenario(out, cfg, dataset, size)  # its refusals, before the run writes anything
+    return run(cfg, out, progress, append=True)
 
 
 def distill_teacher(

@@ -118,23 +118,42 @@ def out_lock(out: Path) -> Iterator[None]:
         lock.close()
 
 
+def check_free(out: Path) -> None:
+    """Refuse (ConfigError on ``--out``, naming the holder) an OUT that a running driver holds, writing nothing."""
+    path = Path(out) / ".lock"
+    if not path.is_file():
+        return
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(
+                "--out", f"{out} is in use by another distcl run ({holder}); wait for it to end"
+            ) from None
+
+
 def prepare_out(cfg: RunConfig, out: Path) -> None:
     """Create OUT and write config.yaml; refuse an OUT that holds a run of another config. The runtime layout
     may change between resumes, except the number of Train workers (it shards data and replay)."""
-    resolved = cfg.to_dict()
     config_path = out / "config.yaml"
     if config_path.exists():  # read through RunConfig: fields added since the run was made take their defaults
-        previous = _results_config(from_dict(RunConfig, yaml.safe_load(config_path.read_text())).to_dict())
-        if previous != _results_config(resolved):
-            changed = sorted(_diff(previous, _results_config(resolved)))
-            raise ConfigError(
-                "--out",
-                f"{out} holds a run with another config (differs in {', '.join(changed)}); "
-                "use another --out or the same config to resume",
-            )
+        check_same_results(from_dict(RunConfig, yaml.safe_load(config_path.read_text())), cfg, out)
         return
     out.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def check_same_results(previous: RunConfig, cfg: RunConfig, holder) -> None:
+    """Refuse (ConfigError on ``--out``, naming the fields) a config whose results would differ from those of
+    ``previous``, the config ``holder`` was started with."""
+    before, now = _results_config(previous.to_dict()), _results_config(cfg.to_dict())
+    if before != now:
+        raise ConfigError(
+            "--out",
+            f"{holder} holds a run with another config (differs in {', '.join(sorted(_diff(before, now)))}); "
+            "use another --out or the same config to resume",
+        )
 
 
 def _results_config(resolved: dict) -> dict:

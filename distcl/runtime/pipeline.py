@@ -205,15 +205,16 @@ def run(
     log: Callable[[str], None] = print,
     on_task: Optional[Callable[[int, dict[str, float]], None]] = None,
     on_start: Optional[Callable[[], None]] = None,
+    append: bool = False,
 ) -> Path:
-    """``distcl run`` on Ray (arguments as distcl.continual.run_continual)."""
+    """``distcl run`` and ``distcl learn`` on Ray (arguments as distcl.continual.run_continual)."""
     cfg = connect(cfg)
     check_layout(cfg)
     out = Path(out).resolve()
     with out_lock(out):  # before the Train workers write into OUT/ray_train
         backend = RayBackend(cfg, out, log)
         try:
-            metrics = run_continual(cfg, out, backend, progress=progress, log=log, on_task=on_task, on_start=on_start)
+            metrics = run_continual(cfg, out, backend, progress, log, on_task, on_start, append)
         finally:
             backend.close()
         shutil.rmtree(out / "ray_train", ignore_errors=True)  # every task is saved: its checkpoints are not needed
