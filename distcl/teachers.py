@@ -6,13 +6,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+from diffusers import UNet2DModel
 
 from distcl.config import FAST_SAMPLER_STRATEGIES, PIDConfig, ProgressiveConfig, RunConfig
 from distcl.distill import Fit, distill, fast_sampler
-from distcl.models import build_scheduler, load_unet, require_checkpoint
+from distcl.models import build_scheduler, build_unet, load_unet, require_checkpoint
 from distcl.progressive import stage_dir
 from distcl.replay import Teacher
 from distcl.rundir import replay_sampler_dir
@@ -47,18 +48,32 @@ def distill_replay_sampler(
     ]
 
 
+def teacher_of(cfg: RunConfig, unet: UNet2DModel, sampler: Optional[Callable] = None) -> Teacher:
+    """``unet``, frozen, as ``cfg``'s teacher: its DDIM replay settings, partial generation's t' and the run's
+    precision (every teacher is built here: the replay's, LwF's, inline or on Ray)."""
+    t = cfg.train
+    frozen = unet.eval().requires_grad_(False)
+    return Teacher(
+        frozen, build_scheduler(cfg.model), t.teacher_steps, t.teacher_eta, sampler, cfg.runtime.precision, t.partial_t
+    )
+
+
+def lwf_teacher(cfg: RunConfig, state: dict[str, torch.Tensor], device: torch.device | str) -> Teacher:
+    """LwF's teacher from the weights ``state`` of the model after task k-1 (a Train worker's starting weights)."""
+    unet = build_unet(cfg.model, cfg.data.image_channels)
+    unet.load_state_dict(state)
+    return teacher_of(cfg, unet.to(device))
+
+
 def load_teacher(cfg: RunConfig, teacher_dir: Path, device: torch.device | str) -> Teacher:
     """The frozen teacher saved at ``teacher_dir`` with its replay settings, and its fast sampler when
     ``replay_sampler.method`` asks for one (distilled beforehand by ``distill_replay_sampler``)."""
-    unet = load_unet(teacher_dir, cfg.model, device, cfg.data.image_channels).eval().requires_grad_(False)
+    unet = load_unet(teacher_dir, cfg.model, device, cfg.data.image_channels)
     sampler = None
     if uses_fast_sampler(cfg):
         rs = cfg.replay_sampler
         sampler = fast_sampler(rs.method, replay_sampler_dir(teacher_dir), device, rs.steps)
-    t = cfg.train
-    return Teacher(
-        unet, build_scheduler(cfg.model), t.teacher_steps, t.teacher_eta, sampler, cfg.runtime.precision, t.partial_t
-    )
+    return teacher_of(cfg, unet, sampler)
 
 
 @dataclass(frozen=True)

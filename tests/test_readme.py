@@ -11,7 +11,12 @@ import pytest
 from distcl.cli import build_parser
 from tests.readme import README, ROOT, bash_blocks
 
-JOBS = {"jobs/train_cl.py": "run", "jobs/sweep.py": "tune", "jobs/distill.py": "distill"}  # entrypoint -> command
+JOBS = {  # entrypoint -> command
+    "jobs/train_cl.py": "run",
+    "jobs/learn.py": "learn",
+    "jobs/sweep.py": "tune",
+    "jobs/distill.py": "distill",
+}
 
 
 def commands(block: str) -> list[list[str]]:

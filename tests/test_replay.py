@@ -1,8 +1,11 @@
 import pytest
 import torch
 
+from distcl.config import load_config
 from distcl.diffusion import add_noise, ddim_sample, ddim_to, sampling_timesteps
+from distcl.models import build_scheduler, build_unet, save_checkpoint, seeded_init
 from distcl.replay import Teacher, make_replay, replay_on_data
+from distcl.teachers import load_teacher, lwf_teacher
 
 N = 6
 
@@ -140,3 +143,18 @@ def test_a_bf16_teacher_makes_fp32_replay_close_to_the_fp32_one(unet, scheduler,
     assert torch.equal(half.timesteps, full.timesteps)
     assert not torch.equal(half.targets, full.targets)  # the teacher really ran in bfloat16
     assert torch.allclose(half.targets, full.targets, atol=0.1)
+
+
+def test_lwf_teachers_take_the_runs_precision_inline_and_on_ray(tmp_path):
+    """Ray's LwF teacher (from the Train worker's starting weights) and the inline one (from OUT/task_<k-1>) are
+    the same teacher: under bf16 both run their forwards in bfloat16 (Ray's used to stay fp32)."""
+    cfg = load_config(preset="smoke", overrides=["train.strategy=lwf", "runtime.precision=bf16"])
+    with seeded_init(0):
+        unet = build_unet(cfg.model, cfg.data.image_channels)
+    save_checkpoint(unet, build_scheduler(cfg.model), tmp_path / "task_0")
+    on_ray, inline = lwf_teacher(cfg, unet.state_dict(), "cpu"), load_teacher(cfg, tmp_path / "task_0", "cpu")
+    assert on_ray.precision == inline.precision == "bf16"
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    assert torch.equal(on_ray.eps(x, t), inline.eps(x, t))
+    fp32 = lwf_teacher(load_config(preset="smoke", overrides=["train.strategy=lwf"]), unet.state_dict(), "cpu")
+    assert not torch.equal(fp32.eps(x, t), on_ray.eps(x, t))  # bf16 targets are not the fp32 ones

@@ -11,11 +11,11 @@ import ray
 from distcl.config import RunConfig
 from distcl.data import DataStream
 from distcl.models import build_scheduler, build_unet
-from distcl.replay import Teacher
 from distcl.runtime.samplers import RemoteReplay
 from distcl.runtime.stream import ShardStream, dataset_name
 from distcl.runtime.workers import OptimisationItem, WorkItem
 from distcl.seeding import noise_seed
+from distcl.teachers import lwf_teacher
 from distcl.training import make_optimizer, steps_per_task, train_task
 
 
@@ -39,12 +39,7 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
         shard = ray.train.get_dataset_shard(dataset_name(k))
         data = ShardStream(shard, count, per_worker, student.config.sample_size, cfg.seed, k, rank, world)
     steps = steps_per_task(count, cfg.train)
-    lwf_teacher = None
-    if cfg.train.strategy == "lwf" and k > 0:
-        frozen = build_unet(cfg.model, cfg.data.image_channels)
-        frozen.load_state_dict(init)
-        frozen = frozen.to(device).eval().requires_grad_(False)
-        lwf_teacher = Teacher(frozen, build_scheduler(cfg.model), cfg.train.teacher_steps, cfg.train.teacher_eta)
+    teacher = lwf_teacher(cfg, init, device) if cfg.train.strategy == "lwf" and k > 0 else None
     replay = None
     if config["samplers"]:
         rt = cfg.runtime
@@ -71,7 +66,7 @@ def train_task_item(config: dict, item: WorkItem) -> dict:
             noise_seed=noise_seed(cfg.seed, k, rank),
             device=device,
             ema=ema,
-            lwf_teacher=lwf_teacher,
+            lwf_teacher=teacher,
             start_step=start,
             on_step=on_step,
             progress=False,
