@@ -6,6 +6,7 @@
     distcl report OUT
     distcl tune SWEEP.yaml --out DIR [--mlflow [URI]]   a Ray Tune sweep (tuning/*.yaml); --resume DIR continues one
     distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...] [--workers W] [--inline]
+                   [--mlflow [URI]]
     distcl sample --model DIR --out grid.png [--num 100] [--steps 10] [--device auto]
     distcl cluster local [cluster.yaml] [--idle-timeout-s 15] [--max-node-cpus C] [--max-nodes-per-type N]
                                           a local autoscaling twin of a cluster file
@@ -39,6 +40,10 @@ def add_mlflow_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_set_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distcl", description="Continual training of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,14 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML/JSON config file (fields of distcl.config.RunConfig)")
     run.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset config")
     run.add_argument("--out", help="output directory (default: runs/<name>); rerun to resume")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. --set train.replay_lambda=1.0 (repeatable)",
-    )
+    add_set_flag(run, "override a field, e.g. --set train.replay_lambda=1.0 (repeatable)")
     run.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (searched first)")
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     run.add_argument("--inline", action="store_true", help="no Ray: one process, replay made on the trainer")
@@ -62,14 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn = sub.add_parser("learn", help="append new classes to a run as its next task(s), the old data gone")
     learn.add_argument("out", metavar="OUT", help="the run's directory (a distcl run --out)")
     learn.add_argument("--data-dir", help="the new data: an image folder of new classes (or the standard set's files)")
-    learn.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="e.g. --set 'data.tasks=[[Bag, Sandal]]' or --set train.lr=5e-4 (repeatable; see distcl.learn)",
-    )
+    add_set_flag(learn, "e.g. --set 'data.tasks=[[Bag, Sandal]]' or --set train.lr=5e-4 (repeatable; see distcl.learn)")
     learn.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     learn.add_argument("--inline", action="store_true", help="no Ray: one process")
     learn.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -97,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser_m = methods.add_parser(method, help=help_text)
         parser_m.add_argument("--teacher", required=True, help="a task_<k>/ checkpoint (DDIMPipeline folder)")
         parser_m.add_argument("--out", required=True, help="output directory (resumable)")
-        parser_m.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=f"a field of {settings}"
-        )
+        add_set_flag(parser_m, f"a field of {settings}")
         parser_m.add_argument("--workers", type=int, default=1, help="Ray Train workers (batch_size splits among them)")
         parser_m.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
         parser_m.add_argument("--inline", action="store_true", help="no Ray: train in this process")
@@ -107,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser_m.add_argument(
             "--no-progress", action="store_true", help="no progress bars (the default off a terminal)"
         )
+        add_mlflow_flag(parser_m)
         if method == "progressive":
             parser_m.add_argument("--data-dir", help="Fashion-MNIST files (with --set data=fmnist)")
     sample = sub.add_parser("sample", help="sample a checkpoint: a task_<k>/ or PD stage (DDIM), or a PID student")
@@ -247,6 +237,7 @@ def _distill(args) -> int:
             runtime,
             getattr(args, "data_dir", None),
             _progress(args),
+            tracking_uri(args.mlflow),
         )
         print(f"[distcl] done: {', '.join(map(str, saved))}")
         return 0

@@ -431,7 +431,7 @@ def load_config(
     merged: dict[str, Any] = {}
     if preset is not None:
         check_field(preset in PRESETS, "preset", f"{preset!r} (allowed: {', '.join(PRESETS)})")
-        _deep_update(merged, copy.deepcopy(PRESETS[preset]))
+        deep_update(merged, copy.deepcopy(PRESETS[preset]))
     if path is not None:
         path = Path(path)
         check_field(path.is_file(), "config", f"file {str(path)!r} does not exist")
@@ -442,7 +442,7 @@ def load_config(
         check_field(
             isinstance(loaded, dict), "config", f"{path} must hold a mapping of fields, not {type(loaded).__name__}"
         )
-        _deep_update(merged, upgraded(loaded))
+        deep_update(merged, upgraded(loaded))
     apply_overrides(merged, overrides or [])
     return absolute_paths(from_dict(RunConfig, merged))
 
@@ -482,9 +482,10 @@ def apply_overrides(merged: dict[str, Any], overrides: list[str]) -> dict[str, A
     return merged
 
 
-def _deep_update(base: dict, extra: dict) -> None:
+def deep_update(base: dict, extra: dict) -> None:
+    """``extra``'s fields set in the nested mapping ``base``, section by section, in place."""
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
+            deep_update(base[key], value)
         else:
             base[key] = value

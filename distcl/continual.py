@@ -293,7 +293,7 @@ class ContinualRun:
         self.log(
             f"[distcl] task {k} {self.scenario.tasks[k]}: trained {rows[-1]['step'] + 1} steps in "
             f"{time.perf_counter() - start:.1f}s, last loss {rows[-1]['loss']:.4f}; "
-            f"run: {k + 1}/{num_tasks} tasks trained, {left}"
+            f"run: {k + 1}/{num_tasks} tasks, {left}"
         )
 
     def train_classifier(self, k: int) -> None:

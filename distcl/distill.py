@@ -93,10 +93,11 @@ def distill(
     images: Optional[torch.Tensor] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_unit: Optional[Callable[[UnitSpec, list[dict]], None]] = None,
 ) -> list[Path]:
     """Distil the eps teacher at ``teacher`` by ``method`` into ``out``; returns the outputs (PD: one per stage).
     Units already done are skipped (resume); OUT/distill.json records the settings, and an OUT that holds a
-    distillation with other settings is refused."""
+    distillation with other settings is refused. ``on_unit(spec, rows)`` follows each unit trained and saved."""
     if method not in METHODS:
         raise ConfigError("method", f"{method!r} (allowed: {', '.join(METHODS)})")
     if method == "progressive" and cfg.data == "fmnist" and images is None:
@@ -122,6 +123,8 @@ def distill(
             f"[distcl] {method} {spec.name}: {unit.iterations} iterations, last loss {rows[-1]['loss']:.4f} "
             f"-> {spec.output}"
         )
+        if on_unit is not None:
+            on_unit(spec, rows)
     return [spec.output for spec in specs]
 
 

@@ -32,6 +32,7 @@ def run(
     (distcl.continual.run_continual); the metrics table's path. The console's lines also go to OUT/run.log; with
     ``tracking.mlflow``, each task is logged to the run's MLflow run (a child of ``parent_run``) when it is
     evaluated (distcl.tracking). With ``append``, ``cfg`` adds task(s) to the run in OUT (:func:`learn`)."""
+    check_free(out)  # a second driver is refused before it writes a line into OUT/run.log
     with run_log(out, f"{cfg.name} ({cfg.runtime.backend})"):
         tracker = None
         if cfg.tracking.mlflow is not None:
@@ -91,10 +92,12 @@ def distill_teacher(
     runtime: Optional[RuntimeConfig] = None,
     data_dir: Optional[str] = None,
     progress: bool = True,
+    mlflow: Optional[str] = None,
 ) -> list[Path]:
     """``distcl distill``: the ``method`` settings from ``key=value`` overrides, trained in this process on
     ``device`` (``inline``) or on Ray Train with ``runtime``'s layout; progressive with ``data=fmnist`` on the
-    training images at the teacher's size. The outputs (PD: one per stage)."""
+    training images at the teacher's size; tracked in MLflow at ``mlflow`` (a URI). The outputs (PD: one per
+    stage)."""
     cfg = from_dict(METHODS[method], apply_overrides({}, overrides))
     if inline:
         fit = partial(fit_inline, device=resolve_device(device))
@@ -108,7 +111,23 @@ def distill_teacher(
         unet = load_pipeline_parts(Path(teacher))[0]
         data = DataConfig(data_dir=data_dir, channels=unet.config.in_channels)
         images = to_model_range(load_dataset(data, None, unet.config.sample_size).train.images, unet.config.sample_size)
+    tracker = None
+    if mlflow is not None:
+        from dataclasses import asdict
+
+        from distcl.tracking import DistillTracker  # mlflow is imported only when asked for
+
+        tracker = DistillTracker(mlflow, method, Path(out), {"method": method, "teacher": str(teacher), **asdict(cfg)})
     try:
-        return distill(method, Path(teacher), Path(out), cfg, fit, images, progress=progress)
+        saved = distill(
+            method, Path(teacher), Path(out), cfg, fit, images, progress, on_unit=tracker and tracker.unit_done
+        )
+        if tracker is not None:
+            tracker.tracking.end("FINISHED")
+        return saved
+    except BaseException:
+        if tracker is not None:
+            tracker.tracking.end("FAILED")
+        raise
     finally:
         getattr(fit, "close", lambda: None)()  # the Ray fit's worker group

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import yaml
 
-from distcl.config import RunConfig, absolute_paths, apply_overrides
+from distcl.config import RunConfig, absolute_paths, apply_overrides, deep_update
 from distcl.data import Dataset, Files, Scenario, Split, list_image_folder, resolve_tasks, select
 from distcl.rundir import task_dir
 from distcl.settings import ConfigError, from_dict
@@ -70,7 +70,7 @@ def learn_config(out: Path, data_dir: Optional[str], overrides: list[str]) -> Ru
     if not ((out / "config.yaml").is_file() and (out / "tasks.json").is_file() and trained_tasks(out) > 0):
         raise ConfigError("OUT", f"{out} is not a distcl run with a trained task (allowed: a --out of distcl run)")
     base = RunConfig().to_dict()
-    _deep_merge(base, newest_config(out))
+    deep_update(base, newest_config(out))
     merged = copy.deepcopy(base)
     merged["data"].update({"tasks": None, "num_tasks": None, "data_dir": data_dir})
     apply_overrides(merged, overrides)
@@ -100,14 +100,6 @@ def check_field_folder(cfg: RunConfig) -> None:
     if cfg.data.data_dir is None:
         raise ConfigError("--data-dir", "missing: an append to an image-folder run reads its new classes from one")
     list_image_folder(Path(cfg.data.data_dir), cfg.data.test_fraction)  # missing, empty: ConfigError
-
-
-def _deep_merge(into: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
 
 
 def append_scenario(out: Path, cfg: RunConfig, dataset: Dataset, sample_size: int) -> Scenario:

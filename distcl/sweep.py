@@ -136,7 +136,7 @@ class SweepConfig:
 
     def trial_config(self, values: dict[str, Any], name: Optional[str] = None) -> RunConfig:
         """The run config of the trial with ``values`` (dotted field -> value) on top of preset, config, base."""
-        overrides = [f"{key}={json.dumps(value)}" for key, value in _flatten(self.base).items()]
+        overrides = [f"{key}={json.dumps(value)}" for key, value in flatten(self.base).items()]
         overrides += [f"{key}={json.dumps(value)}" for key, value in values.items()]
         if name is not None:
             overrides.append(f"name={json.dumps(name)}")
@@ -169,11 +169,12 @@ def load_sweep(path: str | Path) -> SweepConfig:
     return sweep
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"section.field": value}."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

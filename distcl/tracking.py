@@ -23,21 +23,16 @@ import pandas as pd
 
 from distcl.rundir import TRACKING_FILE
 from distcl.settings import ConfigError
+from distcl.sweep import flatten
 
 CURVES = ("loss", "loss_data", "loss_replay", "grad_norm", "step_s", "replay_wait_s")
 # a server that does not answer fails the start in seconds, not after MLflow's minutes of retries
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
-def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
+def flat_params(config: dict) -> dict[str, str]:
     """A nested config as MLflow parameters: {"train.lr": "0.001", ...} (values at most 6000 characters)."""
-    params = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            params.update(flat_params(value, f"{prefix}{key}."))
-        else:
-            params[f"{prefix}{key}"] = str(value)[:6000]
-    return params
+    return {key: str(value)[:6000] for key, value in flatten(config).items()}
 
 
 def mlflow_client(uri: str):
@@ -230,7 +225,7 @@ class SweepTracker:
 
         uri = sweep.trial_config({}).tracking.mlflow
         state = _state(out)
-        params = {f"sweep.{k}": str(v)[:6000] for k, v in sweep.params.items()}
+        params = flat_params({"sweep": sweep.params})
         tags = {"distcl.sweep": sweep.name, "distcl.machine": describe_host(), "distcl.out": str(Path(out).resolve())}
         self.experiment = sweep.trial_config({}).tracking.experiment or sweep.name
         run_id = state.get("run_id") if state.get("uri") == uri else None
@@ -243,3 +238,34 @@ class SweepTracker:
     @property
     def run_id(self) -> str:
         return self.tracking.run_id
+
+
+class DistillTracker:
+    """A distillation (``distcl distill --mlflow``) as one MLflow run: its settings as parameters, each unit's loss
+    curve (``<unit>/loss``, step = the unit's step) when the unit is saved; continued on resume (OUT/tracking.json),
+    no unit logged twice."""
+
+    def __init__(self, uri: str, method: str, out: Path, settings: dict, log: Callable[[str], None] = print):
+        from distcl.devices import describe_host
+
+        self.out, self.uri = Path(out), uri
+        state = _state(self.out) if self.out.is_dir() else {}
+        same = state.get("uri") == uri
+        self.logged = set(state.get("units", [])) if same else set()
+        tags = {"distcl.distill": method, "distcl.machine": describe_host(), "distcl.out": str(self.out.resolve())}
+        client = usable(uri, lambda: mlflow_client(uri))
+        run_id = state.get("run_id") if same else None
+        self.tracking = usable(
+            uri, lambda: start_run(client, "distill", self.out.name, flat_params(settings), tags, run_id, None, log)
+        )
+
+    def unit_done(self, spec, rows: list[dict]) -> None:
+        if spec.name not in self.logged:
+            self.tracking.guarded(spec.name, lambda: self._log_unit(spec.name, rows))
+
+    def _log_unit(self, name: str, rows: list[dict]) -> None:
+        for row in rows:
+            self.tracking.metrics({f"{name}/loss": row["loss"]}, step=int(row["step"]))
+        self.logged.add(name)
+        state = {"uri": self.uri, "run_id": self.tracking.run_id, "units": sorted(self.logged)}
+        _save_state(self.out, state)

@@ -1,7 +1,8 @@
 """Runs tracked in MLflow, read back with MLflow's own client: the same metrics as metrics.parquet (and their
 floor), the training curves, the samples and plots; a resumed run continues its MLflow run and logs nothing twice;
 a store that cannot be used stops the run before it writes anything; one that fails mid-run stops only the
-tracking; with tracking off, nothing imports mlflow. (A sweep's parent and child runs: tests/test_tune.py.)"""
+tracking; with tracking off, nothing imports mlflow; a distillation is a run of its own. (A sweep's parent and
+child runs: tests/test_tune.py.)"""
 
 import json
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from distcl.cli import main
-from distcl.config import load_config, tracking_uri
+from distcl.config import ModelConfig, load_config, tracking_uri
 from distcl.launch import run
+from distcl.models import build_scheduler, save_checkpoint
 
 TINY = ["data.num_tasks=2", "train.max_steps=5", "eval.num_samples=40", "eval.steps=2"]
 ARGS = ["--preset", "smoke", "--inline", "--no-progress", *[a for o in TINY for a in ("--set", o)]]
@@ -105,3 +107,18 @@ def test_with_tracking_off_nothing_imports_mlflow(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_distillation_is_one_mlflow_run_with_each_units_loss_once(unet, tmp_path):
+    save_checkpoint(unet, build_scheduler(ModelConfig()), tmp_path / "teacher")
+    out, uri = tmp_path / "pd", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["distill", "progressive", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--inline"]
+    args += [a for o in ("start_steps=4", "target_steps=2", "iterations=3", "batch_size=4") for a in ("--set", o)]
+    assert main([*args, "--no-progress", "--mlflow", uri]) == 0
+    assert main([*args, "--no-progress", "--mlflow", uri]) == 0  # resumed: every unit done, nothing logged again
+    state = json.loads((out / "tracking.json").read_text())
+    client = MlflowClient(tracking_uri=uri)
+    mlrun = client.get_run(state["run_id"])
+    assert mlrun.info.status == "FINISHED" and mlrun.data.params["method"] == "progressive"
+    assert state["units"] == ["steps_2"] and mlrun.data.params["target_steps"] == "2"
+    assert [s for s, _ in history(client, state["run_id"], "steps_2/loss")] == [0, 1, 2]

@@ -53,8 +53,9 @@ SHORT = [
 ON_NODE_TYPES = ["runtime.worker_resource=trainer_slot", "runtime.sampler_resource=sampler_slot"]
 
 
-def wait_for(what: str, check, timeout_s: float = 240.0, every_s: float = 0.5):
-    """``check()``'s first truthy value, polled; fails naming ``what`` after ``timeout_s``."""
+def wait_for(what: str, check, timeout_s: float = 600.0, every_s: float = 0.5):
+    """``check()``'s first truthy value, polled; fails naming ``what`` after ``timeout_s`` (a bound on a stuck run,
+    generous: on 2 busy cores the job took 4 minutes to reach task 1)."""
     deadline = time.monotonic() + timeout_s
     while not (found := check()):
         assert time.monotonic() < deadline, f"no {what} within {timeout_s:g}s"
@@ -62,6 +63,7 @@ def wait_for(what: str, check, timeout_s: float = 240.0, every_s: float = 0.5):
     return found
 
 
+@pytest.mark.timeout(1200)
 def test_the_twin_scales_from_zero_survives_a_lost_sampler_node_and_trains_the_inline_run(tmp_path, capsys):
     folder = write_folder(tmp_path / "colours", per_class=10)
     short = [*SHORT, f"data.data_dir={folder}"]
