@@ -3,6 +3,7 @@
     distcl run [CONFIG] [--preset smoke|cpu|paper] [--out DIR] [--set key.sub=value ...] [--data-dir DIR]
                [--address RAY_ADDRESS] [--inline] [--mlflow [URI]]
     distcl learn OUT --data-dir NEW [--set key=value ...] [--inline]   NEW's classes as OUT's next task(s)
+    distcl learn OUT --watch INBOX [--poll-s 5]    each complete arrival in INBOX (a READY file) as the next task
     distcl report OUT
     distcl tune SWEEP.yaml --out DIR [--mlflow [URI]]   a Ray Tune sweep (tuning/*.yaml); --resume DIR continues one
     distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...] [--workers W] [--inline]
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_mlflow_flag(run)
     learn = sub.add_parser("learn", help="append new classes to a run as its next task(s), the old data gone")
     learn.add_argument("out", metavar="OUT", help="the run's directory (a distcl run --out)")
-    learn.add_argument("--data-dir", help="the new data: an image folder of new classes (or the standard set's files)")
+    new = learn.add_mutually_exclusive_group()
+    new.add_argument("--data-dir", help="the new data: an image folder of new classes (or the standard set's files)")
+    new.add_argument("--watch", metavar="INBOX", help="append each complete arrival in INBOX, and keep watching")
+    learn.add_argument("--poll-s", type=float, default=5.0, help="with --watch: seconds between looks (default 5)")
     add_set_flag(learn, "e.g. --set 'data.tasks=[[Bag, Sandal]]' or --set train.lr=5e-4 (repeatable; see distcl.learn)")
     learn.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     learn.add_argument("--inline", action="store_true", help="no Ray: one process")
@@ -194,8 +198,11 @@ def _run(args) -> int:
 
 def _learn(args) -> int:
     def work() -> int:
-        from distcl.launch import learn
+        from distcl.launch import learn, watch
 
+        if args.watch:
+            watch(Path(args.out), Path(args.watch), _face_overrides(args), _progress(args), args.poll_s)
+            return 0
         print(f"[distcl] done: {learn(Path(args.out), args.data_dir, _face_overrides(args), _progress(args))}")
         return 0
 

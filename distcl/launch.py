@@ -3,6 +3,7 @@ a Tune trial), so that the core (distcl.continual, distcl.distill) never imports
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,7 +14,15 @@ from distcl.continual import run_continual
 from distcl.data import DataError, load_dataset, to_model_range
 from distcl.devices import resolve_device
 from distcl.distill import METHODS, distill, fit_inline
-from distcl.learn import append_scenario, learn_config
+from distcl.learn import (
+    READY,
+    append_scenario,
+    learn_config,
+    learned,
+    ready_arrivals,
+    require_run,
+    trained_tasks,
+)
 from distcl.models import build_unet, load_pipeline_parts
 from distcl.rundir import check_free
 from distcl.settings import ConfigError, from_dict
@@ -80,6 +89,36 @@ def learn(out: Path, data_dir: Optional[str], overrides: list[str], progress: bo
         raise ConfigError("--data-dir", str(err)) from None
     append_scenario(out, cfg, dataset, size)  # its refusals, before the run writes anything
     return run(cfg, out, progress, append=True)
+
+
+def watch(out: Path, inbox: Path, overrides: list[str], progress: bool = True, poll_s: float = 5.0, log=print) -> None:
+    """``distcl learn OUT --watch INBOX``: each complete arrival in INBOX (distcl.learn.ready_arrivals) not learned
+    yet is appended as OUT's next task, in name order; an arrival refused (a class trained already, an unreadable
+    image) is said once and left; one line while it waits. Runs until stopped (Ctrl-C: the same command resumes)."""
+    out, inbox = Path(out).resolve(), Path(inbox).resolve()
+    if not inbox.is_dir():
+        raise ConfigError("--watch", f"{inbox} is not a directory (allowed: the inbox folder to watch)")
+    require_run(out)
+    refused: set[Path] = set()
+    waiting = False
+    while True:
+        todo = [a for a in ready_arrivals(inbox) if a not in refused and not learned(out, a)]
+        if not todo:
+            if not waiting:
+                log(
+                    f"[distcl] watching {inbox}: {trained_tasks(out)} tasks learned; waiting for an arrival "
+                    f"(a folder of class folders holding a {READY} file)"
+                )
+                waiting = True
+            time.sleep(poll_s)
+            continue
+        waiting = False
+        log(f"[distcl] arrival {todo[0].name}: learning its classes as the next task")
+        try:
+            learn(out, str(todo[0]), overrides, progress)
+        except ConfigError as err:
+            log(f"[distcl] arrival {todo[0].name} refused: {err}")
+            refused.add(todo[0])
 
 
 def distill_teacher(

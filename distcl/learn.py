@@ -9,6 +9,10 @@ What it may not: ``name``, ``seed``, ``model``, ``data.source``, ``data.channels
 metrics stay those of the run), nor ``train.strategy: joint`` (it trains on every earlier task's data). Each
 appended task's config is kept in OUT/task_configs/task_<k>.yaml (the first run's tasks: OUT/config.yaml).
 
+Watching an inbox (``distcl learn OUT --watch INBOX``): each arrival is a folder of class folders that holds a
+READY file once it is complete (write it last; a half-copied arrival is never read); it becomes the next task.
+An arrival whose classes OUT has learned is skipped, so a restarted watch trains no arrival twice.
+
 Classes are named: an image folder's new class folders get the next labels; a class already trained cannot come
 back as new (more images of a trained class are refused, naming it). A learn stopped mid-task is resumed by the
 same command: the task left unfinished is the one it trains, never a finished one.
@@ -30,6 +34,7 @@ from distcl.rundir import task_dir
 from distcl.settings import ConfigError, from_dict
 
 TASK_CONFIGS = "task_configs"
+READY = "READY"  # an arrival in a watched inbox is complete once it holds this file (written after every image)
 KEPT = ("name", "seed", "model", "data.source", "data.channels", "eval")  # what an append may not change
 
 
@@ -57,18 +62,35 @@ def newest_config(out: Path) -> dict:
     return yaml.safe_load((path if path.is_file() else Path(out) / "config.yaml").read_text())
 
 
+def ready_arrivals(inbox: Path) -> list[Path]:
+    """The arrivals in ``inbox`` (folders of class folders) that hold their READY file, by name: a folder still
+    being copied has none and is never read."""
+    return sorted(p for p in Path(inbox).iterdir() if p.is_dir() and (p / READY).is_file())
+
+
+def learned(out: Path, arrival: Path) -> bool:
+    """Every class folder of ``arrival`` is a class of one of OUT's trained tasks (it was appended before)."""
+    state = tasks_state(out)
+    trained = {name for names in state["classes"][: trained_tasks(out)] for name in names}
+    return {p.name for p in Path(arrival).iterdir() if p.is_dir()} <= trained
+
+
 def _get(tree: dict, dotted: str):
     for part in dotted.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
     return tree
 
 
+def require_run(out: Path) -> None:
+    if not ((out / "config.yaml").is_file() and (out / "tasks.json").is_file() and trained_tasks(out) > 0):
+        raise ConfigError("OUT", f"{out} is not a distcl run with a trained task (allowed: a --out of distcl run)")
+
+
 def learn_config(out: Path, data_dir: Optional[str], overrides: list[str]) -> RunConfig:
     """The config of the task(s) an append adds to ``out``: its newest task's config, NEW's data (``data.tasks``
     cleared unless set), then ``overrides``; refused (ConfigError, nothing written) where a kept field changes."""
     out = Path(out)
-    if not ((out / "config.yaml").is_file() and (out / "tasks.json").is_file() and trained_tasks(out) > 0):
-        raise ConfigError("OUT", f"{out} is not a distcl run with a trained task (allowed: a --out of distcl run)")
+    require_run(out)
     base = RunConfig().to_dict()
     deep_update(base, newest_config(out))
     merged = copy.deepcopy(base)

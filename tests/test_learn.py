@@ -157,3 +157,56 @@ def test_one_run_and_four_appends_are_the_five_task_run(tmp_path):
         pd.testing.assert_frame_equal(ours, theirs)
     assert json.loads((grown / "tasks.json").read_text()) == json.loads((whole / "tasks.json").read_text())
     assert sorted(os.listdir(grown / "task_configs")) == [f"task_{k}.yaml" for k in range(1, 5)]
+
+
+@pytest.mark.slow
+def test_a_watch_appends_each_complete_arrival_once_and_survives_a_restart(first_run, tmp_path):
+    out, _, later = first_run
+    out, inbox = Path(shutil.copytree(out, tmp_path / "run")), tmp_path / "inbox"
+    inbox.mkdir()
+    cmd = [sys.executable, "-m", "distcl.cli", "learn", str(out), "--watch", str(inbox), "--poll-s", "0.2", *FOLDER]
+
+    def watching(log: Path) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def wait(what, check, process: subprocess.Popen, log: Path, timeout_s: float = 300):
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {what}: {log.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    first = watching(tmp_path / "first.log")
+    try:
+        wait(
+            "waiting line",
+            lambda: "waiting for an arrival" in (tmp_path / "first.log").read_text(),
+            first,
+            tmp_path / "first.log",
+        )
+        shutil.copytree(later, inbox / "summer")  # still being copied: no READY yet
+        time.sleep(2)
+        assert not (out / "task_configs").exists()  # a half-copied arrival is never read
+        (inbox / "summer" / "READY").touch()
+        wait("task 1", lambda: (out / "task_1" / "model_index.json").is_file(), first, tmp_path / "first.log")
+        wait(
+            "metrics of task 1",
+            lambda: 1 in set(pd.read_parquet(out / "metrics.parquet").task),
+            first,
+            tmp_path / "first.log",
+        )
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    trained = (out / "task_1" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    autumn = inbox / "autumn" / "yellow"
+    shutil.copytree(later / "green", autumn)
+    (inbox / "autumn" / "READY").touch()
+    second = watching(tmp_path / "second.log")  # restarted: summer is learned, autumn is next
+    try:
+        wait("task 2", lambda: (out / "task_2" / "model_index.json").is_file(), second, tmp_path / "second.log")
+    finally:
+        second.send_signal(signal.SIGINT)
+        second.wait(timeout=60)
+    assert (out / "task_1" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == trained
+    assert json.loads((out / "tasks.json").read_text())["classes"] == [["blue", "red"], ["green"], ["yellow"]]
