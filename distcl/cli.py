@@ -4,6 +4,7 @@
                [--address RAY_ADDRESS] [--inline] [--mlflow [URI]]
     distcl learn OUT --data-dir NEW [--set key=value ...] [--inline]   NEW's classes as OUT's next task(s)
     distcl learn OUT --watch INBOX [--poll-s 5]    each complete arrival in INBOX (a READY file) as the next task
+    distcl evaluate OUT       every saved task scored again by OUT's current evaluation network
     distcl report OUT
     distcl tune SWEEP.yaml --out DIR [--mlflow [URI]]   a Ray Tune sweep (tuning/*.yaml); --resume DIR continues one
     distcl distill progressive|pid --teacher task_<k>/ --out DIR [--set key=value ...] [--workers W] [--inline]
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=10, help="DDIM steps (ignored for a one-step PID student)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", choices=DEVICES, default="auto", help="auto (default): CUDA when present")
+    evaluate = sub.add_parser("evaluate", help="score every saved task again with the run's current evaluator")
+    evaluate.add_argument("out", metavar="OUT", help="a run's output directory")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto", help="auto (default): CUDA when present")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     report = sub.add_parser("report", help="Markdown table and PNG plots of a run's metrics")
     report.add_argument("out", help="a run's output directory")
     cluster = sub.add_parser("cluster", help="rehearse a Ray cluster file on this machine")
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sample(args)
     if args.command == "cluster":
         return _cluster(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     return _report(args)
 
 
@@ -262,6 +269,19 @@ def _sample(args) -> int:
         return 0
 
     return _guarded("sampling", work)
+
+
+def _evaluate(args) -> int:
+    def work() -> int:
+        from distcl.continual import rescore
+        from distcl.devices import resolve_device
+        from distcl.learn import require_run
+
+        require_run(Path(args.out))
+        print(f"[distcl] wrote {rescore(Path(args.out), resolve_device(args.device), _progress(args))}")
+        return 0
+
+    return _guarded("evaluation", work)
 
 
 def _report(args) -> int:

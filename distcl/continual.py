@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import pandas as pd
 import torch
 import yaml
 
@@ -33,7 +34,7 @@ from distcl.evaluation import (
     save_grid,
     solver_predictions,
 )
-from distcl.learn import append_scenario, task_config_path, trained_tasks
+from distcl.learn import append_scenario, task_config_path, tasks_state, trained_tasks
 from distcl.models import build_scheduler, build_unet, load_unet, save_checkpoint, seeded_init
 from distcl.rundir import (
     REAL_DATA,
@@ -326,18 +327,15 @@ class ContinualRun:
         cfg, out, start = self.cfg, self.out, time.perf_counter()
         seen = self.scenario.seen_classes(k)
         ensure_records(out, self.scenario, seen, cfg.seed, cfg.eval.num_samples)  # OUT keeps what it needs
-        test = test_split(out, seen)
-        state = load_unet(task_dir(out, k), cfg.model, channels=cfg.data.image_channels).state_dict()
         solver = load_classifier(out, k) if cfg.classifier.enabled else None
-        job = self.evaluator.job(k, cfg.seed, cfg.model, state, test, self.scenario.sample_size, solver)
-        results = self.backend.evaluate(job, self.progress and not self.backend.overlaps)  # not beside training's
-        metrics, grid = metrics_from_chunks(results, test.labels, self.scenario.num_classes)
+        progress = self.progress and not self.backend.overlaps  # not beside training's
+        scored = score_task(cfg, out, k, seen, self.scenario, self.evaluator, self.backend, progress, solver)
+        metrics = scored.metrics
         if cfg.classifier.enabled:
-            metrics.update(classifier_metrics(self.scenario, k, out, test.labels, solver_predictions(results)))
-        run_row = {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k}
-        rows = [{**run_row, "metric": m, "value": v, "evaluator": self.evaluator.net_id} for m, v in metrics.items()]
-        floor = self.evaluator.real_data(floor_reference(out, seen), test, self.scenario.sample_size, cfg.seed, k)
-        floor_rows = [{**r, "strategy": REAL_DATA, "value": floor[r["metric"]]} for r in rows if r["metric"] in floor]
+            labels, predicted = scored.test.labels, solver_predictions(scored.results)
+            metrics.update(classifier_metrics(self.scenario, k, out, labels, predicted))
+        rows, floor_rows = metric_rows(cfg, k, metrics, scored.floor, self.evaluator.net_id)
+        grid = scored.grid
         with self.saving():
             save_grid(grid, out / "samples" / f"task_{k}.png")
             append_rows(out / "real_metrics.parquet", floor_rows, k)
@@ -346,6 +344,83 @@ class ContinualRun:
             f"[distcl] task {k} evaluated in {time.perf_counter() - start:.1f}s: "
             + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items())
         )
+
+
+@dataclass
+class Scored:
+    """A task's model scored against OUT's records of the classes seen: its metrics, their real-data floor, the
+    sample grid, the evaluation chunks' results and the test split they used."""
+
+    metrics: dict[str, float]
+    floor: dict[str, float]
+    grid: torch.Tensor
+    results: list
+    test: Split
+
+
+def score_task(
+    cfg: RunConfig,
+    out: Path,
+    k: int,
+    seen: list[int],
+    scenario: Scenario,
+    evaluator: Evaluator,
+    backend: Backend,
+    progress: bool,
+    solver: Optional[dict] = None,
+) -> Scored:
+    """OUT/task_<k> scored by ``evaluator`` on ``backend`` against OUT's records of the ``seen`` classes
+    (distcl.evalstore), with its real-data floor; with ``solver``, the continual classifier's predictions too."""
+    test = test_split(out, seen)
+    state = load_unet(task_dir(out, k), cfg.model, channels=cfg.data.image_channels).state_dict()
+    job = evaluator.job(k, cfg.seed, cfg.model, state, test, scenario.sample_size, solver)
+    results = backend.evaluate(job, progress)
+    metrics, grid = metrics_from_chunks(results, test.labels, scenario.num_classes)
+    floor = evaluator.real_data(floor_reference(out, seen), test, scenario.sample_size, cfg.seed, k)
+    return Scored(metrics, floor, grid, results, test)
+
+
+def metric_rows(
+    cfg: RunConfig, k: int, metrics: dict[str, float], floor: dict[str, float], evaluator: str
+) -> tuple[list[dict], list[dict]]:
+    """Task k's rows of metrics.parquet and of real_metrics.parquet (the floor: strategy "real data")."""
+    run_row = {"run": cfg.name, "seed": cfg.seed, "strategy": cfg.train.strategy, "task": k, "evaluator": evaluator}
+    rows = [{**run_row, "metric": m, "value": v} for m, v in metrics.items()]
+    floor_rows = [{**r, "strategy": REAL_DATA, "value": floor[r["metric"]]} for r in rows if r["metric"] in floor]
+    return rows, floor_rows
+
+
+RESCORED = "rescored_metrics.parquet"
+
+
+def rescore(out: Path, device: torch.device, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """``distcl evaluate OUT``: every trained task of OUT scored again by its current evaluation network
+    (OUT/eval_net.pt) against OUT's records, in this process, into OUT/rescored_metrics.parquet (its rows, the
+    floor's among them, replace those of the same network; metrics.parquet is never rewritten). Curves of one
+    network stay comparable after an append retrained it. Its path."""
+    out = Path(out).resolve()
+    with out_lock(out):
+        cfg = from_dict(RunConfig, yaml.safe_load((out / "config.yaml").read_text()))
+        state, n = tasks_state(out), trained_tasks(out)
+        size = build_unet(cfg.model, cfg.data.image_channels).config.sample_size
+        scenario = Scenario([tuple(t) for t in state["tasks"]], None, None, size, state["class_names"])
+        evaluator = Evaluator(cfg.eval, None, size, cache_dir(cfg.cache_dir), device, progress, saved=out / EVAL_NET)
+        backend = InlineBackend(device, log)
+        rows = []
+        for k in range(n):
+            scored = score_task(cfg, out, k, scenario.seen_classes(k), scenario, evaluator, backend, progress)
+            metric, floor = metric_rows(cfg, k, scored.metrics, scored.floor, evaluator.net_id)
+            rows += metric + floor
+            log(f"[distcl] task {k} scored: " + ", ".join(f"{m} {v:.4f}" for m, v in scored.metrics.items()))
+        path = out / RESCORED
+        table = pd.DataFrame(rows)
+        if path.is_file():
+            old = pd.read_parquet(path)
+            table = pd.concat([old[old.evaluator != evaluator.net_id], table], ignore_index=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        table.to_parquet(tmp)
+        os.replace(tmp, path)
+    return path
 
 
 def classifier_metrics(

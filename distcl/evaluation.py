@@ -287,7 +287,7 @@ class Evaluator:
     def __init__(
         self,
         eval_cfg,
-        dataset: Dataset,
+        dataset: Optional[Dataset],
         size: int,
         cache: Path,
         device: torch.device,
@@ -299,7 +299,13 @@ class Evaluator:
         self.cfg = eval_cfg
         self.device = device
         self.progress = progress
-        self.dataset = {"source": dataset.source, "fingerprint": dataset.fingerprint(), "classes": dataset.class_names}
+        self.dataset = {}
+        if dataset is not None:  # None: a saved network scoring OUT's records (distcl evaluate)
+            self.dataset = {
+                "source": dataset.source,
+                "fingerprint": dataset.fingerprint(),
+                "classes": dataset.class_names,
+            }
         if saved is None:
             classifier, self.classifier_accuracy, classifier_path = load_or_train_classifier(
                 cache, dataset, eval_cfg.classifier_epochs, device, size, progress
@@ -308,7 +314,7 @@ class Evaluator:
             loaded = torch.load(saved, map_location="cpu")
             classifier, self.classifier_accuracy = load_eval_classifier(loaded).to(device), loaded["test_accuracy"]
             classifier_path = saved
-            self.dataset["classes"] = loaded.get("classes", self.dataset["classes"])
+            self.dataset["classes"] = loaded.get("classes", self.dataset.get("classes"))
         self.classifier_file = Path(classifier_path)
         self.net_id = hashlib.sha256(self.classifier_file.read_bytes()).hexdigest()[:12]
         inception = inception_weights(cache)

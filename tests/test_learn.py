@@ -85,6 +85,14 @@ def test_an_append_trains_new_classes_with_the_old_data_gone_and_resumes(first_r
     assert (out / "task_configs" / "task_1.yaml").read_text().count("max_steps: 400") == 1
     images = DDIMPipeline.from_pretrained(out / "task_1")(batch_size=2, num_inference_steps=2, output_type="np")
     assert images.images.shape == (2, 16, 16, 3)
+    # every task scored again by the network that knows all three classes, into a table of its own
+    assert main(["evaluate", str(out), "--device", "cpu", "--no-progress"]) == 0
+    rescored = pd.read_parquet(out / "rescored_metrics.parquet")
+    assert set(rescored.evaluator) == {evaluator["classifier_id"]} and sorted(rescored.task.unique()) == [0, 1]
+    ours = rescored.query("task == 1 and strategy != 'real data'").set_index("metric").value
+    theirs = metrics.query("task == 1").set_index("metric").value
+    assert ours.to_dict() == pytest.approx(theirs.to_dict(), rel=1e-6)  # the same network, the same numbers
+    assert pd.read_parquet(out / "metrics.parquet").equals(metrics)  # never rewritten
 
 
 @pytest.mark.parametrize(
