@@ -213,8 +213,13 @@ def test_a_watch_appends_each_complete_arrival_once_and_survives_a_restart(first
     second = watching(tmp_path / "second.log")  # restarted: summer is learned, autumn is next
     try:
         wait("task 2", lambda: (out / "task_2" / "model_index.json").is_file(), second, tmp_path / "second.log")
+        idle = lambda: "waiting for an arrival" in (tmp_path / "second.log").read_text().split("arrival autumn")[-1]  # noqa: E731
+        wait("the watch waiting again", idle, second, tmp_path / "second.log")
+        second.send_signal(signal.SIGINT)  # Ctrl-C while it waits
+        assert second.wait(timeout=60) == 130
     finally:
-        second.send_signal(signal.SIGINT)
-        second.wait(timeout=60)
+        if second.poll() is None:
+            second.kill()
+            second.wait()
     assert (out / "task_1" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == trained
     assert json.loads((out / "tasks.json").read_text())["classes"] == [["blue", "red"], ["green"], ["yellow"]]
