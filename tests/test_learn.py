@@ -175,7 +175,13 @@ def test_a_watch_appends_each_complete_arrival_once_and_survives_a_restart(first
     cmd = [sys.executable, "-m", "distcl.cli", "learn", str(out), "--watch", str(inbox), "--poll-s", "0.2", *FOLDER]
 
     def watching(log: Path) -> subprocess.Popen:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        # Ctrl-C as a user's terminal sends it: SIGINT at its default (a suite started as a background job of a
+        # non-interactive shell ignores SIGINT, its children inherit that, and Python then never raises
+        # KeyboardInterrupt: two clean-clone runs timed out here)
+        def interruptible() -> None:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, preexec_fn=interruptible)
 
     def wait(what, check, process: subprocess.Popen, log: Path, timeout_s: float = 300):
         deadline = time.monotonic() + timeout_s
